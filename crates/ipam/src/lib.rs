@@ -470,12 +470,11 @@ mod tests {
                     Op::Assign(k) => {
                         let key = format!("k{k}");
                         let had = p.lookup(&key);
-                        if let Ok(a) = p.assign(key, now) {
-                            if had.is_none() {
-                                if let Some(at) = released_at.get(&a.ip) {
-                                    prop_assert!(now - at >= 30_000, "{} reused after {} ms", a.ip, now - at);
-                                }
-                            }
+                        if let Ok(a) = p.assign(key, now)
+                            && had.is_none()
+                            && let Some(at) = released_at.get(&a.ip)
+                        {
+                            prop_assert!(now - at >= 30_000, "{} reused after {} ms", a.ip, now - at);
                         }
                     }
                     Op::Release(k) => {
