@@ -1,1 +1,147 @@
-//! placeholder
+//! Pod wiring and node host setup for vpc-cni, via netlink (synchronous; no tokio) and one
+//! private nftables table.
+//!
+//! The data path (DESIGN §3, docs/architecture.md):
+//!
+//! * pod: `<ip>/32` on `eth0`, `169.254.1.1/32 dev eth0 scope link`,
+//!   `default via 169.254.1.1 dev eth0`, permanent neighbour `169.254.1.1` → host veth MAC;
+//! * host: `<ip>/32 dev <veth> scope link` in `main` and in [`TO_POD_TABLE`]; one rule
+//!   `from all lookup 512 pref 512`; for pods on a secondary ENI
+//!   `from <ip>/32 lookup <eni table> pref 1536`;
+//! * node: `fwmark 0x80/0x80 lookup main pref 1024`, ENI tables `device number + 1`, ENI
+//!   primary-IP rules at 32765, and the nftables table `ip vpc-cni` (connmark + SNAT).
+//!
+//! Every operation goes through [`ops::NetOps`] (real: [`netlink::Netlink`], fake:
+//! [`fake::FakeNet`]), so the sequencing is unit-tested without root.
+
+pub mod fake;
+mod host;
+pub mod netlink;
+pub mod ops;
+mod pod;
+mod snat;
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+pub use host::{
+    EniSetup, HostSetup, link_name_by_mac, setup_eni, setup_eni_with, setup_host, setup_host_with,
+    teardown_eni, teardown_eni_with,
+};
+pub use netns::{NetNs, NetnsError};
+pub use ops::{NetError, NetOps};
+pub use pod::{
+    PodLinks, PodSpec, PodTeardown, check_pod, check_pod_with, setup_pod, setup_pod_with,
+    teardown_pod, teardown_pod_with,
+};
+pub use snat::{NFT_TABLE, Randomize, SnatConfig, apply_snat, remove_snat, snat_ruleset};
+
+/// The pod's default gateway (link-local; answered by the static neighbour entry).
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// Routing table holding every local pod's /32 (looked up by the single rule at
+/// [`TO_POD_RULE_PRIORITY`]).
+pub const TO_POD_TABLE: u32 = 512;
+/// Priority of `from all lookup 512` (and of the reference's per-pod `to <ip> lookup main`).
+pub const TO_POD_RULE_PRIORITY: u32 = 512;
+/// Priority of `from <pod ip> lookup <eni table>`.
+pub const FROM_POD_RULE_PRIORITY: u32 = 1536;
+/// Priority of `from <eni primary ip> lookup <eni table>`.
+pub const ENI_PRIMARY_RULE_PRIORITY: u32 = 32765;
+/// Priority of `fwmark <connmark>/<connmark> lookup main`.
+pub const FWMARK_RULE_PRIORITY: u32 = 1024;
+/// The main routing table.
+pub const MAIN_TABLE: u32 = ops::MAIN_TABLE;
+
+/// Host veth name: `prefix` + the first 11 hex characters of SHA-1(`"<ns>.<name>"`), as the
+/// reference (`pkg/networkutils/names.go`) computes it.
+pub fn host_veth_name(prefix: &str, pod_namespace: &str, pod_name: &str) -> String {
+    use sha1::{Digest, Sha1};
+    let digest = Sha1::digest(format!("{pod_namespace}.{pod_name}").as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}{}", &hex[..11])
+}
+
+/// Errors of the dataplane. Each names the interface, address, rule or namespace involved.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The pod's interface name is taken in its namespace.
+    #[error("interface {ifname} already exists in network namespace {netns}")]
+    InterfaceExists { ifname: String, netns: String },
+    /// A link that must exist does not.
+    #[error("{what}")]
+    LinkNotFound { what: String },
+    /// CHECK found differences from what `setup_pod` builds.
+    #[error("pod network check failed: {}", problems.join("; "))]
+    CheckFailed { problems: Vec<String> },
+    /// An argument is unusable.
+    #[error("invalid {what}: {value}")]
+    Invalid { what: &'static str, value: String },
+    /// `nft` rejected or could not apply the table.
+    #[error("nftables table ip {table}: {msg}")]
+    Nft { table: String, msg: String },
+}
+
+/// Every error of a teardown (teardown does not stop at the first one).
+#[derive(Debug)]
+pub struct TeardownError {
+    pub errors: Vec<DataplaneError>,
+}
+
+impl fmt::Display for TeardownError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "teardown failed with {} error(s): ", self.errors.len())?;
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                write!(f, "; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for TeardownError {}
+
+impl TeardownError {
+    pub(crate) fn from_vec(errors: Vec<DataplaneError>) -> Result<(), TeardownError> {
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(TeardownError { errors })
+        }
+    }
+}
+
+/// Opens a pod namespace, distinguishing "gone" (Ok(None)).
+pub(crate) fn open_ns_opt(path: &Path) -> Result<Option<NetNs>, NetnsError> {
+    match NetNs::open(path) {
+        Ok(ns) => Ok(Some(ns)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn veth_name_matches_reference() {
+        // known values from coreutils: `printf 'default.nginx' | sha1sum` = c440f455693b69cd...
+        assert_eq!(host_veth_name("eni", "default", "nginx"), "enic440f455693");
+        // `printf 'kube-system.coredns-abc' | sha1sum` = 3d5d6ab04b5152ac...
+        assert_eq!(
+            host_veth_name("eni", "kube-system", "coredns-abc"),
+            KNOWN_COREDNS
+        );
+        assert_eq!(host_veth_name("eni", "a", "b").len(), 14);
+        assert!(host_veth_name("vlan", "a", "b").starts_with("vlan"));
+    }
+
+    const KNOWN_COREDNS: &str = "eni3d5d6ab04b5";
+}

@@ -266,7 +266,7 @@ mod tests {
     #[test]
     fn run_in_current_ns_returns_value_and_borrows() {
         let cur = NetNs::current().unwrap();
-        let data = vec![1, 2, 3];
+        let data = [1, 2, 3];
         let sum: i32 = cur.run(|| data.iter().sum()).unwrap();
         assert_eq!(sum, 6);
     }
