@@ -1,0 +1,244 @@
+//! The plugin binary's answers to bad input and an absent agent: no root needed (a foreign
+//! network namespace is made with `unshare -rn` when not root, `ip netns add` when root).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+
+use common::{TestNetns, is_root, run_plugin};
+use serde_json::{Value, json};
+
+const NO_AGENT: &str = "/nonexistent/vpc-cni-test/agent.sock";
+
+fn conf(version: &str, extra: Value) -> Vec<u8> {
+    let mut c = json!({
+        "cniVersion": version, "name": "vpc-cni", "type": "vpc-cni",
+        "agentSocket": NO_AGENT
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    serde_json::to_vec(&c).unwrap()
+}
+
+fn env<'a>(cmd: &'a str, netns: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CNI_COMMAND", cmd),
+        ("CNI_CONTAINERID", "cli-test-1"),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/opt/cni/bin"),
+        (
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=cli",
+        ),
+    ]
+}
+
+/// A network namespace that is not ours, for as long as this lives.
+enum Foreign {
+    Named(TestNetns),
+    /// `unshare -rn sleep`: its /proc/<pid>/ns/net (killed by PID on drop).
+    Unshared(Child),
+}
+
+impl Foreign {
+    fn new(tag: &str) -> Option<Foreign> {
+        if is_root() {
+            return Some(Foreign::Named(TestNetns::new(tag)));
+        }
+        let child = Command::new("unshare")
+            .args(["-rn", "sleep", "60"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let f = Foreign::Unshared(child);
+        // wait until the child is in its own namespace
+        for _ in 0..100 {
+            let own = std::fs::read_link("/proc/self/ns/net").ok();
+            if std::fs::read_link(f.path())
+                .ok()
+                .is_some_and(|l| Some(l) != own)
+            {
+                return Some(f);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn path(&self) -> String {
+        match self {
+            Foreign::Named(n) => n.path_str(),
+            Foreign::Unshared(c) => format!("/proc/{}/ns/net", c.id()),
+        }
+    }
+}
+
+impl Drop for Foreign {
+    fn drop(&mut self) {
+        if let Foreign::Unshared(c) = self {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn version_needs_only_the_command() {
+    let r = run_plugin(&[("CNI_COMMAND", "VERSION")], b"", None);
+    r.ok();
+    assert_eq!(
+        r.json(),
+        json!({"cniVersion": "1.1.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]})
+    );
+    // with the runtime's stdin too
+    let r = run_plugin(
+        &[("CNI_COMMAND", "VERSION")],
+        br#"{"cniVersion":"0.4.0"}"#,
+        None,
+    );
+    assert_eq!(r.json()["supportedVersions"][4], "1.1.0");
+}
+
+#[test]
+fn malformed_json_is_code_6() {
+    let r = run_plugin(&env("ADD", "/run/netns/x"), b"{\"cniVersion\": ", None);
+    let v = r.error(6);
+    assert_eq!(v["cniVersion"], "1.1.0");
+}
+
+#[test]
+fn unknown_version_is_code_1() {
+    let r = run_plugin(&env("ADD", "/run/netns/x"), &conf("0.2.0", json!({})), None);
+    let v = r.error(1);
+    let details = v["details"].as_str().unwrap();
+    assert!(
+        details.contains("0.2.0") && details.contains("1.1.0"),
+        "{v}"
+    );
+}
+
+#[test]
+fn missing_container_id_is_code_4_and_named() {
+    let mut e = env("ADD", "/run/netns/x");
+    e.retain(|(k, _)| *k != "CNI_CONTAINERID");
+    let r = run_plugin(&e, &conf("1.0.0", json!({})), None);
+    let v = r.error(4);
+    assert!(
+        v["msg"].as_str().unwrap().contains("CNI_CONTAINERID"),
+        "{v}"
+    );
+    assert_eq!(v["cniVersion"], "1.0.0");
+}
+
+#[test]
+fn nonexistent_netns_is_code_4_and_named() {
+    let path = "/run/netns/vpccni-pt-does-not-exist";
+    let r = run_plugin(&env("ADD", path), &conf("1.0.0", json!({})), None);
+    let v = r.error(4);
+    let msg = v["msg"].as_str().unwrap();
+    assert!(msg.contains("CNI_NETNS") && msg.contains(path), "{v}");
+}
+
+#[test]
+fn bad_mtu_is_code_7_and_named() {
+    let r = run_plugin(
+        &env("ADD", "/run/netns/x"),
+        &conf("0.4.0", json!({"mtu": "20000"})),
+        None,
+    );
+    let v = r.error(7);
+    assert!(v["msg"].as_str().unwrap().contains("mtu"), "{v}");
+    assert!(v["details"].as_str().unwrap().contains("20000"), "{v}");
+    assert_eq!(v["cniVersion"], "0.4.0");
+}
+
+#[test]
+fn agent_down_on_add_is_code_11() {
+    let Some(ns) = Foreign::new("cli-add") else {
+        println!("SKIP agent_down_on_add_is_code_11: cannot create a network namespace");
+        return;
+    };
+    let r = run_plugin(&env("ADD", &ns.path()), &conf("1.0.0", json!({})), None);
+    let v = r.error(11);
+    assert!(v["msg"].as_str().unwrap().contains(NO_AGENT), "{v}");
+    assert!(
+        v["details"].as_str().unwrap().contains("vpc-cni-agent"),
+        "{v}"
+    );
+}
+
+#[test]
+fn status_with_agent_down_is_code_50() {
+    let r = run_plugin(
+        &[("CNI_COMMAND", "STATUS")],
+        &conf("1.1.0", json!({})),
+        None,
+    );
+    let v = r.error(50);
+    assert!(v["details"].as_str().unwrap().contains(NO_AGENT), "{v}");
+}
+
+#[test]
+fn check_with_0_3_1_is_code_1() {
+    let r = run_plugin(
+        &env("CHECK", "/run/netns/x"),
+        &conf(
+            "0.3.1",
+            json!({"prevResult": {"cniVersion": "0.3.1", "ips": [{"version": "4", "address": "10.99.0.2/32"}]}}),
+        ),
+        None,
+    );
+    let v = r.error(1);
+    assert!(v["details"].as_str().unwrap().contains("CHECK"), "{v}");
+}
+
+#[test]
+fn del_with_agent_down_and_nothing_to_remove_succeeds() {
+    if !is_root() {
+        println!("SKIP del_with_agent_down_and_nothing_to_remove_succeeds: needs root");
+        return;
+    }
+    // run inside a throwaway "node" namespace: DEL looks for host links there
+    let node = TestNetns::new("cli-del");
+    let r = run_plugin(
+        &env("DEL", "/run/netns/vpccni-pt-gone"),
+        &conf("1.0.0", json!({})),
+        Some(&node.path()),
+    );
+    // No prevResult, no netns, no agent: nothing to remove, and DEL still succeeds.
+    r.ok_empty();
+    assert!(r.stderr.contains("agent unavailable"), "{}", r.stderr);
+}
+
+#[test]
+fn logs_never_reach_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("plugin.log");
+    let r = run_plugin(
+        &env("ADD", "/run/netns/vpccni-pt-does-not-exist"),
+        &conf(
+            "1.0.0",
+            json!({"pluginLogLevel": "trace", "pluginLogFile": log.display().to_string()}),
+        ),
+        None,
+    );
+    r.error(4);
+    let _ = std::fs::read_to_string(&log); // may or may not exist: rejected before logging
+    let r = run_plugin(
+        &[("CNI_COMMAND", "STATUS")],
+        &conf(
+            "1.1.0",
+            json!({"pluginLogLevel": "trace", "pluginLogFile": log.display().to_string()}),
+        ),
+        None,
+    );
+    r.error(50);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("calling the agent"), "{text}");
+    // warnings and errors are copied to stderr, debug lines are not
+    assert!(r.stderr.contains("failed"), "{}", r.stderr);
+    assert!(!r.stderr.contains("calling the agent"), "{}", r.stderr);
+}
