@@ -91,9 +91,9 @@ fn validate(spec: &PodSpec) -> Result<(), DataplaneError> {
 
 /// Things to undo if a later step fails.
 enum Undo {
-    DeleteLink { index: u32, name: String },
-    DeleteRoute(Route),
-    DeleteRule(Rule),
+    Link { index: u32, name: String },
+    Route(Route),
+    Rule(Rule),
 }
 
 /// Wires a pod: veth (host end in the caller's netns with a pinned random MAC, pod end born
@@ -146,24 +146,24 @@ pub fn setup_pod_with<N: NetOps>(
             warn!(error = %e, veth = spec.host_veth, ip = %spec.ip, "pod setup failed, rolling back");
             for u in undo.into_iter().rev() {
                 let r = match &u {
-                    Undo::DeleteLink { index, .. } => host.delete_link(*index),
-                    Undo::DeleteRoute(r) => host.del_route(r),
-                    Undo::DeleteRule(r) => host.del_rule(r),
+                    Undo::Link { index, .. } => host.delete_link(*index),
+                    Undo::Route(r) => host.del_route(r),
+                    Undo::Rule(r) => host.del_rule(r),
                 };
                 if let Err(ue) = tolerate_missing(r) {
                     let what = match &u {
-                        Undo::DeleteLink { name, .. } => format!("link {name}"),
-                        Undo::DeleteRoute(r) => format!("route {r}"),
-                        Undo::DeleteRule(r) => format!("rule {r}"),
+                        Undo::Link { name, .. } => format!("link {name}"),
+                        Undo::Route(r) => format!("route {r}"),
+                        Undo::Rule(r) => format!("rule {r}"),
                     };
                     warn!(error = %ue, "rollback of {what} failed");
                 }
             }
             // if the veth was created but its index never learned, delete by name
-            if let Ok(Some(l)) = host.link_by_name(spec.host_veth) {
-                if l.mac == Some(mac) {
-                    let _ = host.delete_link(l.index);
-                }
+            if let Ok(Some(l)) = host.link_by_name(spec.host_veth)
+                && l.mac == Some(mac)
+            {
+                let _ = host.delete_link(l.index);
             }
             Err(e)
         }
@@ -182,7 +182,7 @@ fn setup_after_veth<N: NetOps>(
         .ok_or_else(|| DataplaneError::LinkNotFound {
             what: format!("host veth {} vanished right after creation", spec.host_veth),
         })?;
-    undo.push(Undo::DeleteLink {
+    undo.push(Undo::Link {
         index: hlink.index,
         name: hlink.name.clone(),
     });
@@ -202,10 +202,10 @@ fn setup_after_veth<N: NetOps>(
     host.set_link_up(hlink.index)?;
 
     // pod side
-    if let Some(lo) = pod.link_by_name("lo")? {
-        if !lo.up {
-            pod.set_link_up(lo.index)?;
-        }
+    if let Some(lo) = pod.link_by_name("lo")?
+        && !lo.up
+    {
+        pod.set_link_up(lo.index)?;
     }
     let clink = pod
         .link_by_name(spec.ifname)?
@@ -245,13 +245,13 @@ fn setup_after_veth<N: NetOps>(
             .dev(hlink.index)
             .scope(Scope::Link);
         host.replace_route(&r)?;
-        undo.push(Undo::DeleteRoute(r));
+        undo.push(Undo::Route(r));
     }
     ensure_rule(host, &Rule::new(TO_POD_RULE_PRIORITY, TO_POD_TABLE))?;
     if spec.route_table != MAIN_TABLE {
         let r = Rule::new(FROM_POD_RULE_PRIORITY, spec.route_table).from(host32(spec.ip));
         if ensure_rule(host, &r)? {
-            undo.push(Undo::DeleteRule(r));
+            undo.push(Undo::Rule(r));
         }
     }
     Ok(PodLinks {
@@ -311,13 +311,13 @@ pub fn check_pod_with<N: NetOps>(
         &format!("container interface {} in {ns}", spec.ifname),
         spec.mtu,
     );
-    if let (Some(h), Some(c)) = (&hlink, &clink) {
-        if h.peer_index != Some(c.index) || c.peer_index != Some(h.index) {
-            p.push(format!(
-                "host veth {} and container interface {} are not peers",
-                spec.host_veth, spec.ifname
-            ));
-        }
+    if let (Some(h), Some(c)) = (&hlink, &clink)
+        && (h.peer_index != Some(c.index) || c.peer_index != Some(h.index))
+    {
+        p.push(format!(
+            "host veth {} and container interface {} are not peers",
+            spec.host_veth, spec.ifname
+        ));
     }
     if let Some(c) = &clink {
         let addrs = pod.addresses(Some(c.index))?;

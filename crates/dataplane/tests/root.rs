@@ -1,0 +1,531 @@
+//! Real-kernel tests (root). Everything happens inside network namespaces these tests create
+//! (`vpccni-t-*`, deleted by a Drop guard); every dataplane call runs inside the test's
+//! "node" namespace via `NetNs::run`, never in the root namespace.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dataplane::{
+    DataplaneError, EniSetup, HostSetup, MAIN_TABLE, NetNs, PodSpec, PodTeardown, Randomize,
+    SnatConfig, apply_snat, check_pod, link_name_by_mac, remove_snat, setup_eni, setup_host,
+    setup_pod, teardown_eni, teardown_pod,
+};
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+struct TestNs {
+    name: String,
+    deleted: bool,
+}
+
+impl TestNs {
+    fn new(tag: &str) -> TestNs {
+        let name = format!(
+            "vpccni-t-{}-{}-{tag}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip netns add {name}: {out:?}");
+        TestNs {
+            name,
+            deleted: false,
+        }
+    }
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+    fn open(&self) -> NetNs {
+        NetNs::open(&self.path()).unwrap()
+    }
+    /// `ip -n <ns> args...`, must succeed; returns stdout.
+    fn ip(&self, args: &str) -> String {
+        let out = self.ip_raw(args);
+        assert!(out.status.success(), "ip -n {} {args}: {out:?}", self.name);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+    fn ip_raw(&self, args: &str) -> Output {
+        Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args.split_whitespace())
+            .output()
+            .unwrap()
+    }
+    fn exec(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+    fn ping(&self, dst: &str) -> bool {
+        self.exec(&["ping", "-c1", "-W2", "-q", dst])
+            .status
+            .success()
+    }
+    fn delete(&mut self) {
+        if std::env::var_os("VPCCNI_KEEP_NS").is_some() && std::thread::panicking() {
+            eprintln!("keeping netns {} (VPCCNI_KEEP_NS)", self.name);
+            return;
+        }
+        if !self.deleted {
+            self.deleted = true;
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .status();
+        }
+    }
+    /// Diagnostics for a failed connectivity assertion.
+    fn dump(&self) -> String {
+        let mut s = String::new();
+        for cmd in [
+            &["nft", "list", "ruleset"][..],
+            &["ip", "rule"],
+            &["ip", "route", "show", "table", "all"],
+            &["conntrack", "-L"],
+            &[
+                "sh",
+                "-c",
+                "grep . /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv4/conf/*/rp_filter",
+            ],
+        ] {
+            let o = self.exec(cmd);
+            s.push_str(&format!(
+                "--- {} ({})\n{}{}",
+                cmd.join(" "),
+                self.name,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        s
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        self.delete();
+    }
+}
+
+fn root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        true
+    } else {
+        eprintln!("SKIP: needs root (creates network namespaces)");
+        false
+    }
+}
+
+const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 50);
+const NODE_IP: &str = "10.77.0.2";
+const OUTSIDE_IP: &str = "203.0.113.10";
+
+/// node ns with `eth0` 10.77.0.2/24 (its primary interface), veth'd to an "outside" ns that
+/// holds 203.0.113.10 and can only route back to the node's primary IP.
+struct Topo {
+    node: TestNs,
+    pod: TestNs,
+    outside: TestNs,
+}
+
+impl Topo {
+    fn new(tag: &str) -> Topo {
+        let node = TestNs::new(&format!("{tag}-node"));
+        let pod = TestNs::new(&format!("{tag}-pod"));
+        let outside = TestNs::new(&format!("{tag}-out"));
+        node.ip(&format!(
+            "link add eth0 type veth peer name out0 netns {}",
+            outside.name
+        ));
+        node.ip("link set lo up");
+        node.ip(&format!("addr add {NODE_IP}/24 dev eth0"));
+        node.ip("link set eth0 up");
+        node.ip("route add default dev eth0 scope link");
+        outside.ip("link set lo up");
+        outside.ip(&format!("addr add {OUTSIDE_IP}/32 dev out0"));
+        outside.ip("link set out0 up");
+        outside.ip(&format!("route add {NODE_IP}/32 dev out0 scope link"));
+        Topo { node, pod, outside }
+    }
+
+    fn spec(&self, table: u32) -> (PathBuf, u32) {
+        (self.pod.path(), table)
+    }
+}
+
+fn pod_spec<'a>(netns: &'a std::path::Path, table: u32) -> PodSpec<'a> {
+    PodSpec {
+        netns,
+        host_veth: "enitest0",
+        ifname: "eth0",
+        ip: POD_IP,
+        mtu: 9001,
+        route_table: table,
+    }
+}
+
+#[test]
+fn root_pod_setup_ping_check_teardown() {
+    if !root() {
+        return;
+    }
+    let t = Topo::new("pod");
+    let node = t.node.open();
+    let (pod_path, _) = t.spec(MAIN_TABLE);
+    let spec = pod_spec(&pod_path, MAIN_TABLE);
+
+    let links = node.run(|| setup_pod(&spec)).unwrap().unwrap();
+    assert_eq!(links.host_veth, "enitest0");
+    assert_eq!(links.container_ifname, "eth0");
+    // the host MAC is pinned and the neighbour uses it
+    let hv = t.node.ip("-o link show enitest0");
+    assert!(hv.contains(&links.host_mac), "{hv}");
+    assert!(hv.contains("mtu 9001"), "{hv}");
+    let neigh = t.pod.ip("neigh show dev eth0");
+    assert!(
+        neigh.contains(&format!("169.254.1.1 lladdr {} PERMANENT", links.host_mac)),
+        "{neigh}"
+    );
+    let pod_link = t.pod.ip("-o link show eth0");
+    assert!(pod_link.contains(&links.container_mac), "{pod_link}");
+    assert!(
+        t.node
+            .ip("route show table 512")
+            .contains("10.77.0.50 dev enitest0 scope link")
+    );
+    assert!(t.node.ip("rule").contains("512:\tfrom all lookup 512"));
+
+    assert!(t.node.ping("10.77.0.50"), "node -> pod failed");
+    assert!(t.pod.ping(NODE_IP), "pod -> node failed");
+
+    node.run(|| check_pod(&spec)).unwrap().unwrap();
+    t.pod.ip("neigh del 169.254.1.1 dev eth0");
+    let err = node.run(|| check_pod(&spec)).unwrap().unwrap_err();
+    assert!(
+        err.to_string().contains("neighbour 169.254.1.1 missing"),
+        "{err}"
+    );
+
+    // a second ADD into the same pod ns fails: eth0 exists
+    let err = node.run(|| setup_pod(&spec)).unwrap().unwrap_err();
+    assert!(
+        matches!(err, DataplaneError::InterfaceExists { .. }),
+        "{err}"
+    );
+
+    let td = PodTeardown {
+        netns: Some(&pod_path),
+        host_veth: Some("enitest0"),
+        ifname: "eth0",
+        ip: Some(POD_IP),
+    };
+    node.run(|| teardown_pod(&td)).unwrap().unwrap();
+    assert!(!t.node.ip("-o link").contains("enitest0"));
+    assert!(!t.pod.ip("-o link").contains("eth0"));
+    assert!(!t.node.ip("route show table all").contains("10.77.0.50"));
+    let rules = t.node.ip("rule");
+    assert!(!rules.contains("10.77.0.50"), "{rules}");
+    assert!(
+        rules.contains("lookup 512"),
+        "shared rule must stay: {rules}"
+    );
+    // idempotent
+    node.run(|| teardown_pod(&td)).unwrap().unwrap();
+}
+
+#[test]
+fn root_secondary_eni_pod_and_teardown_with_netns_gone() {
+    if !root() {
+        return;
+    }
+    let mut t = Topo::new("sec");
+    let node = t.node.open();
+    let pod_path = t.pod.path();
+    let spec = pod_spec(&pod_path, 3);
+    node.run(|| setup_pod(&spec)).unwrap().unwrap();
+    node.run(|| check_pod(&spec)).unwrap().unwrap();
+    let rules = t.node.ip("rule");
+    assert!(rules.contains("1536:\tfrom 10.77.0.50 lookup 3"), "{rules}");
+    // a legacy per-pod rule of the reference, to be removed by DEL too
+    t.node.ip("rule add to 10.77.0.50/32 lookup main pref 512");
+
+    t.pod.delete();
+    let td = PodTeardown {
+        netns: Some(&pod_path),
+        host_veth: None, // unknown: found via the main-table route (it is gone with the ns)
+        ifname: "eth0",
+        ip: Some(POD_IP),
+    };
+    node.run(|| teardown_pod(&td)).unwrap().unwrap();
+    let rules = t.node.ip("rule");
+    assert!(!rules.contains("10.77.0.50"), "{rules}");
+    assert!(!t.node.ip("route show table all").contains("10.77.0.50"));
+    assert!(!t.node.ip("-o link").contains("enitest0"));
+    node.run(|| teardown_pod(&td)).unwrap().unwrap();
+}
+
+#[test]
+fn root_teardown_finds_veth_by_route_when_name_unknown() {
+    if !root() {
+        return;
+    }
+    let t = Topo::new("byroute");
+    let node = t.node.open();
+    let pod_path = t.pod.path();
+    let spec = pod_spec(&pod_path, MAIN_TABLE);
+    node.run(|| setup_pod(&spec)).unwrap().unwrap();
+    let td = PodTeardown {
+        netns: None,
+        host_veth: None,
+        ifname: "eth0",
+        ip: Some(POD_IP),
+    };
+    node.run(|| teardown_pod(&td)).unwrap().unwrap();
+    assert!(
+        !t.node.ip("-o link").contains("enitest0"),
+        "veth not found via route"
+    );
+    assert!(!t.pod.ip("-o link").contains("eth0"), "peer survived");
+    assert!(
+        t.node.ip("-o link").contains("eth0"),
+        "primary interface must survive"
+    );
+}
+
+#[test]
+fn root_stale_host_veth_is_replaced() {
+    if !root() {
+        return;
+    }
+    let t = Topo::new("stale");
+    t.node.ip("link add enitest0 type veth peer name stalepeer");
+    let node = t.node.open();
+    let pod_path = t.pod.path();
+    let spec = pod_spec(&pod_path, MAIN_TABLE);
+    node.run(|| setup_pod(&spec)).unwrap().unwrap();
+    assert!(!t.node.ip("-o link").contains("stalepeer"));
+    assert!(t.node.ping("10.77.0.50"));
+}
+
+#[test]
+fn root_host_and_eni_setup() {
+    if !root() {
+        return;
+    }
+    let node = TestNs::new("eni-node");
+    node.ip("link add eth0 type veth peer name eth0p");
+    node.ip("link add eth1 address 02:aa:bb:cc:dd:01 type veth peer name eth1p");
+    node.ip("link set eth1p up");
+    let n = node.open();
+    let root_fwd = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+
+    let h = HostSetup {
+        primary_ifname: "eth0".into(),
+        connmark: 0x80,
+    };
+    n.run(|| setup_host(&h)).unwrap().unwrap();
+    n.run(|| setup_host(&h)).unwrap().unwrap();
+    let fwd = node.exec(&["cat", "/proc/sys/net/ipv4/ip_forward"]);
+    assert_eq!(String::from_utf8_lossy(&fwd.stdout).trim(), "1");
+    let rp = node.exec(&["cat", "/proc/sys/net/ipv4/conf/eth0/rp_filter"]);
+    assert_eq!(String::from_utf8_lossy(&rp.stdout).trim(), "2");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
+        root_fwd,
+        "root namespace sysctl changed"
+    );
+    let rules = node.ip("rule");
+    assert_eq!(
+        rules.matches("fwmark 0x80/0x80 lookup main").count(),
+        1,
+        "{rules}"
+    );
+    assert_eq!(
+        rules.matches("512:\tfrom all lookup 512").count(),
+        1,
+        "{rules}"
+    );
+
+    let e = EniSetup {
+        mac: "02:AA:BB:CC:DD:01".into(),
+        device_number: 2,
+        primary_ip: Ipv4Addr::new(172, 31, 3, 173),
+        subnet: "172.31.0.0/20".parse().unwrap(),
+        mtu: 9001,
+    };
+    node.ip("addr add 192.0.2.9/24 dev eth1"); // foreign address: replaced
+    assert_eq!(n.run(|| setup_eni(&e)).unwrap().unwrap(), "eth1");
+    assert_eq!(n.run(|| setup_eni(&e)).unwrap().unwrap(), "eth1");
+    let addrs = node.ip("-4 -o addr show dev eth1");
+    assert!(addrs.contains("172.31.3.173/20"), "{addrs}");
+    assert!(!addrs.contains("192.0.2.9"), "{addrs}");
+    let link = node.ip("-o link show eth1");
+    assert!(link.contains("mtu 9001") && link.contains(",UP"), "{link}");
+    let t3 = node.ip("route show table 3");
+    assert!(t3.contains("default via 172.31.0.1 dev eth1"), "{t3}");
+    assert!(t3.contains("172.31.0.1 dev eth1 scope link"), "{t3}");
+    let main = node.ip("route show table main");
+    assert!(
+        !main.contains("172.31.0.0/20"),
+        "kernel subnet route kept: {main}"
+    );
+    let rules = node.ip("rule");
+    assert_eq!(
+        rules.matches("32765:\tfrom 172.31.3.173 lookup 3").count(),
+        1,
+        "{rules}"
+    );
+    assert_eq!(
+        n.run(|| link_name_by_mac("02:aa:bb:cc:dd:01"))
+            .unwrap()
+            .unwrap(),
+        Some("eth1".to_string())
+    );
+    assert_eq!(
+        n.run(|| link_name_by_mac("02:00:00:00:00:99"))
+            .unwrap()
+            .unwrap(),
+        None
+    );
+
+    n.run(|| teardown_eni(2, Ipv4Addr::new(172, 31, 3, 173)))
+        .unwrap()
+        .unwrap();
+    n.run(|| teardown_eni(2, Ipv4Addr::new(172, 31, 3, 173)))
+        .unwrap()
+        .unwrap();
+    assert!(node.ip("route show table 3").trim().is_empty());
+    assert!(!node.ip("rule").contains("172.31.3.173"));
+}
+
+fn snat_cfg(external: bool) -> SnatConfig {
+    SnatConfig {
+        primary_ifname: "eth0".into(),
+        primary_ip: NODE_IP.parse().unwrap(),
+        vpc_cidrs: vec!["10.77.0.0/16".parse().unwrap()],
+        exclude_cidrs: vec![],
+        external_snat: external,
+        randomize: Randomize::Prng,
+        connmark: 0x80,
+        veth_prefix: "eni".into(),
+        node_port_support: true,
+    }
+}
+
+#[test]
+fn root_snat_and_connmark_egress() {
+    if !root() {
+        return;
+    }
+    let t = Topo::new("snat");
+    let node = t.node.open();
+    let pod_path = t.pod.path();
+    // pod on a "secondary ENI" (eth1, table 3) that leads nowhere (its wire is unplugged):
+    // egress to the outside works only through connmark -> fwmark rule 1024 -> main -> eth0,
+    // and SNAT to the primary IP. (A blackhole table would not do: loose rp_filter drops
+    // replies whose reverse lookup fails.)
+    t.node.ip("link add eth1 type veth peer name eth1p");
+    t.node.ip("link set eth1 up");
+    t.node.ip("route add default dev eth1 scope link table 3");
+    let spec = pod_spec(&pod_path, 3);
+    let h = HostSetup {
+        primary_ifname: "eth0".into(),
+        connmark: 0x80,
+    };
+    node.run(|| setup_host(&h)).unwrap().unwrap();
+    node.run(|| setup_pod(&spec)).unwrap().unwrap();
+
+    // no nft table yet: the outside cannot answer the pod (and table 3 blackholes)
+    assert!(!t.pod.ping(OUTSIDE_IP), "egress worked without SNAT?");
+
+    node.run(|| apply_snat(&snat_cfg(false))).unwrap().unwrap();
+    let table = t.node.exec(&["nft", "list", "table", "ip", "vpc-cni"]);
+    assert!(table.status.success(), "{table:?}");
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("snat to 10.77.0.2 fully-random"), "{text}");
+    assert!(
+        t.pod.ping(OUTSIDE_IP),
+        "pod -> outside failed with SNAT\n{}",
+        t.node.dump()
+    );
+    // the outside saw the node's primary IP: conntrack in the node shows the translation
+    let ct = t.node.exec(&["conntrack", "-L", "-p", "icmp"]);
+    if ct.status.success() {
+        let ct = String::from_utf8_lossy(&ct.stdout);
+        assert!(
+            ct.contains("src=10.77.0.50 dst=203.0.113.10") && ct.contains("dst=10.77.0.2"),
+            "{ct}"
+        );
+        assert!(ct.contains("mark=128"), "connmark not set: {ct}");
+    }
+    // applying twice replaces the table (no duplicate rules)
+    node.run(|| apply_snat(&snat_cfg(false))).unwrap().unwrap();
+    let again = String::from_utf8_lossy(
+        &t.node
+            .exec(&["nft", "list", "table", "ip", "vpc-cni"])
+            .stdout,
+    )
+    .into_owned();
+    assert_eq!(again.matches("snat to").count(), 1, "{again}");
+
+    // negative control: without the fwmark rule the pod's traffic hits table 3's blackhole
+    t.node.ip("rule del pref 1024");
+    let _ = t.node.exec(&["conntrack", "-F"]);
+    assert!(
+        !t.pod.ping(OUTSIDE_IP),
+        "egress worked without the fwmark rule?"
+    );
+    node.run(|| setup_host(&h)).unwrap().unwrap();
+    assert!(t.pod.ping(OUTSIDE_IP));
+
+    // a second pod, on the primary ENI (main table): its only obstacle is the missing
+    // route back from the outside, so this isolates SNAT itself
+    let pod2 = TestNs::new("snat-pod2");
+    let pod2_path = pod2.path();
+    let spec2 = PodSpec {
+        netns: &pod2_path,
+        host_veth: "enitest1",
+        ifname: "eth0",
+        ip: Ipv4Addr::new(10, 77, 0, 51),
+        mtu: 9001,
+        route_table: MAIN_TABLE,
+    };
+    node.run(|| setup_pod(&spec2)).unwrap().unwrap();
+    assert!(
+        pod2.ping(OUTSIDE_IP),
+        "primary-ENI pod -> outside failed with SNAT"
+    );
+    assert!(pod2.ping("10.77.0.50"), "pod2 -> pod (same node) failed");
+
+    // external SNAT: no translation, the outside cannot answer
+    node.run(|| apply_snat(&snat_cfg(true))).unwrap().unwrap();
+    let _ = t.node.exec(&["conntrack", "-F"]);
+    assert!(!pod2.ping(OUTSIDE_IP), "external_snat still SNATs");
+    assert!(
+        !t.pod.ping(OUTSIDE_IP),
+        "external_snat still marks pod egress"
+    );
+    assert!(pod2.ping("10.77.0.50"), "pod2 -> pod (same node) failed");
+    // excluded CIDR: like external SNAT for that destination only
+    let mut c = snat_cfg(false);
+    c.exclude_cidrs = vec!["203.0.113.0/24".parse().unwrap()];
+    node.run(|| apply_snat(&c)).unwrap().unwrap();
+    let _ = t.node.exec(&["conntrack", "-F"]);
+    assert!(!pod2.ping(OUTSIDE_IP), "excluded destination was SNATed");
+
+    node.run(remove_snat).unwrap().unwrap();
+    assert!(
+        !t.node
+            .exec(&["nft", "list", "table", "ip", "vpc-cni"])
+            .status
+            .success()
+    );
+    node.run(remove_snat).unwrap().unwrap();
+    let _ = &t.outside;
+}
