@@ -1,0 +1,1073 @@
+//! EC2 through the AWS SDK for Rust, with domain types in and out (no SDK type leaks).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use aws_sdk_ec2::types::{
+    self as sdk, Filter as SdkFilter, NetworkInterfaceAttachmentChanges, ResourceType, Tag,
+    TagSpecification,
+};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::CloudError;
+use crate::parse::{self, ec2_field, ec2_str, ec2_u32};
+
+/// Resource tags, ordered by key.
+pub type Tags = BTreeMap<String, String>;
+
+/// A VPC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vpc {
+    pub id: String,
+    /// Primary CIDR first, then associated CIDRs.
+    pub cidrs: Vec<Ipv4Net>,
+    pub is_default: bool,
+    pub tags: Tags,
+}
+
+/// A subnet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subnet {
+    pub id: String,
+    pub vpc_id: String,
+    pub cidr: Ipv4Net,
+    pub availability_zone: String,
+    pub available_ip_address_count: u32,
+    pub tags: Tags,
+}
+
+/// An instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub id: String,
+    pub instance_type: String,
+    /// `pending`, `running`, `stopped`, `terminated`, ...
+    pub state: String,
+    pub availability_zone: String,
+    pub vpc_id: String,
+    pub subnet_id: String,
+    pub private_ip: Ipv4Addr,
+    pub security_groups: Vec<String>,
+    pub tags: Tags,
+    /// Attached ENIs as DescribeInstances lists them, sorted by device index.
+    pub network_interfaces: Vec<InstanceEni>,
+}
+
+impl Instance {
+    /// The ENI at device index 0.
+    pub fn primary_eni(&self) -> Option<&InstanceEni> {
+        self.network_interfaces.iter().find(|e| e.device_index == 0)
+    }
+}
+
+/// An ENI attached to an instance, as summarised by DescribeInstances.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceEni {
+    pub id: String,
+    pub attachment_id: String,
+    pub device_index: u32,
+    pub mac: String,
+    pub primary_ip: Ipv4Addr,
+}
+
+/// An elastic network interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInterface {
+    pub id: String,
+    pub mac: String,
+    pub subnet_id: String,
+    pub vpc_id: String,
+    /// `available`, `in-use`, `attaching`, `detaching`, ...
+    pub status: String,
+    pub description: String,
+    pub primary_ip: Ipv4Addr,
+    /// Every private IPv4 address except the primary, in EC2 order.
+    pub secondary_ips: Vec<Ipv4Addr>,
+    pub prefixes: Vec<Ipv4Net>,
+    pub security_groups: Vec<String>,
+    pub tags: Tags,
+    pub attachment: Option<EniAttachment>,
+}
+
+impl NetworkInterface {
+    /// Primary and secondary addresses.
+    pub fn all_ips(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        std::iter::once(self.primary_ip).chain(self.secondary_ips.iter().copied())
+    }
+}
+
+/// The attachment of an ENI to an instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EniAttachment {
+    pub attachment_id: String,
+    pub instance_id: String,
+    pub device_index: u32,
+    /// `attaching`, `attached`, `detaching`, `detached`.
+    pub status: String,
+    pub delete_on_termination: bool,
+}
+
+/// ENI limits of an instance type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceTypeLimits {
+    pub max_enis: u32,
+    /// IPv4 addresses per ENI, primary included.
+    pub ipv4_per_eni: u32,
+}
+
+/// Which secondary addresses to ask for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IpRequest {
+    /// These exact addresses.
+    Addresses(Vec<Ipv4Addr>),
+    /// This many addresses chosen by EC2 (batched in one call).
+    Count(u32),
+}
+
+/// What to create in [`Ec2::create_network_interface`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NewEni {
+    pub subnet_id: String,
+    /// Explicit primary address; EC2 picks one when `None`.
+    pub private_ip: Option<Ipv4Addr>,
+    pub security_groups: Vec<String>,
+    pub description: String,
+    pub tags: Tags,
+    /// Secondary addresses EC2 assigns at creation.
+    pub secondary_ip_count: u32,
+}
+
+/// An EC2 Describe* filter (`Name` + any of `Values`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Filter {
+    pub name: String,
+    pub values: Vec<String>,
+}
+
+impl Filter {
+    /// `name` equals `value`.
+    pub fn eq(name: &str, value: impl Into<String>) -> Self {
+        Filter {
+            name: name.to_owned(),
+            values: vec![value.into()],
+        }
+    }
+    /// `name` equals any of `values`.
+    pub fn any(name: &str, values: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Filter {
+            name: name.to_owned(),
+            values: values.into_iter().map(Into::into).collect(),
+        }
+    }
+    /// Tag `key` equals `value`.
+    pub fn tag(key: &str, value: impl Into<String>) -> Self {
+        Self::eq(&format!("tag:{key}"), value)
+    }
+    /// Resource has tag `key` (any value).
+    pub fn tag_key(key: &str) -> Self {
+        Self::eq("tag-key", key)
+    }
+    /// ENIs attached to `instance_id`.
+    pub fn attached_to(instance_id: impl Into<String>) -> Self {
+        Self::eq("attachment.instance-id", instance_id)
+    }
+    /// Resources in VPC `vpc_id`.
+    pub fn vpc(vpc_id: impl Into<String>) -> Self {
+        Self::eq("vpc-id", vpc_id)
+    }
+
+    fn to_sdk(&self) -> SdkFilter {
+        SdkFilter::builder()
+            .name(&self.name)
+            .set_values(Some(self.values.clone()))
+            .build()
+    }
+}
+
+fn sdk_filters(filters: &[Filter]) -> Option<Vec<SdkFilter>> {
+    (!filters.is_empty()).then(|| filters.iter().map(Filter::to_sdk).collect())
+}
+
+fn ids(ids: &[String]) -> Option<Vec<String>> {
+    (!ids.is_empty()).then(|| ids.to_vec())
+}
+
+fn tag_spec(resource: ResourceType, tags: &Tags) -> Option<Vec<TagSpecification>> {
+    if tags.is_empty() {
+        return None;
+    }
+    let tags = tags
+        .iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect();
+    Some(vec![
+        TagSpecification::builder()
+            .resource_type(resource)
+            .set_tags(Some(tags))
+            .build(),
+    ])
+}
+
+fn tags_of(tags: &[Tag]) -> Tags {
+    tags.iter()
+        .filter_map(|t| {
+            Some((
+                t.key()?.to_owned(),
+                t.value().unwrap_or_default().to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// The EC2 client. Cheap to clone (the SDK client is reference-counted).
+#[derive(Clone, Debug)]
+pub struct Ec2 {
+    client: aws_sdk_ec2::Client,
+    region: String,
+}
+
+impl Ec2 {
+    /// A client from the SDK's standard configuration chain: `AWS_REGION`, credentials from the
+    /// environment / profile / IMDS, and the endpoint override `AWS_ENDPOINT_URL_EC2`.
+    pub async fn from_env() -> Result<Self, CloudError> {
+        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .load()
+            .await;
+        let region = conf.region().ok_or(CloudError::NoRegion)?.to_string();
+        tracing::debug!(%region, endpoint = ?conf.endpoint_url(), "EC2 client configured from environment");
+        Ok(Ec2 {
+            client: aws_sdk_ec2::Client::new(&conf),
+            region,
+        })
+    }
+
+    /// A client for an EC2 emulator such as moto at `endpoint` (e.g. `http://127.0.0.1:5000`),
+    /// with fixed dummy credentials. Never use this against real AWS.
+    pub fn for_endpoint(endpoint: &str, region: &str) -> Self {
+        let creds =
+            aws_sdk_ec2::config::Credentials::new("vpc-lab", "vpc-lab", None, None, "vpc-lab");
+        let conf = aws_sdk_ec2::Config::builder()
+            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+            .region(aws_sdk_ec2::config::Region::new(region.to_owned()))
+            .endpoint_url(endpoint)
+            .credentials_provider(creds)
+            .build();
+        Ec2 {
+            client: aws_sdk_ec2::Client::from_conf(conf),
+            region: region.to_owned(),
+        }
+    }
+
+    /// The region this client talks to.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    // ---- VPC, subnets, security groups -------------------------------------------------
+
+    /// CreateVpc; returns the VPC id.
+    pub async fn create_vpc(&self, cidr: Ipv4Net, tags: &Tags) -> Result<String, CloudError> {
+        const CALL: &str = "CreateVpc";
+        let out = self
+            .client
+            .create_vpc()
+            .cidr_block(cidr.to_string())
+            .set_tag_specifications(tag_spec(ResourceType::Vpc, tags))
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        let id = ec2_str(CALL, "Vpc.VpcId", out.vpc().and_then(|v| v.vpc_id()))?;
+        tracing::info!(vpc = %id, %cidr, "created VPC");
+        Ok(id)
+    }
+
+    /// DescribeVpcs by ids (empty = all) and filters.
+    pub async fn describe_vpcs(
+        &self,
+        vpc_ids: &[String],
+        filters: &[Filter],
+    ) -> Result<Vec<Vpc>, CloudError> {
+        const CALL: &str = "DescribeVpcs";
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .client
+                .describe_vpcs()
+                .set_vpc_ids(ids(vpc_ids))
+                .set_filters(sdk_filters(filters))
+                .set_next_token(token)
+                .send()
+                .await
+                .map_err(|e| CloudError::ec2(CALL, e))?;
+            for v in page.vpcs() {
+                out.push(vpc_from_sdk(v)?);
+            }
+            token = page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            if token.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// CreateSubnet; returns the subnet id.
+    pub async fn create_subnet(
+        &self,
+        vpc_id: &str,
+        cidr: Ipv4Net,
+        availability_zone: &str,
+        tags: &Tags,
+    ) -> Result<String, CloudError> {
+        const CALL: &str = "CreateSubnet";
+        let out = self
+            .client
+            .create_subnet()
+            .vpc_id(vpc_id)
+            .cidr_block(cidr.to_string())
+            .availability_zone(availability_zone)
+            .set_tag_specifications(tag_spec(ResourceType::Subnet, tags))
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        let id = ec2_str(
+            CALL,
+            "Subnet.SubnetId",
+            out.subnet().and_then(|s| s.subnet_id()),
+        )?;
+        tracing::info!(subnet = %id, vpc = vpc_id, %cidr, az = availability_zone, "created subnet");
+        Ok(id)
+    }
+
+    /// DescribeSubnets of one VPC (filtered by VpcId, never by CIDR: VPCs may overlap).
+    pub async fn describe_subnets(&self, vpc_id: &str) -> Result<Vec<Subnet>, CloudError> {
+        const CALL: &str = "DescribeSubnets";
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .client
+                .describe_subnets()
+                .filters(Filter::vpc(vpc_id).to_sdk())
+                .set_next_token(token)
+                .send()
+                .await
+                .map_err(|e| CloudError::ec2(CALL, e))?;
+            for s in page.subnets() {
+                out.push(Subnet {
+                    id: ec2_str(CALL, "SubnetId", s.subnet_id())?,
+                    vpc_id: ec2_str(CALL, "VpcId", s.vpc_id())?,
+                    cidr: ec2_field(CALL, "CidrBlock", s.cidr_block(), parse::ipv4_net)?,
+                    availability_zone: ec2_str(CALL, "AvailabilityZone", s.availability_zone())?,
+                    available_ip_address_count: ec2_u32(
+                        CALL,
+                        "AvailableIpAddressCount",
+                        s.available_ip_address_count(),
+                    )?,
+                    tags: tags_of(s.tags()),
+                });
+            }
+            token = page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            if token.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// CreateSecurityGroup in a VPC; returns the group id.
+    pub async fn create_security_group(
+        &self,
+        vpc_id: &str,
+        name: &str,
+        description: &str,
+        tags: &Tags,
+    ) -> Result<String, CloudError> {
+        const CALL: &str = "CreateSecurityGroup";
+        let out = self
+            .client
+            .create_security_group()
+            .vpc_id(vpc_id)
+            .group_name(name)
+            .description(description)
+            .set_tag_specifications(tag_spec(ResourceType::SecurityGroup, tags))
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        let id = ec2_str(CALL, "GroupId", out.group_id())?;
+        tracing::info!(group = %id, vpc = vpc_id, name, "created security group");
+        Ok(id)
+    }
+
+    /// CreateTags on resources.
+    pub async fn create_tags(
+        &self,
+        resource_ids: &[String],
+        tags: &Tags,
+    ) -> Result<(), CloudError> {
+        const CALL: &str = "CreateTags";
+        if resource_ids.is_empty() || tags.is_empty() {
+            return Err(CloudError::InvalidArgument {
+                call: CALL,
+                detail: format!("need resources and tags, got {resource_ids:?} and {tags:?}"),
+            });
+        }
+        let tags = tags
+            .iter()
+            .map(|(k, v)| Tag::builder().key(k).value(v).build())
+            .collect();
+        self.client
+            .create_tags()
+            .set_resources(Some(resource_ids.to_vec()))
+            .set_tags(Some(tags))
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        Ok(())
+    }
+
+    // ---- instances ---------------------------------------------------------------------
+
+    /// RunInstances for one instance; returns it with its primary ENI.
+    pub async fn run_instance(
+        &self,
+        image_id: &str,
+        subnet_id: &str,
+        instance_type: &str,
+        private_ip: Option<Ipv4Addr>,
+        security_groups: &[String],
+        tags: &Tags,
+    ) -> Result<Instance, CloudError> {
+        const CALL: &str = "RunInstances";
+        let out = self
+            .client
+            .run_instances()
+            .image_id(image_id)
+            .instance_type(sdk::InstanceType::from(instance_type))
+            .min_count(1)
+            .max_count(1)
+            .subnet_id(subnet_id)
+            .set_private_ip_address(private_ip.map(|ip| ip.to_string()))
+            .set_security_group_ids(ids(security_groups))
+            .set_tag_specifications(tag_spec(ResourceType::Instance, tags))
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        let [inst] = out.instances() else {
+            return Err(CloudError::answer(
+                CALL,
+                "Instances",
+                format!("has {} entries, expected 1", out.instances().len()),
+            ));
+        };
+        let inst = instance_from_sdk(CALL, inst)?;
+        tracing::info!(instance = %inst.id, ip = %inst.private_ip, instance_type, "ran instance");
+        Ok(inst)
+    }
+
+    /// DescribeInstances by ids (empty = all) and filters.
+    pub async fn describe_instances(
+        &self,
+        instance_ids: &[String],
+        filters: &[Filter],
+    ) -> Result<Vec<Instance>, CloudError> {
+        const CALL: &str = "DescribeInstances";
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .client
+                .describe_instances()
+                .set_instance_ids(ids(instance_ids))
+                .set_filters(sdk_filters(filters))
+                .set_next_token(token)
+                .send()
+                .await
+                .map_err(|e| CloudError::ec2(CALL, e))?;
+            for r in page.reservations() {
+                for i in r.instances() {
+                    out.push(instance_from_sdk(CALL, i)?);
+                }
+            }
+            token = page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            if token.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// DescribeInstanceTypes for one type: its ENI and per-ENI IPv4 limits.
+    pub async fn describe_instance_type(
+        &self,
+        instance_type: &str,
+    ) -> Result<InstanceTypeLimits, CloudError> {
+        const CALL: &str = "DescribeInstanceTypes";
+        let out = self
+            .client
+            .describe_instance_types()
+            .instance_types(sdk::InstanceType::from(instance_type))
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        let info = out
+            .instance_types()
+            .iter()
+            .find(|t| t.instance_type().map(|t| t.as_str()) == Some(instance_type))
+            .ok_or_else(|| {
+                CloudError::answer(
+                    CALL,
+                    "InstanceTypes",
+                    format!("has no entry for {instance_type}"),
+                )
+            })?;
+        let net = info
+            .network_info()
+            .ok_or_else(|| CloudError::missing(CALL, format!("{instance_type}.NetworkInfo")))?;
+        Ok(InstanceTypeLimits {
+            max_enis: ec2_u32(
+                CALL,
+                "NetworkInfo.MaximumNetworkInterfaces",
+                net.maximum_network_interfaces(),
+            )?,
+            ipv4_per_eni: ec2_u32(
+                CALL,
+                "NetworkInfo.Ipv4AddressesPerInterface",
+                net.ipv4_addresses_per_interface(),
+            )?,
+        })
+    }
+
+    // ---- network interfaces ------------------------------------------------------------
+
+    /// CreateNetworkInterface.
+    pub async fn create_network_interface(
+        &self,
+        spec: &NewEni,
+    ) -> Result<NetworkInterface, CloudError> {
+        const CALL: &str = "CreateNetworkInterface";
+        let count =
+            i32::try_from(spec.secondary_ip_count).map_err(|_| CloudError::InvalidArgument {
+                call: CALL,
+                detail: format!("secondary_ip_count {} too large", spec.secondary_ip_count),
+            })?;
+        let out = self
+            .client
+            .create_network_interface()
+            .subnet_id(&spec.subnet_id)
+            .set_private_ip_address(spec.private_ip.map(|ip| ip.to_string()))
+            .set_groups(ids(&spec.security_groups))
+            .description(&spec.description)
+            .set_secondary_private_ip_address_count((count > 0).then_some(count))
+            .set_tag_specifications(tag_spec(ResourceType::NetworkInterface, &spec.tags))
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        let eni = out
+            .network_interface()
+            .ok_or_else(|| CloudError::missing(CALL, "NetworkInterface"))?;
+        let eni = eni_from_sdk(CALL, eni)?;
+        tracing::info!(eni = %eni.id, subnet = %eni.subnet_id, ip = %eni.primary_ip, "created ENI");
+        Ok(eni)
+    }
+
+    /// AttachNetworkInterface; returns the attachment id.
+    pub async fn attach_network_interface(
+        &self,
+        eni_id: &str,
+        instance_id: &str,
+        device_index: u32,
+    ) -> Result<String, CloudError> {
+        const CALL: &str = "AttachNetworkInterface";
+        let index = i32::try_from(device_index).map_err(|_| CloudError::InvalidArgument {
+            call: CALL,
+            detail: format!("device index {device_index} too large"),
+        })?;
+        let out = self
+            .client
+            .attach_network_interface()
+            .network_interface_id(eni_id)
+            .instance_id(instance_id)
+            .device_index(index)
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        let id = ec2_str(CALL, "AttachmentId", out.attachment_id())?;
+        tracing::info!(eni = eni_id, instance = instance_id, device_index, attachment = %id, "attached ENI");
+        Ok(id)
+    }
+
+    /// ModifyNetworkInterfaceAttribute: the attachment's DeleteOnTermination.
+    /// (moto accepts this but does not reflect it in DescribeNetworkInterfaces.)
+    pub async fn set_delete_on_termination(
+        &self,
+        eni_id: &str,
+        attachment_id: &str,
+        delete_on_termination: bool,
+    ) -> Result<(), CloudError> {
+        const CALL: &str = "ModifyNetworkInterfaceAttribute";
+        self.client
+            .modify_network_interface_attribute()
+            .network_interface_id(eni_id)
+            .attachment(
+                NetworkInterfaceAttachmentChanges::builder()
+                    .attachment_id(attachment_id)
+                    .delete_on_termination(delete_on_termination)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        Ok(())
+    }
+
+    /// DetachNetworkInterface.
+    pub async fn detach_network_interface(
+        &self,
+        attachment_id: &str,
+        force: bool,
+    ) -> Result<(), CloudError> {
+        const CALL: &str = "DetachNetworkInterface";
+        self.client
+            .detach_network_interface()
+            .attachment_id(attachment_id)
+            .force(force)
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        tracing::info!(attachment = attachment_id, force, "detached ENI");
+        Ok(())
+    }
+
+    /// DeleteNetworkInterface.
+    pub async fn delete_network_interface(&self, eni_id: &str) -> Result<(), CloudError> {
+        const CALL: &str = "DeleteNetworkInterface";
+        self.client
+            .delete_network_interface()
+            .network_interface_id(eni_id)
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        tracing::info!(eni = eni_id, "deleted ENI");
+        Ok(())
+    }
+
+    /// DescribeNetworkInterfaces by ids (empty = all) and filters (AND across filters).
+    pub async fn describe_network_interfaces(
+        &self,
+        eni_ids: &[String],
+        filters: &[Filter],
+    ) -> Result<Vec<NetworkInterface>, CloudError> {
+        const CALL: &str = "DescribeNetworkInterfaces";
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .client
+                .describe_network_interfaces()
+                .set_network_interface_ids(ids(eni_ids))
+                .set_filters(sdk_filters(filters))
+                .set_next_token(token)
+                .send()
+                .await
+                .map_err(|e| CloudError::ec2(CALL, e))?;
+            for n in page.network_interfaces() {
+                out.push(eni_from_sdk(CALL, n)?);
+            }
+            token = page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            if token.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// One ENI by id.
+    pub async fn describe_network_interface(
+        &self,
+        eni_id: &str,
+    ) -> Result<NetworkInterface, CloudError> {
+        let mut found = self
+            .describe_network_interfaces(&[eni_id.to_owned()], &[])
+            .await?;
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            n => Err(CloudError::answer(
+                "DescribeNetworkInterfaces",
+                "NetworkInterfaces",
+                format!("has {n} entries for {eni_id}, expected 1"),
+            )),
+        }
+    }
+
+    /// AssignPrivateIpAddresses in one call; returns only the addresses that are new on the ENI.
+    ///
+    /// Some EC2 implementations (moto) list every address of the ENI in the answer, so the
+    /// answer is diffed against the ENI's addresses described just before the call.
+    pub async fn assign_private_ip_addresses(
+        &self,
+        eni_id: &str,
+        request: &IpRequest,
+    ) -> Result<Vec<Ipv4Addr>, CloudError> {
+        const CALL: &str = "AssignPrivateIpAddresses";
+        let mut req = self
+            .client
+            .assign_private_ip_addresses()
+            .network_interface_id(eni_id);
+        match request {
+            IpRequest::Addresses(ips) if ips.is_empty() => {
+                return Err(CloudError::InvalidArgument {
+                    call: CALL,
+                    detail: format!("empty address list for {eni_id}"),
+                });
+            }
+            IpRequest::Addresses(ips) => {
+                req = req
+                    .set_private_ip_addresses(Some(ips.iter().map(Ipv4Addr::to_string).collect()));
+            }
+            IpRequest::Count(n) => {
+                let n = i32::try_from(*n).ok().filter(|n| *n > 0).ok_or_else(|| {
+                    CloudError::InvalidArgument {
+                        call: CALL,
+                        detail: format!("address count {n} for {eni_id} must be 1..={}", i32::MAX),
+                    }
+                })?;
+                req = req.secondary_private_ip_address_count(n);
+            }
+        }
+        let before: BTreeSet<Ipv4Addr> = self
+            .describe_network_interface(eni_id)
+            .await?
+            .all_ips()
+            .collect();
+        let out = req.send().await.map_err(|e| CloudError::ec2(CALL, e))?;
+        let mut new = Vec::new();
+        for a in out.assigned_private_ip_addresses() {
+            let ip = ec2_field(
+                CALL,
+                "AssignedPrivateIpAddresses.PrivateIpAddress",
+                a.private_ip_address(),
+                parse::ipv4,
+            )?;
+            if !before.contains(&ip) && !new.contains(&ip) {
+                new.push(ip);
+            }
+        }
+        tracing::info!(eni = eni_id, ?request, assigned = ?new, "assigned private IPs");
+        Ok(new)
+    }
+
+    /// UnassignPrivateIpAddresses.
+    pub async fn unassign_private_ip_addresses(
+        &self,
+        eni_id: &str,
+        ips: &[Ipv4Addr],
+    ) -> Result<(), CloudError> {
+        const CALL: &str = "UnassignPrivateIpAddresses";
+        if ips.is_empty() {
+            return Err(CloudError::InvalidArgument {
+                call: CALL,
+                detail: format!("empty address list for {eni_id}"),
+            });
+        }
+        self.client
+            .unassign_private_ip_addresses()
+            .network_interface_id(eni_id)
+            .set_private_ip_addresses(Some(ips.iter().map(Ipv4Addr::to_string).collect()))
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        tracing::info!(eni = eni_id, ?ips, "unassigned private IPs");
+        Ok(())
+    }
+}
+
+// ---- SDK → domain conversions --------------------------------------------------------------
+
+fn vpc_from_sdk(v: &sdk::Vpc) -> Result<Vpc, CloudError> {
+    const CALL: &str = "DescribeVpcs";
+    let primary = ec2_field(CALL, "CidrBlock", v.cidr_block(), parse::ipv4_net)?;
+    let mut cidrs = vec![primary];
+    for a in v.cidr_block_association_set() {
+        let state = a
+            .cidr_block_state()
+            .and_then(|s| s.state())
+            .map(|s| s.as_str());
+        if matches!(
+            state,
+            Some("disassociating" | "disassociated" | "failed" | "failing")
+        ) {
+            continue;
+        }
+        let c = ec2_field(
+            CALL,
+            "CidrBlockAssociationSet.CidrBlock",
+            a.cidr_block(),
+            parse::ipv4_net,
+        )?;
+        if !cidrs.contains(&c) {
+            cidrs.push(c);
+        }
+    }
+    Ok(Vpc {
+        id: ec2_str(CALL, "VpcId", v.vpc_id())?,
+        cidrs,
+        is_default: v.is_default().unwrap_or(false),
+        tags: tags_of(v.tags()),
+    })
+}
+
+fn instance_from_sdk(call: &'static str, i: &sdk::Instance) -> Result<Instance, CloudError> {
+    let id = ec2_str(call, "InstanceId", i.instance_id())?;
+    let mut enis = Vec::new();
+    for n in i.network_interfaces() {
+        let att = n.attachment().ok_or_else(|| {
+            CloudError::missing(call, format!("{id}.NetworkInterfaces.Attachment"))
+        })?;
+        enis.push(InstanceEni {
+            id: ec2_str(
+                call,
+                "NetworkInterfaces.NetworkInterfaceId",
+                n.network_interface_id(),
+            )?,
+            attachment_id: ec2_str(
+                call,
+                "NetworkInterfaces.Attachment.AttachmentId",
+                att.attachment_id(),
+            )?,
+            device_index: ec2_u32(
+                call,
+                "NetworkInterfaces.Attachment.DeviceIndex",
+                att.device_index(),
+            )?,
+            mac: ec2_str(call, "NetworkInterfaces.MacAddress", n.mac_address())?
+                .to_ascii_lowercase(),
+            primary_ip: ec2_field(
+                call,
+                "NetworkInterfaces.PrivateIpAddress",
+                n.private_ip_address(),
+                parse::ipv4,
+            )?,
+        });
+    }
+    enis.sort_by_key(|e| e.device_index);
+    Ok(Instance {
+        instance_type: ec2_str(call, "InstanceType", i.instance_type().map(|t| t.as_str()))?,
+        state: ec2_str(
+            call,
+            "State.Name",
+            i.state().and_then(|s| s.name()).map(|n| n.as_str()),
+        )?,
+        availability_zone: ec2_str(
+            call,
+            "Placement.AvailabilityZone",
+            i.placement().and_then(|p| p.availability_zone()),
+        )?,
+        vpc_id: ec2_str(call, "VpcId", i.vpc_id())?,
+        subnet_id: ec2_str(call, "SubnetId", i.subnet_id())?,
+        private_ip: ec2_field(
+            call,
+            "PrivateIpAddress",
+            i.private_ip_address(),
+            parse::ipv4,
+        )?,
+        security_groups: i
+            .security_groups()
+            .iter()
+            .filter_map(|g| g.group_id())
+            .map(str::to_owned)
+            .collect(),
+        tags: tags_of(i.tags()),
+        network_interfaces: enis,
+        id,
+    })
+}
+
+fn eni_from_sdk(
+    call: &'static str,
+    n: &sdk::NetworkInterface,
+) -> Result<NetworkInterface, CloudError> {
+    let id = ec2_str(call, "NetworkInterfaceId", n.network_interface_id())?;
+    let primary_ip = ec2_field(
+        call,
+        "PrivateIpAddress",
+        n.private_ip_address(),
+        parse::ipv4,
+    )?;
+    let mut secondary_ips = Vec::new();
+    for a in n.private_ip_addresses() {
+        let ip = ec2_field(
+            call,
+            "PrivateIpAddresses.PrivateIpAddress",
+            a.private_ip_address(),
+            parse::ipv4,
+        )?;
+        if ip != primary_ip && a.primary() != Some(true) && !secondary_ips.contains(&ip) {
+            secondary_ips.push(ip);
+        }
+    }
+    let prefixes = n
+        .ipv4_prefixes()
+        .iter()
+        .map(|p| {
+            ec2_field(
+                call,
+                "Ipv4Prefixes.Ipv4Prefix",
+                p.ipv4_prefix(),
+                parse::ipv4_net,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let attachment = match n.attachment() {
+        None => None,
+        Some(a) => Some(EniAttachment {
+            attachment_id: ec2_str(call, "Attachment.AttachmentId", a.attachment_id())?,
+            instance_id: a.instance_id().unwrap_or_default().to_owned(),
+            device_index: ec2_u32(call, "Attachment.DeviceIndex", a.device_index())?,
+            status: a
+                .status()
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default(),
+            delete_on_termination: a.delete_on_termination().unwrap_or(false),
+        }),
+    };
+    Ok(NetworkInterface {
+        mac: ec2_str(call, "MacAddress", n.mac_address())?.to_ascii_lowercase(),
+        subnet_id: ec2_str(call, "SubnetId", n.subnet_id())?,
+        vpc_id: ec2_str(call, "VpcId", n.vpc_id())?,
+        status: n
+            .status()
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default(),
+        description: n.description().unwrap_or_default().to_owned(),
+        primary_ip,
+        secondary_ips,
+        prefixes,
+        security_groups: n
+            .groups()
+            .iter()
+            .filter_map(|g| g.group_id())
+            .map(str::to_owned)
+            .collect(),
+        tags: tags_of(n.tag_set()),
+        attachment,
+        id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eni_conversion_splits_primary_and_secondaries() {
+        let n = sdk::NetworkInterface::builder()
+            .network_interface_id("eni-1")
+            .mac_address("02:00:00:AA:BB:01")
+            .subnet_id("subnet-a")
+            .vpc_id("vpc-1")
+            .status(sdk::NetworkInterfaceStatus::InUse)
+            .private_ip_address("172.31.3.173")
+            .private_ip_addresses(
+                sdk::NetworkInterfacePrivateIpAddress::builder()
+                    .private_ip_address("172.31.3.173")
+                    .primary(true)
+                    .build(),
+            )
+            .private_ip_addresses(
+                sdk::NetworkInterfacePrivateIpAddress::builder()
+                    .private_ip_address("172.31.13.130")
+                    .primary(false)
+                    .build(),
+            )
+            .ipv4_prefixes(
+                sdk::Ipv4PrefixSpecification::builder()
+                    .ipv4_prefix("172.31.8.0/28")
+                    .build(),
+            )
+            .groups(sdk::GroupIdentifier::builder().group_id("sg-1").build())
+            .tag_set(Tag::builder().key("Name").value("x").build())
+            .attachment(
+                sdk::NetworkInterfaceAttachment::builder()
+                    .attachment_id("eni-attach-1")
+                    .instance_id("i-1")
+                    .device_index(1)
+                    .status(sdk::AttachmentStatus::Attached)
+                    .build(),
+            )
+            .build();
+        let e = eni_from_sdk("DescribeNetworkInterfaces", &n).unwrap();
+        assert_eq!(e.mac, "02:00:00:aa:bb:01");
+        assert_eq!(e.primary_ip, Ipv4Addr::new(172, 31, 3, 173));
+        assert_eq!(e.secondary_ips, [Ipv4Addr::new(172, 31, 13, 130)]);
+        assert_eq!(e.prefixes, ["172.31.8.0/28".parse::<Ipv4Net>().unwrap()]);
+        assert_eq!(e.status, "in-use");
+        assert_eq!(e.security_groups, ["sg-1"]);
+        assert_eq!(e.tags.get("Name").map(String::as_str), Some("x"));
+        let a = e.attachment.unwrap();
+        assert_eq!(
+            (a.device_index, a.status.as_str(), a.instance_id.as_str()),
+            (1, "attached", "i-1")
+        );
+    }
+
+    #[test]
+    fn eni_conversion_names_the_bad_field() {
+        let n = sdk::NetworkInterface::builder()
+            .network_interface_id("eni-1")
+            .mac_address("02:00:00:aa:bb:01")
+            .subnet_id("subnet-a")
+            .vpc_id("vpc-1")
+            .private_ip_address("172.31.3.999")
+            .build();
+        let err = eni_from_sdk("DescribeNetworkInterfaces", &n)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("DescribeNetworkInterfaces")
+                && err.contains("PrivateIpAddress")
+                && err.contains("172.31.3.999"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn vpc_conversion_collects_associated_cidrs() {
+        let v = sdk::Vpc::builder()
+            .vpc_id("vpc-1")
+            .cidr_block("172.31.0.0/16")
+            .cidr_block_association_set(
+                sdk::VpcCidrBlockAssociation::builder()
+                    .cidr_block("172.31.0.0/16")
+                    .build(),
+            )
+            .cidr_block_association_set(
+                sdk::VpcCidrBlockAssociation::builder()
+                    .cidr_block("100.64.0.0/16")
+                    .build(),
+            )
+            .build();
+        let v = vpc_from_sdk(&v).unwrap();
+        assert_eq!(v.cidrs.len(), 2);
+        assert_eq!(v.cidrs[1].to_string(), "100.64.0.0/16");
+    }
+
+    #[test]
+    fn filters_map_to_names_and_values() {
+        assert_eq!(Filter::tag("Name", "vpc-lab").name, "tag:Name");
+        assert_eq!(Filter::attached_to("i-1").name, "attachment.instance-id");
+        let f = Filter::any("status", ["available", "in-use"]);
+        assert_eq!(f.values, ["available", "in-use"]);
+        assert!(sdk_filters(&[]).is_none());
+        assert!(tag_spec(ResourceType::Vpc, &Tags::new()).is_none());
+    }
+}
