@@ -2,8 +2,8 @@
 //! network namespace ([`NetOps`]), with a real netlink implementation
 //! ([`crate::netlink::Netlink`]) and an in-memory fake ([`crate::fake::FakeNet`]).
 //!
-//! Values are plain IPv4 data (no netlink types), so the sequencing logic in
-//! [`crate::pod`] and [`crate::host`] can be unit-tested without root.
+//! Values are plain IPv4 data (no netlink types), so the sequencing logic
+//! (`setup_pod_with`, `teardown_pod_with`, `setup_eni_with`, ...) can be unit-tested without root.
 
 use std::fmt;
 use std::io;

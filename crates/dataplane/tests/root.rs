@@ -153,10 +153,6 @@ impl Topo {
         outside.ip(&format!("route add {NODE_IP}/32 dev out0 scope link"));
         Topo { node, pod, outside }
     }
-
-    fn spec(&self, table: u32) -> (PathBuf, u32) {
-        (self.pod.path(), table)
-    }
 }
 
 fn pod_spec<'a>(netns: &'a std::path::Path, table: u32) -> PodSpec<'a> {
@@ -177,7 +173,7 @@ fn root_pod_setup_ping_check_teardown() {
     }
     let t = Topo::new("pod");
     let node = t.node.open();
-    let (pod_path, _) = t.spec(MAIN_TABLE);
+    let pod_path = t.pod.path();
     let spec = pod_spec(&pod_path, MAIN_TABLE);
 
     let links = node.run(|| setup_pod(&spec)).unwrap().unwrap();
@@ -528,4 +524,53 @@ fn root_snat_and_connmark_egress() {
     );
     node.run(remove_snat).unwrap().unwrap();
     let _ = &t.outside;
+}
+
+#[test]
+fn root_nodeport_return_path_uses_connmark() {
+    if !root() {
+        return;
+    }
+    let t = Topo::new("np");
+    let node = t.node.open();
+    let pod_path = t.pod.path();
+    // secondary-ENI pod whose ENI leads nowhere (see root_snat_and_connmark_egress)
+    t.node.ip("link add eth1 type veth peer name eth1p");
+    t.node.ip("link set eth1 up");
+    t.node.ip("route add default dev eth1 scope link table 3");
+    let h = HostSetup {
+        primary_ifname: "eth0".into(),
+        connmark: 0x80,
+    };
+    node.run(|| setup_host(&h)).unwrap().unwrap();
+    node.run(|| setup_pod(&pod_spec(&pod_path, 3)))
+        .unwrap()
+        .unwrap();
+    // "kube-proxy": NodePort-style DNAT of pings to the node's primary IP onto the pod
+    for cmd in [
+        "add table ip kp",
+        "add chain ip kp pre { type nat hook prerouting priority -100 ; }",
+        "add rule ip kp pre iifname eth0 ip daddr 10.77.0.2 icmp type echo-request dnat to 10.77.0.50",
+    ] {
+        let args: Vec<&str> = std::iter::once("nft").chain(cmd.split(' ')).collect();
+        let o = t.node.exec(&args);
+        assert!(o.status.success(), "nft {cmd}: {o:?}");
+    }
+
+    let mut c = snat_cfg(false);
+    c.node_port_support = false;
+    node.run(|| apply_snat(&c)).unwrap().unwrap();
+    assert!(
+        !t.outside.ping(NODE_IP),
+        "NodePort reply found its way without the connmark?"
+    );
+
+    c.node_port_support = true;
+    node.run(|| apply_snat(&c)).unwrap().unwrap();
+    let _ = t.node.exec(&["conntrack", "-F"]);
+    assert!(
+        t.outside.ping(NODE_IP),
+        "NodePort reply from a secondary-ENI pod did not return via eth0\n{}",
+        t.node.dump()
+    );
 }
