@@ -574,3 +574,72 @@ fn root_nodeport_return_path_uses_connmark() {
         t.node.dump()
     );
 }
+
+#[test]
+fn root_netlink_socket_opened_in_ns_works_from_any_thread() {
+    use dataplane::netlink::Netlink;
+    use dataplane::ops::{NetOps, Route, Rule};
+    if !root() {
+        return;
+    }
+    let ns = TestNs::new("nl");
+    let handle = ns.open();
+    // opened inside `ns`, used from this (root-namespace) thread
+    let mut nl = Netlink::new_in(&handle).unwrap();
+    let rule = Rule::new(4242, 77).from("10.99.0.1/32".parse().unwrap());
+    nl.add_rule(&rule).unwrap();
+    let again = nl.add_rule(&rule).unwrap_err();
+    assert!(again.is_exists(), "{again}");
+    assert!(nl.rules().unwrap().contains(&rule));
+    assert!(ns.ip("rule").contains("4242:\tfrom 10.99.0.1 lookup 77"));
+    let root_rules = Command::new("ip").arg("rule").output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&root_rules.stdout).contains("4242"),
+        "rule leaked into root ns"
+    );
+    nl.del_rule(&rule).unwrap();
+    let gone = nl.del_rule(&rule).unwrap_err();
+    assert!(gone.is_not_found(), "{gone}");
+
+    // errors keep the errno and name the operation
+    assert_eq!(nl.link_by_name("nope0").unwrap(), None);
+    let e = nl.set_link_up(9999).unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    assert!(e.to_string().contains("#9999"), "{e}");
+    let lo = nl.link_by_name("lo").unwrap().unwrap();
+    let r =
+        Route::new(MAIN_TABLE, "10.98.0.0/24".parse().unwrap()).via("10.97.0.1".parse().unwrap());
+    let e = nl.add_route(&r).unwrap_err();
+    assert!(e.errno().is_some(), "{e}");
+    assert!(
+        e.to_string()
+            .contains("add route 10.98.0.0/24 via 10.97.0.1"),
+        "{e}"
+    );
+    let missing = nl
+        .del_route(&Route::new(5, "10.98.0.0/24".parse().unwrap()))
+        .unwrap_err();
+    assert!(missing.is_not_found(), "{missing}");
+    assert!(
+        nl.links()
+            .unwrap()
+            .iter()
+            .any(|l| l.index == lo.index && l.name == "lo")
+    );
+
+    // sysctls through a handle of another namespace go to that namespace
+    let root_fwd = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    let want = if root_fwd.trim() == "1" { "0" } else { "1" };
+    nl.write_sysctl("net/ipv4/ip_forward", want).unwrap();
+    let got = ns.exec(&["cat", "/proc/sys/net/ipv4/ip_forward"]);
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), want);
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
+        root_fwd
+    );
+    let e = nl
+        .write_sysctl("net/ipv6/conf/nope0/accept_ra", "0")
+        .unwrap_err();
+    assert_eq!(e.errno(), Some(nix::errno::Errno::ENOENT), "{e}");
+    assert!(e.to_string().contains("nope0"), "{e}");
+}
