@@ -140,7 +140,7 @@ async fn provisioning_flow_against_moto() {
         .unwrap();
     assert_eq!(eni.primary_ip, ip("172.31.3.173"));
     assert!(eni.secondary_ips.is_empty());
-    assert_eq!(eni.security_groups, [sg.clone()]);
+    assert_eq!(eni.security_groups, std::slice::from_ref(&sg));
     assert_eq!(eni.status, "available");
     assert!(eni.attachment.is_none());
     let att = ec2
