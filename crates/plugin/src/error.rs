@@ -134,6 +134,10 @@ impl PluginError {
                 };
                 CniError::new(code::TRY_AGAIN_LATER, msg, details)
             }
+            // The agent speaks CNI codes; 0 would read as success, so it becomes internal.
+            PluginError::AgentRefused { code: 0, message } => {
+                CniError::new(code::INTERNAL, message.clone(), "the agent sent code 0")
+            }
             PluginError::AgentRefused { code, message } => {
                 CniError::new(*code, message.clone(), String::new())
             }
@@ -209,6 +213,13 @@ mod tests {
                 message: "unknown".into()
             }),
             3
+        );
+        assert_eq!(
+            c(PluginError::AgentRefused {
+                code: 0,
+                message: "?".into()
+            }),
+            999
         );
         assert_eq!(
             c(PluginError::NotAvailable {

@@ -242,3 +242,22 @@ fn logs_never_reach_stdout() {
     assert!(r.stderr.contains("failed"), "{}", r.stderr);
     assert!(!r.stderr.contains("calling the agent"), "{}", r.stderr);
 }
+
+#[test]
+fn binary_links_no_async_runtime_aws_sdk_or_kube() {
+    // Symbol names and panic locations of any linked crate appear in the binary; this also
+    // catches feature unification in a workspace-wide build (e.g. nftables' tokio feature).
+    let bin = std::fs::read(common::BIN).unwrap();
+    assert!(bin.len() > 100_000);
+    assert!(
+        contains(&bin, b"serde_json"),
+        "symbol names expected in the binary"
+    );
+    for name in ["tokio", "aws_sdk", "aws_smithy", "kube_client", "hyper"] {
+        assert!(!contains(&bin, name.as_bytes()), "vpc-cni links {name}");
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}

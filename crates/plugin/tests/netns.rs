@@ -478,3 +478,81 @@ fn concurrent_adds_and_dels() {
     assert_node_clean(&node);
     assert_eq!(agent.assigned(), 0);
 }
+
+#[test]
+fn without_kubernetes_args_the_veth_is_named_after_container_and_ifname() {
+    require_root!("without_kubernetes_args_the_veth_is_named_after_container_and_ifname");
+    let node = TestNetns::new("plain-node");
+    let agent = FakeAgent::start(100, 101, 254);
+    let pod_ns = TestNetns::new("plain-pod");
+    let netns = pod_ns.path_str();
+    // as cnitool runs it: no CNI_ARGS
+    let env = |cmd: &'static str| {
+        vec![
+            ("CNI_COMMAND", cmd),
+            ("CNI_CONTAINERID", "plain-1"),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+        ]
+    };
+    let r = run_plugin(
+        &env("ADD"),
+        &conf("1.0.0", &agent, json!({})),
+        Some(&node.path()),
+    );
+    let result = r.ok().json();
+    let veth = dataplane::host_veth_name("eni", "plain-1", "eth0");
+    assert_eq!(result["interfaces"][0]["name"], veth.as_str(), "{result}");
+    assert!(node.link_names().contains(&veth));
+    run_plugin(
+        &env("CHECK"),
+        &with_prev("1.0.0", &agent, &result),
+        Some(&node.path()),
+    )
+    .ok_empty();
+    run_plugin(
+        &env("DEL"),
+        &with_prev("1.0.0", &agent, &result),
+        Some(&node.path()),
+    )
+    .ok_empty();
+    assert_node_clean(&node);
+}
+
+#[test]
+fn del_with_a_stale_netns_file_cleans_the_host_side() {
+    require_root!("del_with_a_stale_netns_file_cleans_the_host_side");
+    let node = TestNetns::new("stale-node");
+    let agent = FakeAgent::start(110, 111, 3);
+    let pod_ns = TestNetns::new("stale-pod");
+    let pod = Pod::new("stale", "stale", &pod_ns);
+    let result = cni("ADD", &pod, &conf("1.1.0", &agent, json!({})), &node)
+        .ok()
+        .json();
+    // CNI_NETNS now names a plain file (a mount point whose namespace was unmounted)
+    let dir = tempfile::tempdir().unwrap();
+    let stale = dir.path().join("netns");
+    std::fs::write(&stale, b"").unwrap();
+    let stale_pod = Pod {
+        netns: stale.display().to_string(),
+        ..Pod::new("stale", "stale", &pod_ns)
+    };
+    cni(
+        "DEL",
+        &stale_pod,
+        &with_prev("1.1.0", &agent, &result),
+        &node,
+    )
+    .ok_empty();
+    assert_node_clean(&node);
+    // the pod end went with the host end
+    pod_has_no_eth0(&pod_ns);
+    // ADD into such a file is refused before the agent is asked
+    let before = agent.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let e = cni("ADD", &stale_pod, &conf("1.1.0", &agent, json!({})), &node).error(4);
+    assert!(e["msg"].as_str().unwrap().contains("CNI_NETNS"), "{e}");
+    assert_eq!(
+        agent.requests.load(std::sync::atomic::Ordering::SeqCst),
+        before
+    );
+}
