@@ -14,8 +14,8 @@ use std::path::Path;
 
 use ipnet::Ipv4Net;
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_MULTIPART,
-    NLM_F_REPLACE, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{
@@ -143,7 +143,6 @@ impl Netlink {
                 if msg.header.flags & NLM_F_DUMP_INTR != 0 {
                     interrupted = true;
                 }
-                let multipart = msg.header.flags & NLM_F_MULTIPART != 0;
                 let hdr_flags = msg.header.flags;
                 match msg.payload {
                     NetlinkPayload::Done(_) => return Ok((out, interrupted)),
@@ -157,13 +156,8 @@ impl Netlink {
                             }),
                         };
                     }
-                    NetlinkPayload::InnerMessage(m) => {
-                        out.push(m);
-                        if !multipart {
-                            // answer to a plain GET: there is no DONE, the ACK follows
-                            // only if NLM_F_ACK was requested (we do request it)
-                        }
-                    }
+                    // a plain GET answer is followed by the ACK we asked for
+                    NetlinkPayload::InnerMessage(m) => out.push(m),
                     _ => {}
                 }
             }
