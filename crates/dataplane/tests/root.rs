@@ -643,3 +643,85 @@ fn root_netlink_socket_opened_in_ns_works_from_any_thread() {
     assert_eq!(e.errno(), Some(nix::errno::Errno::ENOENT), "{e}");
     assert!(e.to_string().contains("nope0"), "{e}");
 }
+
+#[test]
+fn root_parallel_pods_share_one_to_pod_rule() {
+    if !root() {
+        return;
+    }
+    let node = TestNs::new("par-node");
+    node.ip("link set lo up");
+    node.ip("link add eth0 type veth peer name eth0p");
+    node.ip("link set eth0 up");
+    let pods: Vec<TestNs> = (0..6)
+        .map(|i| TestNs::new(&format!("par-pod{i}")))
+        .collect();
+    let paths: Vec<PathBuf> = pods.iter().map(|p| p.path()).collect();
+    let names: Vec<String> = (0..6).map(|i| format!("enipar{i}")).collect();
+    let n = node.open();
+    let h = HostSetup {
+        primary_ifname: "eth0".into(),
+        connmark: 0x80,
+    };
+    n.run(|| setup_host(&h)).unwrap().unwrap(); // forwarding on
+    // table 2 (a secondary ENI) has a default route out of eth0: without the to-pod table,
+    // pod1's replies to pod0 would leave the node
+    node.ip("route add default dev eth0 scope link table 2");
+    let spec = |i: usize| PodSpec {
+        netns: &paths[i],
+        host_veth: &names[i],
+        ifname: "eth0",
+        ip: Ipv4Addr::new(10, 77, 1, 10 + i as u8),
+        mtu: 1500,
+        route_table: if i.is_multiple_of(2) { MAIN_TABLE } else { 2 },
+    };
+    std::thread::scope(|s| {
+        for i in 0..6 {
+            let n = &n;
+            let spec = spec(i);
+            s.spawn(move || n.run(|| setup_pod(&spec)).unwrap().unwrap());
+        }
+    });
+    let rules = node.ip("rule");
+    assert_eq!(
+        rules.matches("512:\tfrom all lookup 512").count(),
+        1,
+        "{rules}"
+    );
+    assert_eq!(rules.matches("lookup 2").count(), 3, "{rules}");
+    for i in 0..6 {
+        n.run(|| check_pod(&spec(i))).unwrap().unwrap();
+    }
+    // pod to pod on the same node, across ENIs
+    assert!(pods[0].ping("10.77.1.11"), "pod0 -> pod1 failed");
+    assert!(pods[1].ping("10.77.1.12"), "pod1 -> pod2 failed");
+    // negative control: without `lookup 512` pod1's replies follow table 2 out of the node
+    node.ip("rule del pref 512");
+    assert!(
+        !pods[0].ping("10.77.1.11"),
+        "pod0 -> pod1 worked without the to-pod rule?"
+    );
+    n.run(|| setup_host(&h)).unwrap().unwrap();
+    assert!(
+        pods[0].ping("10.77.1.11"),
+        "pod0 -> pod1 failed after restoring the rule"
+    );
+    std::thread::scope(|s| {
+        for i in 0..6 {
+            let n = &n;
+            let (path, name) = (&paths[i], &names[i]);
+            s.spawn(move || {
+                let td = PodTeardown {
+                    netns: Some(path),
+                    host_veth: Some(name),
+                    ifname: "eth0",
+                    ip: Some(Ipv4Addr::new(10, 77, 1, 10 + i as u8)),
+                };
+                n.run(|| teardown_pod(&td)).unwrap().unwrap()
+            });
+        }
+    });
+    assert!(!node.ip("-o link").contains("enipar"));
+    assert!(!node.ip("route show table all").contains("10.77.1."));
+    assert!(!node.ip("rule").contains("10.77.1."));
+}
