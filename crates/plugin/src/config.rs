@@ -12,7 +12,10 @@ pub const DEFAULT_MTU: u32 = 9001;
 pub const MIN_MTU: u32 = 576;
 pub const MAX_MTU: u32 = 9001;
 pub const DEFAULT_VETH_PREFIX: &str = "eni";
-pub const DEFAULT_LOG_LEVEL: LevelFilter = LevelFilter::INFO;
+/// Level of the log file when `pluginLogLevel` is not set.
+pub const DEFAULT_FILE_LOG_LEVEL: LevelFilter = LevelFilter::INFO;
+/// Level of stderr when `pluginLogLevel` is not set (the runtime's log gets stderr).
+pub const DEFAULT_STDERR_LOG_LEVEL: LevelFilter = LevelFilter::WARN;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PluginConfig {
@@ -20,7 +23,8 @@ pub struct PluginConfig {
     pub veth_prefix: String,
     pub agent_socket: PathBuf,
     pub log_file: Option<PathBuf>,
-    pub log_level: LevelFilter,
+    /// `pluginLogLevel`, if set.
+    pub log_level: Option<LevelFilter>,
     pub dns: Dns,
 }
 
@@ -31,7 +35,7 @@ impl Default for PluginConfig {
             veth_prefix: DEFAULT_VETH_PREFIX.into(),
             agent_socket: PathBuf::from(proto::DEFAULT_SOCKET),
             log_file: None,
-            log_level: DEFAULT_LOG_LEVEL,
+            log_level: None,
             dns: Dns::default(),
         }
     }
@@ -55,12 +59,12 @@ impl PluginConfig {
         }
         if let Some(v) = present(raw, "pluginLogLevel") {
             let s = string("pluginLogLevel", v)?;
-            c.log_level = s.to_ascii_lowercase().parse().map_err(|_| {
+            c.log_level = Some(s.to_ascii_lowercase().parse().map_err(|_| {
                 invalid(
                     "pluginLogLevel",
                     format!("\"{s}\" is not one of off, error, warn, info, debug, trace"),
                 )
-            })?;
+            })?);
         }
         if let Some(v) = present(raw, "dns") {
             c.dns = serde_json::from_value(v.clone())
@@ -160,7 +164,7 @@ mod tests {
         assert_eq!(c.veth_prefix, "pod");
         assert_eq!(c.agent_socket, PathBuf::from("/tmp/a.sock"));
         assert_eq!(c.log_file, Some(PathBuf::from("/var/log/p.log")));
-        assert_eq!(c.log_level, LevelFilter::DEBUG);
+        assert_eq!(c.log_level, Some(LevelFilter::DEBUG));
         assert_eq!(c.dns.nameservers, vec!["10.0.0.10"]);
         assert_eq!(parse(json!({"mtu": 576})).unwrap().mtu, 576);
         assert_eq!(parse(json!({"mtu": " 9001 "})).unwrap().mtu, 9001);

@@ -10,12 +10,15 @@ use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::PluginConfig;
+use crate::config::{DEFAULT_FILE_LOG_LEVEL, DEFAULT_STDERR_LOG_LEVEL, PluginConfig};
 
 /// Install the global subscriber. Before the configuration is known (or when it is invalid),
 /// `cfg` is `None`: warnings to stderr.
+///
+/// With `pluginLogFile`: the file gets `pluginLogLevel` (default info), stderr warnings and
+/// errors. Without it: stderr gets `pluginLogLevel` (default warn).
 pub fn init(cfg: Option<&PluginConfig>) {
-    let level = cfg.map_or(LevelFilter::WARN, |c| c.log_level);
+    let configured = cfg.and_then(|c| c.log_level);
     let file = cfg.and_then(|c| c.log_file.as_ref()).and_then(|path| {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
@@ -31,10 +34,11 @@ pub fn init(cfg: Option<&PluginConfig>) {
             }
         }
     });
+    let level = configured.unwrap_or(DEFAULT_FILE_LOG_LEVEL);
     let stderr_level = if file.is_some() {
         level.min(LevelFilter::WARN)
     } else {
-        level
+        configured.unwrap_or(DEFAULT_STDERR_LOG_LEVEL)
     };
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)

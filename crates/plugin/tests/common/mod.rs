@@ -92,12 +92,11 @@ pub fn run_plugin(env: &[(&str, &str)], stdin: &[u8], netns: Option<&Path>) -> R
         }
     }
     let mut child = cmd.spawn().expect("spawn vpc-cni");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin)
-        .expect("write stdin");
+    // VERSION does not read stdin and may be gone before we write: a broken pipe is fine.
+    match child.stdin.take().unwrap().write_all(stdin) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => panic!("write stdin: {e}"),
+        _ => {}
+    }
     let out = child.wait_with_output().expect("wait vpc-cni");
     drop(ns_file);
     Run {
