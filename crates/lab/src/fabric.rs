@@ -1,1 +1,608 @@
-//! (to be written)
+//! The VPC fabric, derived from EC2 state ([`World`]) and re-applied whenever it changes.
+//!
+//! - `vpclab-fabric` holds one bridge per subnet whose address is the subnet's router (`.1`),
+//!   with `ip_forward=1` and br_netfilter disabled, and a link `up0` 203.0.113.1/24 to
+//!   `vpclab-internet` (203.0.113.10/24, routes the VPC CIDRs back via 203.0.113.1).
+//! - Every attached ENI is a veth: `eth<device index>` with the ENI's MAC in the instance's
+//!   namespace, its peer a port of the subnet's bridge. The primary ENI is configured like EC2's
+//!   DHCP would; secondary ENIs are left to the agent.
+//! - ARP: the fabric answers every request for an ENI address (primary and secondary) with the
+//!   owning ENI's MAC and each gateway with its bridge's MAC, and drops all other requests
+//!   (ebtables nat `arpreply`), so instances never see each other's requests; the router has
+//!   permanent neighbours for every ENI address.
+//! - Source/destination check: nft table `bridge vpclab` drops frames from an ENI port whose
+//!   IPv4 source is not one of the ENI's addresses, and frames to an ENI port whose destination
+//!   is not one of them, with counters.
+//! - Internet gateway: nft table `ip vpclab-igw` forwards to/from the internet only packets of
+//!   an instance's primary IP (an IGW has no mapping for any other address).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result, bail};
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+use crate::ns::{self, FABRIC, INTERNET};
+use crate::world::{Subnet, World};
+
+/// The router's side of the internet link.
+pub const IGW_ROUTER: &str = "203.0.113.1";
+/// The internet host.
+pub const INTERNET_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The router's interface towards the internet.
+const UPLINK: &str = "up0";
+/// MTU of every ENI, like EC2 in a VPC.
+const MTU: &str = "9001";
+/// The source/destination check table (bridge family) in the fabric namespace.
+pub const CHECK_TABLE: &str = "vpclab";
+/// The internet gateway table (ip family) in the fabric namespace.
+pub const IGW_TABLE: &str = "vpclab-igw";
+
+/// A short, stable tag for an instance, used in fabric port names (`i1`, `i2`, `vh`).
+fn short(instance: &str) -> String {
+    if let Some(rest) = instance.strip_prefix("instance") {
+        return format!("i{rest}");
+    }
+    let initials: String = instance
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter_map(|w| w.chars().next())
+        .collect();
+    if initials.len() >= 2 {
+        initials
+    } else {
+        instance.chars().take(6).collect()
+    }
+}
+
+/// The fabric-side name of the port of `instance`'s ENI at `device` (`i1e0`).
+pub fn port_name(instance: &str, device: u32) -> String {
+    let mut n = format!("{}e{device}", short(instance));
+    n.truncate(15);
+    n
+}
+
+/// The bridge of a subnet (`br-<subnet id without prefix>`, at most 15 characters).
+pub fn bridge_name(subnet: &Subnet) -> String {
+    let id = subnet.id.strip_prefix("subnet-").unwrap_or(&subnet.id);
+    let mut n = format!("br-{id}");
+    n.truncate(15);
+    n
+}
+
+/// A fixed MAC for a subnet's bridge (a bridge's MAC would otherwise follow its ports).
+fn bridge_mac(subnet: &Subnet) -> String {
+    let o = subnet.cidr.network().octets();
+    format!("02:fa:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
+/// One ENI port as the fabric sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Port {
+    pub instance: String,
+    pub eni_id: String,
+    pub device: u32,
+    pub mac: String,
+    pub port: String,
+    pub bridge: String,
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub primary: Ipv4Addr,
+    /// Primary, secondaries and every address of every delegated prefix.
+    pub addrs: Vec<Ipv4Addr>,
+}
+
+/// Everything the fabric derives from EC2 state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// (bridge name, gateway/prefix, bridge MAC)
+    pub bridges: Vec<(String, Ipv4Net, String)>,
+    pub ports: Vec<Port>,
+    /// Primary IP of every instance (its device-0 ENI): the addresses the IGW maps.
+    pub primaries: Vec<Ipv4Addr>,
+    pub vpc_cidrs: Vec<Ipv4Net>,
+}
+
+impl Plan {
+    pub fn from_world(world: &World) -> Result<Plan> {
+        let mut bridges = Vec::new();
+        for s in &world.subnets {
+            let gw = s.gateway();
+            let net = Ipv4Net::new(gw, s.cidr.prefix_len())?;
+            bridges.push((bridge_name(s), net, bridge_mac(s)));
+        }
+        let mut ports = Vec::new();
+        let mut primaries = Vec::new();
+        for inst in &world.instances {
+            for eni in &inst.enis {
+                let subnet = world.subnet(&eni.subnet_id).with_context(|| {
+                    format!(
+                        "ENI {} of {} is in subnet {}, which is not in VPC {}",
+                        eni.id, inst.name, eni.subnet_id, world.vpc_id
+                    )
+                })?;
+                let mut addrs = vec![eni.primary_ip];
+                addrs.extend(eni.secondary_ips.iter().copied());
+                for p in &eni.prefixes {
+                    addrs.extend(p.hosts());
+                    addrs.push(p.network());
+                    addrs.push(p.broadcast());
+                }
+                addrs.sort();
+                addrs.dedup();
+                if eni.device_index == 0 {
+                    primaries.push(eni.primary_ip);
+                }
+                ports.push(Port {
+                    instance: inst.name.clone(),
+                    eni_id: eni.id.clone(),
+                    device: eni.device_index,
+                    mac: eni.mac.to_lowercase(),
+                    port: port_name(&inst.name, eni.device_index),
+                    bridge: bridge_name(subnet),
+                    subnet: subnet.cidr,
+                    gateway: subnet.gateway(),
+                    primary: eni.primary_ip,
+                    addrs,
+                });
+            }
+        }
+        primaries.sort();
+        Ok(Plan {
+            bridges,
+            ports,
+            primaries,
+            vpc_cidrs: world.vpc_cidrs.clone(),
+        })
+    }
+
+    /// The `ebtables-restore` input of the fabric's ARP responder.
+    pub fn ebtables(&self) -> String {
+        let mut s = String::from("*nat\n:PREROUTING ACCEPT\n:OUTPUT ACCEPT\n:POSTROUTING ACCEPT\n");
+        for (_, gw, mac) in &self.bridges {
+            let _ = writeln!(
+                s,
+                "-A PREROUTING -p ARP --arp-op Request --arp-ip-dst {} -j arpreply --arpreply-mac {mac}",
+                gw.addr()
+            );
+        }
+        for p in &self.ports {
+            for a in &p.addrs {
+                let _ = writeln!(
+                    s,
+                    "-A PREROUTING -p ARP --arp-op Request --arp-ip-dst {a} -j arpreply --arpreply-mac {}",
+                    p.mac
+                );
+            }
+        }
+        // Instances never see each other's ARP requests, nor the router's.
+        s.push_str("-A PREROUTING -p ARP --arp-op Request -j DROP\n");
+        s.push_str("-A OUTPUT -p ARP --arp-op Request -j DROP\n");
+        s.push_str("COMMIT\n");
+        s
+    }
+
+    /// The nft script (one atomic transaction) of the src/dst check and the internet gateway.
+    pub fn nft(&self) -> String {
+        let set = |v: &[Ipv4Addr]| {
+            let items: Vec<String> = v.iter().map(|a| a.to_string()).collect();
+            format!("{{ {} }}", items.join(", "))
+        };
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "table bridge {CHECK_TABLE}\ndelete table bridge {CHECK_TABLE}"
+        );
+        let _ = writeln!(s, "table bridge {CHECK_TABLE} {{");
+        let _ = writeln!(
+            s,
+            "  chain srccheck {{\n    type filter hook prerouting priority 0; policy accept;"
+        );
+        for p in &self.ports {
+            let _ = writeln!(
+                s,
+                "    iifname \"{}\" ip saddr != {} counter drop comment \"src-check {} {} eth{}\"",
+                p.port,
+                set(&p.addrs),
+                p.eni_id,
+                p.instance,
+                p.device
+            );
+        }
+        let _ = writeln!(s, "  }}");
+        for (chain, hook) in [("dstcheck", "forward"), ("dstcheck_local", "output")] {
+            let _ = writeln!(
+                s,
+                "  chain {chain} {{\n    type filter hook {hook} priority 0; policy accept;"
+            );
+            for p in &self.ports {
+                let _ = writeln!(
+                    s,
+                    "    oifname \"{}\" ip daddr != {} counter drop comment \"dst-check {} {} eth{}\"",
+                    p.port,
+                    set(&p.addrs),
+                    p.eni_id,
+                    p.instance,
+                    p.device
+                );
+            }
+            let _ = writeln!(s, "  }}");
+        }
+        let _ = writeln!(s, "}}");
+        let _ = writeln!(s, "table ip {IGW_TABLE}\ndelete table ip {IGW_TABLE}");
+        let _ = writeln!(s, "table ip {IGW_TABLE} {{");
+        let _ = writeln!(
+            s,
+            "  chain forward {{\n    type filter hook forward priority 0; policy accept;"
+        );
+        if self.primaries.is_empty() {
+            let _ = writeln!(
+                s,
+                "    oifname \"{UPLINK}\" counter drop comment \"igw: no mapping\""
+            );
+            let _ = writeln!(
+                s,
+                "    iifname \"{UPLINK}\" counter drop comment \"igw: no mapping\""
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "    oifname \"{UPLINK}\" ip saddr != {} counter drop comment \"igw: no mapping for source\"",
+                set(&self.primaries)
+            );
+            let _ = writeln!(
+                s,
+                "    iifname \"{UPLINK}\" ip daddr != {} counter drop comment \"igw: no mapping for destination\"",
+                set(&self.primaries)
+            );
+        }
+        let _ = writeln!(s, "  }}\n}}");
+        s
+    }
+
+    /// Desired permanent neighbours of the router, per bridge.
+    fn neighbours(&self) -> BTreeMap<String, BTreeMap<Ipv4Addr, String>> {
+        let mut m: BTreeMap<String, BTreeMap<Ipv4Addr, String>> = BTreeMap::new();
+        for (b, _, _) in &self.bridges {
+            m.entry(b.clone()).or_default();
+        }
+        for p in &self.ports {
+            let e = m.entry(p.bridge.clone()).or_default();
+            for a in &p.addrs {
+                e.insert(*a, p.mac.clone());
+            }
+        }
+        m
+    }
+}
+
+/// What was last applied, so unchanged parts are not rebuilt (rebuilding resets counters).
+#[derive(Debug, Default)]
+pub struct Applied {
+    ebtables: String,
+    nft: String,
+}
+
+/// Creates the namespaces and the parts of the fabric that do not depend on ENIs.
+pub fn create_base(world: &World) -> Result<()> {
+    ns::add(FABRIC)?;
+    ns::add(INTERNET)?;
+    ns::sysctl(FABRIC, "net.ipv4.ip_forward", "1")?;
+    if !link_exists(FABRIC, UPLINK)? {
+        ns::run(
+            FABRIC,
+            &[
+                "ip", "link", "add", UPLINK, "mtu", MTU, "type", "veth", "peer", "name", "eth0",
+                "netns", INTERNET, "mtu", MTU,
+            ],
+        )?;
+        ns::run(
+            FABRIC,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{IGW_ROUTER}/24"),
+                "dev",
+                UPLINK,
+            ],
+        )?;
+        ns::run(FABRIC, &["ip", "link", "set", UPLINK, "up"])?;
+        ns::run(
+            INTERNET,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{INTERNET_HOST}/24"),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        ns::run(INTERNET, &["ip", "link", "set", "eth0", "up"])?;
+    }
+    for cidr in &world.vpc_cidrs {
+        ns::run(
+            INTERNET,
+            &[
+                "ip",
+                "route",
+                "replace",
+                &cidr.to_string(),
+                "via",
+                IGW_ROUTER,
+            ],
+        )?;
+    }
+    for inst in &world.instances {
+        create_instance_ns(&inst.name, inst.node)?;
+    }
+    Ok(())
+}
+
+/// Creates an instance's namespace with AMI-like defaults.
+fn create_instance_ns(instance: &str, node: bool) -> Result<()> {
+    let n = ns::instance_ns(instance);
+    if ns::exists(&n) {
+        return Ok(());
+    }
+    ns::add(&n)?;
+    if node {
+        // Like an Amazon Linux AMI: strict reverse-path filtering.
+        ns::sysctl(&n, "net.ipv4.conf.all.rp_filter", "1")?;
+        ns::sysctl(&n, "net.ipv4.conf.default.rp_filter", "1")?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+struct LinkJson {
+    ifname: String,
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(default)]
+    master: Option<String>,
+}
+
+fn links(ns_name: &str) -> Result<Vec<LinkJson>> {
+    let out = ns::run(ns_name, &["ip", "-j", "link", "show"])?;
+    serde_json::from_str(&out).with_context(|| format!("parsing `ip -j link show` in {ns_name}"))
+}
+
+fn link_exists(ns_name: &str, name: &str) -> Result<bool> {
+    Ok(links(ns_name)?.iter().any(|l| l.ifname == name))
+}
+
+/// Brings the fabric and every instance's interfaces in line with `plan`.
+pub fn apply(world: &World, applied: &mut Applied) -> Result<()> {
+    let plan = Plan::from_world(world)?;
+    for inst in &world.instances {
+        create_instance_ns(&inst.name, inst.node)?;
+    }
+    // Bridges.
+    let fabric_links = links(FABRIC)?;
+    for (b, gw, mac) in &plan.bridges {
+        if !fabric_links.iter().any(|l| &l.ifname == b) {
+            ns::run(
+                FABRIC,
+                &["ip", "link", "add", b, "address", mac, "type", "bridge"],
+            )?;
+            ns::run(FABRIC, &["ip", "addr", "add", &gw.to_string(), "dev", b])?;
+            ns::run(FABRIC, &["ip", "link", "set", b, "up"])?;
+        }
+    }
+    for k in [
+        "net.bridge.bridge-nf-call-iptables",
+        "net.bridge.bridge-nf-call-ip6tables",
+        "net.bridge.bridge-nf-call-arptables",
+    ] {
+        ns::sysctl(FABRIC, k, "0")?;
+    }
+    // ENI veths, instance by instance.
+    for inst in &world.instances {
+        let ins = ns::instance_ns(&inst.name);
+        let have = links(&ins)?;
+        let want: Vec<&Port> = plan
+            .ports
+            .iter()
+            .filter(|p| p.instance == inst.name)
+            .collect();
+        for l in &have {
+            let Some(dev) = l
+                .ifname
+                .strip_prefix("eth")
+                .and_then(|d| d.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let keep = want.iter().any(|p| {
+                p.device == dev
+                    && l.address.as_deref().map(str::to_lowercase) == Some(p.mac.clone())
+            });
+            if !keep {
+                tracing::info!(instance = %inst.name, ifname = %l.ifname, "ENI detached: removing interface");
+                ns::run(&ins, &["ip", "link", "del", &l.ifname])?;
+            }
+        }
+        let have = links(&ins)?;
+        for p in want {
+            let ifname = format!("eth{}", p.device);
+            if have.iter().any(|l| l.ifname == ifname) {
+                continue;
+            }
+            tracing::info!(instance = %inst.name, %ifname, eni = %p.eni_id, mac = %p.mac, "ENI attached: adding interface");
+            if link_exists(FABRIC, &p.port)? {
+                ns::run(FABRIC, &["ip", "link", "del", &p.port])?;
+            }
+            // Created from the fabric namespace: neither end ever exists in the root namespace.
+            ns::run(
+                FABRIC,
+                &[
+                    "ip", "link", "add", &ifname, "netns", &ins, "address", &p.mac, "mtu", MTU,
+                    "type", "veth", "peer", "name", &p.port, "mtu", MTU,
+                ],
+            )?;
+            ns::run(
+                FABRIC,
+                &["ip", "link", "set", &p.port, "master", &p.bridge, "up"],
+            )?;
+            if p.device == 0 {
+                // What EC2's DHCP gives the primary ENI.
+                let addr = Ipv4Net::new(p.primary, p.subnet.prefix_len())?;
+                ns::run(
+                    &ins,
+                    &["ip", "addr", "add", &addr.to_string(), "dev", &ifname],
+                )?;
+                ns::run(&ins, &["ip", "link", "set", &ifname, "up"])?;
+                ns::run(
+                    &ins,
+                    &[
+                        "ip",
+                        "route",
+                        "replace",
+                        "default",
+                        "via",
+                        &p.gateway.to_string(),
+                        "dev",
+                        &ifname,
+                    ],
+                )?;
+            }
+        }
+    }
+    // Ports left over from instances that no longer exist.
+    for l in links(FABRIC)? {
+        if l.master.is_some()
+            && !plan.ports.iter().any(|p| p.port == l.ifname)
+            && !plan.bridges.iter().any(|(b, _, _)| b == &l.ifname)
+        {
+            tracing::info!(port = %l.ifname, "removing stale fabric port");
+            ns::run(FABRIC, &["ip", "link", "del", &l.ifname])?;
+        }
+    }
+    // Router neighbours.
+    let mut batch = String::new();
+    for (bridge, want) in plan.neighbours() {
+        let out = ns::run(
+            FABRIC,
+            &[
+                "ip",
+                "-j",
+                "neigh",
+                "show",
+                "dev",
+                &bridge,
+                "nud",
+                "permanent",
+            ],
+        )?;
+        #[derive(Deserialize)]
+        struct N {
+            dst: String,
+        }
+        let have: Vec<N> = serde_json::from_str(&out).unwrap_or_default();
+        let have: BTreeSet<String> = have.into_iter().map(|n| n.dst).collect();
+        for d in &have {
+            if !d.parse::<Ipv4Addr>().is_ok_and(|a| want.contains_key(&a)) {
+                let _ = writeln!(batch, "neigh del {d} dev {bridge}");
+            }
+        }
+        for (a, mac) in &want {
+            let _ = writeln!(
+                batch,
+                "neigh replace {a} lladdr {mac} dev {bridge} nud permanent"
+            );
+        }
+    }
+    if !batch.is_empty() {
+        ns::run_stdin(FABRIC, &["ip", "-batch", "-"], Some(&batch))?;
+    }
+    // ARP responder.
+    let eb = plan.ebtables();
+    if eb != applied.ebtables {
+        ns::run_stdin(FABRIC, &["ebtables-restore"], Some(&eb))
+            .context("loading the fabric's ARP responder (ebtables nat arpreply)")?;
+        applied.ebtables = eb;
+    }
+    // Source/destination check and internet gateway.
+    let nft = plan.nft();
+    if nft != applied.nft {
+        ns::run_stdin(FABRIC, &["nft", "-f", "-"], Some(&nft))
+            .context("loading the fabric's source/destination check (nft)")?;
+        applied.nft = nft;
+    }
+    for cidr in &plan.vpc_cidrs {
+        ns::run(
+            INTERNET,
+            &[
+                "ip",
+                "route",
+                "replace",
+                &cidr.to_string(),
+                "via",
+                IGW_ROUTER,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Sum of the packets dropped by the source check (optionally only on one ENI port).
+pub fn src_check_drops(port: Option<&str>) -> Result<u64> {
+    counter_sum("bridge", CHECK_TABLE, "srccheck", port)
+}
+
+/// Packets the internet gateway dropped (no mapping).
+pub fn igw_drops() -> Result<u64> {
+    counter_sum("ip", IGW_TABLE, "forward", None)
+}
+
+fn counter_sum(family: &str, table: &str, chain: &str, port: Option<&str>) -> Result<u64> {
+    let out = ns::run(
+        FABRIC,
+        &["nft", "-j", "list", "chain", family, table, chain],
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let mut sum = 0;
+    let Some(items) = v.get("nftables").and_then(|x| x.as_array()) else {
+        bail!("unexpected `nft -j` output: {out}");
+    };
+    for it in items {
+        let Some(rule) = it.get("rule") else { continue };
+        if let Some(port) = port {
+            let text = rule.to_string();
+            if !text.contains(&format!("\"{port}\"")) {
+                continue;
+            }
+        }
+        for e in rule
+            .get("expr")
+            .and_then(|x| x.as_array())
+            .into_iter()
+            .flatten()
+        {
+            if let Some(p) = e
+                .get("counter")
+                .and_then(|c| c.get("packets"))
+                .and_then(|p| p.as_u64())
+            {
+                sum += p;
+            }
+        }
+    }
+    Ok(sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_names_are_short_and_stable() {
+        assert_eq!(port_name("instance1", 0), "i1e0");
+        assert_eq!(port_name("instance2", 3), "i2e3");
+        assert_eq!(port_name("vpc-host", 0), "vhe0");
+        assert!(port_name("a-very-long-instance-name-here", 12).len() <= 15);
+    }
+}
