@@ -188,6 +188,7 @@ impl State {
         if let Some(a) = self.pool.lookup(&key) {
             return Response::Added {
                 allocation: self.allocation(&a),
+                existing: true,
             };
         }
         if let Some(rec) = self.orphans.get(&key) {
@@ -225,6 +226,7 @@ impl State {
         info!(%key, pod = %format!("{}/{}", pod.namespace, pod.name), ip = %a.ip, eni = %a.eni.id, "assigned");
         Response::Added {
             allocation: self.allocation(&a),
+            existing: false,
         }
     }
 
@@ -339,7 +341,7 @@ mod tests {
 
     fn ip_of(r: &Response) -> Ipv4Addr {
         match r {
-            Response::Added { allocation } | Response::Checked { allocation } => allocation.ip,
+            Response::Added { allocation, .. } | Response::Checked { allocation } => allocation.ip,
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -349,12 +351,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = state(&dir);
         let r = s.handle(add("a"));
-        let Response::Added { allocation } = &r else {
+        let Response::Added {
+            allocation,
+            existing: false,
+        } = &r
+        else {
             panic!("{r:?}")
         };
         assert_eq!(allocation.route_table, 2);
         assert!(allocation.needs_from_rule());
-        assert_eq!(ip_of(&s.handle(add("a"))), allocation.ip);
+        let again = s.handle(add("a"));
+        assert_eq!(ip_of(&again), allocation.ip);
+        assert!(matches!(again, Response::Added { existing: true, .. }));
     }
 
     #[test]

@@ -138,8 +138,11 @@ pub fn add(ctx: &Ctx) -> Result<Value, PluginError> {
         pod,
         netns: netns.to_string_lossy().into_owned(),
     };
-    let alloc = match ctx.agent(&req, ADD_TIMEOUT)? {
-        Response::Added { allocation } => allocation,
+    let (alloc, existing) = match ctx.agent(&req, ADD_TIMEOUT)? {
+        Response::Added {
+            allocation,
+            existing,
+        } => (allocation, existing),
         Response::Error { code, message } => {
             return Err(PluginError::AgentRefused { code, message });
         }
@@ -163,6 +166,17 @@ pub fn add(ctx: &Ctx) -> Result<Value, PluginError> {
     };
     let links = match ctx.backend.setup_pod(&spec) {
         Ok(links) => links,
+        Err(reason) if existing => {
+            // A repeated ADD for an attachment that already holds this address (the spec
+            // forbids it, but a runtime may do it): the address may be in use by the first
+            // ADD's interface, so it must not be released here. The runtime's DEL releases it.
+            warn!(%key, ip = %alloc.ip, %reason, "pod setup failed on a repeated ADD; the address stays assigned");
+            return Err(PluginError::Setup {
+                ip: alloc.ip,
+                reason,
+                release: Release::Kept,
+            });
+        }
         Err(reason) => {
             // setup_pod removes whatever it created before failing; give the address back.
             warn!(%key, ip = %alloc.ip, %reason, "pod setup failed; releasing the address");

@@ -80,6 +80,8 @@ pub enum PluginError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Release {
     Released,
+    /// Not released: the attachment held the address before this ADD.
+    Kept,
     Failed(String),
 }
 
@@ -160,6 +162,9 @@ impl PluginError {
                 format!("failed to set up the pod network for {ip}"),
                 match release {
                     Release::Released => format!("{reason}; the address {ip} was released"),
+                    Release::Kept => format!(
+                        "{reason}; the attachment already held {ip} before this ADD, so it stays assigned until DEL"
+                    ),
                     Release::Failed(e) => {
                         format!("{reason}; releasing the address {ip} also failed: {e}")
                     }

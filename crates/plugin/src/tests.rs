@@ -198,6 +198,7 @@ fn add_wires_the_pod_and_reports_it_in_every_version() {
     for v in cni::SUPPORTED_VERSIONS {
         let fake = Fake::new().answer(Response::Added {
             allocation: alloc(POD_IP, 3),
+            existing: false,
         });
         let out = run(vars("ADD"), &conf(v, json!({"mtu": 1500})), &fake)
             .unwrap()
@@ -257,6 +258,7 @@ fn add_wires_the_pod_and_reports_it_in_every_version() {
 fn add_without_k8s_args_names_the_veth_after_container_and_ifname() {
     let fake = Fake::new().answer(Response::Added {
         allocation: alloc(POD_IP, 254),
+        existing: false,
     });
     let mut vars = vars("ADD");
     vars.retain(|(k, _)| k != "CNI_ARGS");
@@ -273,6 +275,7 @@ fn second_interface_of_a_pod_gets_its_own_veth() {
     v[3].1 = "eth1".into();
     let fake = Fake::new().answer(Response::Added {
         allocation: alloc(POD_IP, 254),
+        existing: false,
     });
     run(v, &conf("1.0.0", json!({})), &fake).unwrap();
     assert_ne!(
@@ -291,6 +294,7 @@ fn add_chained_keeps_prev_result_and_appends() {
     });
     let fake = Fake::new().answer(Response::Added {
         allocation: alloc(POD_IP, 254),
+        existing: false,
     });
     let out = run(
         vars("ADD"),
@@ -356,6 +360,7 @@ fn add_setup_failure_releases_the_address() {
     let mut fake = Fake::new()
         .answer(Response::Added {
             allocation: alloc(POD_IP, 254),
+            existing: false,
         })
         .answer(Response::Deleted {
             released: Some(alloc(POD_IP, 254)),
@@ -373,6 +378,7 @@ fn add_setup_failure_releases_the_address() {
     // and when the release fails too, both are reported
     let mut fake = Fake::new().answer(Response::Added {
         allocation: alloc(POD_IP, 254),
+        existing: false,
     });
     fake.setup_error = Some("boom".into());
     let e = run(vars("ADD"), &conf("1.0.0", json!({})), &fake)
@@ -383,6 +389,24 @@ fn add_setup_failure_releases_the_address() {
             .contains("releasing the address 10.99.0.7 also failed"),
         "{e}"
     );
+}
+
+#[test]
+fn repeated_add_failure_keeps_the_address() {
+    // The attachment already held the address (a second ADD without DEL): the failure must not
+    // release an address the first ADD's interface may be using.
+    let mut fake = Fake::new().answer(Response::Added {
+        allocation: alloc(POD_IP, 254),
+        existing: true,
+    });
+    fake.setup_error =
+        Some("interface eth0 already exists in network namespace /run/netns/pod1".into());
+    let e = run(vars("ADD"), &conf("1.0.0", json!({})), &fake)
+        .unwrap_err()
+        .to_cni();
+    assert_eq!(e.code, 100);
+    assert!(e.details.contains("stays assigned"), "{e}");
+    assert_eq!(fake.requests.borrow().len(), 1, "no DEL sent to the agent");
 }
 
 #[test]

@@ -121,19 +121,36 @@ pub struct StatusReply {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Added { allocation: Allocation },
+    /// `existing` is true when the attachment already held this address before the request
+    /// (a repeated ADD): a failed ADD must then not release it.
+    Added {
+        allocation: Allocation,
+        #[serde(default)]
+        existing: bool,
+    },
     /// `released` is the address that was freed, if the attachment was known.
-    Deleted { released: Option<Allocation> },
-    Checked { allocation: Allocation },
+    Deleted {
+        released: Option<Allocation>,
+    },
+    Checked {
+        allocation: Allocation,
+    },
     Status(StatusReply),
-    Collected { released: Vec<(AttachmentKey, Ipv4Addr)> },
+    Collected {
+        released: Vec<(AttachmentKey, Ipv4Addr)>,
+    },
     /// `code` uses the CNI spec's error codes (e.g. 3 unknown container, 11 try again later).
-    Error { code: u32, message: String },
+    Error {
+        code: u32,
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {
-    #[error("cannot connect to the vpc-cni agent at {path}: {source} (is vpc-cni-agent running on this node?)")]
+    #[error(
+        "cannot connect to the vpc-cni agent at {path}: {source} (is vpc-cni-agent running on this node?)"
+    )]
     Connect {
         path: String,
         #[source]

@@ -223,6 +223,7 @@ impl Pool {
                 if let Some(a) = self.assigned.get(&key) {
                     return Response::Added {
                         allocation: a.clone(),
+                        existing: true,
                     };
                 }
                 let Some(ip) = self.free.pop_first() else {
@@ -233,7 +234,10 @@ impl Pool {
                 };
                 let a = self.allocation(ip);
                 self.assigned.insert(key, a.clone());
-                Response::Added { allocation: a }
+                Response::Added {
+                    allocation: a,
+                    existing: false,
+                }
             }
             Request::Del { key } => {
                 let released = self.assigned.remove(&key);
