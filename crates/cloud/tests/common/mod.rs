@@ -1,4 +1,8 @@
-//! moto_server on a free loopback port for the life of a test, stopped by PID on drop.
+//! Test helpers: moto_server on a free loopback port for the life of a test (stopped by PID on
+//! drop) and a table-driven IMDSv2 fake.
+#![allow(dead_code)]
+
+pub mod fake_imds;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
