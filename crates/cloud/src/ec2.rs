@@ -505,7 +505,7 @@ impl Ec2 {
     }
 
     /// DescribeInstanceTypes for one type: its ENI and per-ENI IPv4 limits.
-    pub async fn describe_instance_type(
+    pub async fn describe_instance_types(
         &self,
         instance_type: &str,
     ) -> Result<InstanceTypeLimits, CloudError> {

@@ -117,9 +117,12 @@ async fn provisioning_flow_against_moto() {
         .unwrap();
     assert_eq!(in_vpc.len(), 1);
 
-    let limits = ec2.describe_instance_type("m5.large").await.unwrap();
+    let limits = ec2.describe_instance_types("m5.large").await.unwrap();
     assert_eq!((limits.max_enis, limits.ipv4_per_eni), (3, 10));
-    let err = ec2.describe_instance_type("m5.nonsense").await.unwrap_err();
+    let err = ec2
+        .describe_instance_types("m5.nonsense")
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("DescribeInstanceTypes"), "{err}");
     assert!(
         err.code().is_some(),
