@@ -16,6 +16,8 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+pub mod planner;
+
 /// One ENI as the pool sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EniInfo {
@@ -55,6 +57,17 @@ pub struct Assignment {
     pub since_ms: u64,
 }
 
+/// One ENI's counts at one instant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EniUsage {
+    pub info: EniInfo,
+    pub total: usize,
+    pub assigned: usize,
+    pub cooling: usize,
+    /// Free and out of cooldown.
+    pub available: Vec<Ipv4Addr>,
+}
+
 /// Counts at one instant.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
@@ -86,6 +99,8 @@ pub enum PoolError {
     DuplicateEni(String),
     #[error("ENI {0} is not in the pool")]
     UnknownEni(String),
+    #[error("{what} is in use")]
+    Busy { what: String },
     #[error("address {ip} is already in the pool on ENI {eni}")]
     DuplicateIp { ip: Ipv4Addr, eni: String },
 }
@@ -309,6 +324,104 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
 
     pub fn enis(&self) -> Vec<EniInfo> {
         self.enis.values().map(|e| e.info.clone()).collect()
+    }
+
+    /// Per-ENI counts, in device-number order.
+    pub fn usage(&self, now_ms: u64) -> Vec<EniUsage> {
+        let mut out: Vec<EniUsage> = self
+            .enis
+            .values()
+            .map(|e| {
+                let mut u = EniUsage {
+                    info: e.info.clone(),
+                    total: e.ips.len(),
+                    assigned: 0,
+                    cooling: 0,
+                    available: Vec::new(),
+                };
+                for (ip, slot) in &e.ips {
+                    match slot {
+                        Slot::Assigned { .. } => u.assigned += 1,
+                        _ if self.is_available(slot, now_ms) => u.available.push(*ip),
+                        _ => u.cooling += 1,
+                    }
+                }
+                u
+            })
+            .collect();
+        out.sort_by_key(|u| u.info.device_number);
+        out
+    }
+
+    /// Removes addresses that are free and out of cooldown (given back to EC2). Refuses, and
+    /// changes nothing, if any of them is assigned, cooling down or unknown.
+    pub fn remove_ips(
+        &mut self,
+        eni_id: &str,
+        ips: &[Ipv4Addr],
+        now_ms: u64,
+    ) -> Result<(), PoolError> {
+        let eni = self
+            .enis
+            .get(eni_id)
+            .ok_or_else(|| PoolError::UnknownEni(eni_id.to_string()))?;
+        for ip in ips {
+            match eni.ips.get(ip) {
+                None => return Err(PoolError::UnknownIp { ip: *ip }),
+                Some(slot) if !self.is_available(slot, now_ms) => {
+                    return Err(PoolError::Busy {
+                        what: format!("address {ip}"),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        let eni = self.enis.get_mut(eni_id).expect("checked above");
+        for ip in ips {
+            eni.ips.remove(ip);
+        }
+        Ok(())
+    }
+
+    /// Removes an ENI that holds no assigned address; its free addresses go with it.
+    pub fn remove_eni(&mut self, eni_id: &str) -> Result<EniInfo, PoolError> {
+        let eni = self
+            .enis
+            .get(eni_id)
+            .ok_or_else(|| PoolError::UnknownEni(eni_id.to_string()))?;
+        if eni.assigned() > 0 {
+            return Err(PoolError::Busy {
+                what: format!("ENI {eni_id} ({} pods)", eni.assigned()),
+            });
+        }
+        Ok(self.enis.remove(eni_id).expect("checked above").info)
+    }
+
+    /// Forgets an address that EC2 says is gone, whoever held it. Returns the key that held
+    /// it, if any (the caller must tell that pod's owner).
+    pub fn forget_ip(&mut self, ip: Ipv4Addr) -> Option<K> {
+        for eni in self.enis.values_mut() {
+            if let Some(slot) = eni.ips.remove(&ip) {
+                if let Slot::Assigned { key, .. } = slot {
+                    self.by_key.remove(&key);
+                    return Some(key);
+                }
+                return None;
+            }
+        }
+        None
+    }
+
+    pub fn has_eni(&self, eni_id: &str) -> bool {
+        self.enis.contains_key(eni_id)
+    }
+
+    /// The secondary addresses the pool holds on `eni_id` (any state).
+    pub fn ips_of(&self, eni_id: &str) -> Vec<Ipv4Addr> {
+        self.enis
+            .get(eni_id)
+            .map(|e| e.ips.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     pub fn stats(&self, now_ms: u64) -> Stats {
