@@ -1,5 +1,16 @@
 //! vpc-cni's only door to AWS: EC2 through the AWS SDK for Rust and IMDSv2 through
 //! `aws_config::imds`, exposed with domain types (no SDK types in the public API).
+//!
+//! - [`Ec2`]: one SDK client (`Ec2::from_env` = the standard chain: `AWS_REGION`, credentials,
+//!   `AWS_ENDPOINT_URL_EC2`; `Ec2::for_endpoint` for an emulator). Errors name the EC2 operation
+//!   and the AWS error code ([`CloudError::code`], [`CloudError::is_throttling`]).
+//! - [`ImdsMetadata`]: IMDSv2 via the SDK client (`AWS_EC2_METADATA_SERVICE_ENDPOINT`), read
+//!   into [`InstanceMetadata`] behind the [`Metadata`] trait.
+//!
+//! Emulator (moto 5.2.5) notes, checked by `tests/moto_ec2.rs`: AssignPrivateIpAddresses
+//! answers with every address of the ENI, so [`Ec2::assign_private_ip_addresses`] diffs the
+//! answer against a describe taken just before; moto does not reflect DeleteOnTermination, does
+//! not emulate prefix delegation, and enforces no ENI/IP limits.
 
 mod ec2;
 mod error;
