@@ -497,6 +497,7 @@ pub fn exec_target(target: &str) -> Result<String> {
     match target {
         "internet" => return Ok(ns::INTERNET.to_string()),
         "fabric" => return Ok(ns::FABRIC.to_string()),
+        t if t.starts_with(ns::PREFIX) && ns::exists(t) => return Ok(t.to_string()),
         _ => {}
     }
     if target.contains('/') {
@@ -507,7 +508,7 @@ pub fn exec_target(target: &str) -> Result<String> {
         return Ok(n);
     }
     bail!(
-        "unknown exec target {target:?}: use an instance (instance1, instance2, vpc-host), internet, fabric, or a pod <ns>/<name> or <instance>:<ns>/<name>"
+        "unknown exec target {target:?}: use an instance (instance1, instance2, vpc-host), internet, fabric, a pod <ns>/<name> or <instance>:<ns>/<name>, or a vpclab-* namespace"
     )
 }
 
