@@ -220,6 +220,16 @@ fn tags_of(tags: &[Tag]) -> Tags {
         .collect()
 }
 
+/// Per-attempt and whole-operation timeouts (the reference uses a 10 s HTTP timeout), so a
+/// hung endpoint fails a call instead of blocking its caller forever.
+fn timeouts() -> aws_sdk_ec2::config::timeout::TimeoutConfig {
+    aws_sdk_ec2::config::timeout::TimeoutConfig::builder()
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .operation_attempt_timeout(std::time::Duration::from_secs(10))
+        .operation_timeout(std::time::Duration::from_secs(40))
+        .build()
+}
+
 /// The EC2 client. Cheap to clone (the SDK client is reference-counted).
 #[derive(Clone, Debug)]
 pub struct Ec2 {
@@ -236,8 +246,11 @@ impl Ec2 {
             .await;
         let region = conf.region().ok_or(CloudError::NoRegion)?.to_string();
         tracing::debug!(%region, endpoint = ?conf.endpoint_url(), "EC2 client configured from environment");
+        let conf = aws_sdk_ec2::config::Builder::from(&conf)
+            .timeout_config(timeouts())
+            .build();
         Ok(Ec2 {
-            client: aws_sdk_ec2::Client::new(&conf),
+            client: aws_sdk_ec2::Client::from_conf(conf),
             region,
         })
     }
@@ -252,6 +265,7 @@ impl Ec2 {
             .region(aws_sdk_ec2::config::Region::new(region.to_owned()))
             .endpoint_url(endpoint)
             .credentials_provider(creds)
+            .timeout_config(timeouts())
             .build();
         Ec2 {
             client: aws_sdk_ec2::Client::from_conf(conf),
