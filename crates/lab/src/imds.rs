@@ -470,4 +470,61 @@ mod tests {
         }
         assert_eq!(got.primary_eni().unwrap().device_number, 0);
     }
+    /// End to end: seed provisioned in moto → World::load → this server → the SDK's IMDS
+    /// client: what the agent reads equals what EC2 says.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn imds_of_the_provisioned_seed_matches_ec2() {
+        use cloud::Metadata;
+        let Some(moto) = crate::provision::testmoto::Moto::start() else {
+            return;
+        };
+        let ec2 = cloud::Ec2::for_endpoint(&moto.endpoint(), "us-west-2");
+        let vpc = crate::provision::provision_seed(&ec2).await.unwrap();
+        let world = World::load(&ec2, &vpc).await.unwrap();
+        let i1 = world.instance("instance1").unwrap().id.clone();
+        let (_tx, rx) = watch::channel(world);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server =
+            tokio::spawn(async move { axum::serve(listener, router(rx, i1.clone())).await });
+
+        let md = cloud::ImdsMetadata::with_endpoint(&format!("http://{addr}"))
+            .unwrap()
+            .instance()
+            .await
+            .unwrap();
+        server.abort();
+
+        assert_eq!(
+            md.local_ipv4,
+            "172.31.15.228".parse::<std::net::Ipv4Addr>().unwrap()
+        );
+        assert_eq!(md.region, "us-west-2");
+        assert_eq!(md.instance_type, "m5.large");
+        let enis = ec2
+            .describe_network_interfaces(&[], &[cloud::Filter::attached_to(&md.instance_id)])
+            .await
+            .unwrap();
+        assert_eq!(md.enis.len(), 2);
+        assert_eq!(enis.len(), 2);
+        for m in &md.enis {
+            let e = enis
+                .iter()
+                .find(|e| e.id == m.interface_id)
+                .expect("IMDS ENI exists in EC2");
+            assert_eq!(m.mac, e.mac);
+            assert_eq!(
+                Some(m.device_number),
+                e.attachment.as_ref().map(|a| a.device_index)
+            );
+            assert_eq!(m.primary_ip, e.primary_ip);
+            assert_eq!(m.secondary_ips, e.secondary_ips);
+            assert_eq!(m.subnet_id, e.subnet_id);
+            assert_eq!(m.vpc_id, vpc);
+            assert_eq!(m.subnet_cidr.to_string(), "172.31.0.0/20");
+            assert_eq!(m.security_groups, e.security_groups);
+        }
+        assert_eq!(md.enis[1].primary_ip.to_string(), "172.31.3.173");
+        assert_eq!(md.primary_mac, md.enis[0].mac);
+    }
 }
