@@ -160,7 +160,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Daemon => runtime()?.block_on(daemon::run())?,
         Cmd::Pod { cmd } => match cmd {
             PodCmd::Add { instance, pod } => {
-                pods::add(&instance, &pod)?;
+                pods::add(&instance, &pod, false)?;
             }
             PodCmd::Del { instance, pod } => pods::del(&instance, &pod)?,
             PodCmd::Check { instance, pod } => pods::check(&instance, &pod)?,

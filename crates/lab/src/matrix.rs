@@ -354,7 +354,7 @@ pub fn demo() -> Result<bool> {
     let mut result = Ok(true);
     for (inst, pod) in pods_wanted {
         println!("== vpc-lab pod add {inst} {pod}");
-        match pods::add(inst, pod) {
+        match pods::add(inst, pod, true) {
             Ok(_) => added.push((inst, pod)),
             Err(e) => {
                 result = Err(e);
@@ -411,6 +411,10 @@ pub fn demo() -> Result<bool> {
         println!("== vpc-lab status");
         ctl::status()?;
         result = run(true);
+    }
+    if std::env::var("KEEP").is_ok_and(|k| !k.is_empty()) {
+        println!("== KEEP is set: the demo pods stay (`vpc-lab pod del <instance> <ns>/<name>`)");
+        return result;
     }
     println!("== deleting the demo pods");
     for (inst, pod) in added.iter().rev() {

@@ -336,8 +336,9 @@ fn check_instance(instance: &str) -> Result<()> {
     Ok(())
 }
 
-/// `vpc-lab pod add`. Prints the result; fails (after cleaning up) when the plugin fails.
-pub fn add(instance: &str, pod: &str) -> Result<PodRecord> {
+/// `vpc-lab pod add`. Prints the result (pretty, or on one line when `compact`); fails (after
+/// cleaning up) when the plugin fails.
+pub fn add(instance: &str, pod: &str, compact: bool) -> Result<PodRecord> {
     check_instance(instance)?;
     let (pns, pname) = parse_pod(pod)?;
     let rec = record_path(instance, &pns, &pname);
@@ -406,7 +407,11 @@ pub fn add(instance: &str, pod: &str) -> Result<PodRecord> {
         add_ms: total,
     };
     write_record(&r)?;
-    println!("{}", serde_json::to_string_pretty(&r.result)?);
+    if compact {
+        println!("{}", serde_json::to_string(&r.result)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&r.result)?);
+    }
     eprintln!("ADD {pod} on {instance}: {total:.1} ms, {:?}", r.ips());
     Ok(r)
 }
