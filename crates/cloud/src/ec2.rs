@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::CloudError;
 use crate::parse::{self, ec2_field, ec2_str, ec2_u32};
+use crate::stats::{self, ApiStats, Counter};
 
 /// Resource tags, ordered by key.
 pub type Tags = BTreeMap<String, String>;
@@ -235,6 +236,7 @@ fn timeouts() -> aws_sdk_ec2::config::timeout::TimeoutConfig {
 pub struct Ec2 {
     client: aws_sdk_ec2::Client,
     region: String,
+    stats: ApiStats,
 }
 
 impl Ec2 {
@@ -246,18 +248,24 @@ impl Ec2 {
             .await;
         let region = conf.region().ok_or(CloudError::NoRegion)?.to_string();
         tracing::debug!(%region, endpoint = ?conf.endpoint_url(), "EC2 client configured from environment");
+        let stats = ApiStats::default();
         let conf = aws_sdk_ec2::config::Builder::from(&conf)
             .timeout_config(timeouts())
+            .retry_config(stats::retry_config())
+            .retry_partition(stats::retry_partition())
+            .interceptor(Counter(stats.clone()))
             .build();
         Ok(Ec2 {
             client: aws_sdk_ec2::Client::from_conf(conf),
             region,
+            stats,
         })
     }
 
     /// A client for an EC2 emulator such as moto at `endpoint` (e.g. `http://127.0.0.1:5000`),
     /// with fixed dummy credentials. Never use this against real AWS.
     pub fn for_endpoint(endpoint: &str, region: &str) -> Self {
+        let stats = ApiStats::default();
         let creds =
             aws_sdk_ec2::config::Credentials::new("vpc-lab", "vpc-lab", None, None, "vpc-lab");
         let conf = aws_sdk_ec2::Config::builder()
@@ -266,14 +274,23 @@ impl Ec2 {
             .endpoint_url(endpoint)
             .credentials_provider(creds)
             .timeout_config(timeouts())
+            .retry_config(stats::retry_config())
+            .retry_partition(stats::retry_partition())
+            .interceptor(Counter(stats.clone()))
             .build();
         Ec2 {
             client: aws_sdk_ec2::Client::from_conf(conf),
             region: region.to_owned(),
+            stats,
         }
     }
 
     /// The region this client talks to.
+    /// Attempts made so far by this client and its clones, by API name.
+    pub fn api_stats(&self) -> BTreeMap<String, stats::ApiCount> {
+        self.stats.snapshot()
+    }
+
     pub fn region(&self) -> &str {
         &self.region
     }

@@ -16,6 +16,7 @@ mod ec2;
 mod error;
 mod imds;
 mod parse;
+mod stats;
 
 pub use ec2::{
     Ec2, EniAttachment, Filter, Instance, InstanceEni, InstanceTypeLimits, IpRequest,
@@ -25,3 +26,4 @@ pub use error::CloudError;
 pub use imds::{
     ENDPOINT_ENV as IMDS_ENDPOINT_ENV, EniMetadata, ImdsMetadata, InstanceMetadata, Metadata,
 };
+pub use stats::{ApiCount, ApiStats, MAX_ATTEMPTS};

@@ -291,6 +291,20 @@ async fn provisioning_flow_against_moto() {
         .await
         .unwrap();
     assert_eq!(tagged.iter().map(|e| &e.id).collect::<Vec<_>>(), [&eni2.id]);
+
+    // Every attempt was counted under its API name.
+    let stats = ec2.api_stats();
+    for api in [
+        "CreateNetworkInterface",
+        "AttachNetworkInterface",
+        "AssignPrivateIpAddresses",
+        "CreateTags",
+    ] {
+        let c = stats
+            .get(api)
+            .unwrap_or_else(|| panic!("{api} not counted: {stats:?}"));
+        assert!(c.ok >= 1 && c.attempts >= c.ok, "{api}: {c:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,4 +322,13 @@ async fn transport_failure_names_the_call() {
         "{err}"
     );
     assert_eq!(err.code(), None);
+    // A connection failure is transient: retried up to the limit, every attempt counted.
+    let c = ec2.api_stats()["DescribeSubnets"];
+    assert_eq!(
+        (c.attempts, c.failed),
+        (
+            u64::from(cloud::MAX_ATTEMPTS),
+            u64::from(cloud::MAX_ATTEMPTS)
+        )
+    );
 }
