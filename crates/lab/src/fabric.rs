@@ -183,18 +183,57 @@ impl Plan {
         s
     }
 
-    /// The nft script (one atomic transaction) of the src/dst check and the internet gateway.
-    pub fn nft(&self) -> String {
-        let set = |v: &[Ipv4Addr]| {
-            let items: Vec<String> = v.iter().map(|a| a.to_string()).collect();
-            format!("{{ {} }}", items.join(", "))
-        };
+    /// What the nft rules depend on: the ENI ports (not their addresses, which live in sets).
+    pub fn nft_shape(&self) -> String {
+        let mut s = String::new();
+        for p in &self.ports {
+            let _ = writeln!(s, "{} {} {} eth{}", p.port, p.eni_id, p.instance, p.device);
+        }
+        s
+    }
+
+    /// Replaces only the contents of the address sets (one atomic transaction): the rules and
+    /// their drop counters are kept.
+    pub fn nft_sets(&self) -> String {
+        let mut s = String::new();
+        for p in &self.ports {
+            let _ = writeln!(s, "flush set bridge {CHECK_TABLE} a_{}", p.port);
+            let _ = writeln!(
+                s,
+                "add element bridge {CHECK_TABLE} a_{} {}",
+                p.port,
+                set_elems(&p.addrs)
+            );
+        }
+        let _ = writeln!(s, "flush set ip {IGW_TABLE} mapped");
+        if !self.primaries.is_empty() {
+            let _ = writeln!(
+                s,
+                "add element ip {IGW_TABLE} mapped {}",
+                set_elems(&self.primaries)
+            );
+        }
+        s
+    }
+
+    /// The nft script (one atomic transaction) that rebuilds the src/dst check and the
+    /// internet gateway.
+    pub fn nft_full(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(
             s,
             "table bridge {CHECK_TABLE}\ndelete table bridge {CHECK_TABLE}"
         );
         let _ = writeln!(s, "table bridge {CHECK_TABLE} {{");
+        for p in &self.ports {
+            let _ = writeln!(s, "  set a_{} {{\n    type ipv4_addr;", p.port);
+            let _ = writeln!(s, "    elements = {}\n  }}", set_elems(&p.addrs));
+        }
+        // This VPC is IPv4-only: no IPv6 (neighbour discovery, multicast) between instances.
+        let _ = writeln!(
+            s,
+            "  chain noipv6 {{\n    type filter hook prerouting priority -1; policy accept;\n    ether type ip6 counter drop comment \"IPv4-only VPC\"\n  }}"
+        );
         let _ = writeln!(
             s,
             "  chain srccheck {{\n    type filter hook prerouting priority 0; policy accept;"
@@ -202,12 +241,8 @@ impl Plan {
         for p in &self.ports {
             let _ = writeln!(
                 s,
-                "    iifname \"{}\" ip saddr != {} counter drop comment \"src-check {} {} eth{}\"",
-                p.port,
-                set(&p.addrs),
-                p.eni_id,
-                p.instance,
-                p.device
+                "    iifname \"{0}\" ip saddr != @a_{0} counter drop comment \"src-check {1} {2} eth{3}\"",
+                p.port, p.eni_id, p.instance, p.device
             );
         }
         let _ = writeln!(s, "  }}");
@@ -219,12 +254,8 @@ impl Plan {
             for p in &self.ports {
                 let _ = writeln!(
                     s,
-                    "    oifname \"{}\" ip daddr != {} counter drop comment \"dst-check {} {} eth{}\"",
-                    p.port,
-                    set(&p.addrs),
-                    p.eni_id,
-                    p.instance,
-                    p.device
+                    "    oifname \"{0}\" ip daddr != @a_{0} counter drop comment \"dst-check {1} {2} eth{3}\"",
+                    p.port, p.eni_id, p.instance, p.device
                 );
             }
             let _ = writeln!(s, "  }}");
@@ -232,31 +263,23 @@ impl Plan {
         let _ = writeln!(s, "}}");
         let _ = writeln!(s, "table ip {IGW_TABLE}\ndelete table ip {IGW_TABLE}");
         let _ = writeln!(s, "table ip {IGW_TABLE} {{");
+        let _ = writeln!(s, "  set mapped {{\n    type ipv4_addr;");
+        if !self.primaries.is_empty() {
+            let _ = writeln!(s, "    elements = {}", set_elems(&self.primaries));
+        }
+        let _ = writeln!(s, "  }}");
         let _ = writeln!(
             s,
             "  chain forward {{\n    type filter hook forward priority 0; policy accept;"
         );
-        if self.primaries.is_empty() {
-            let _ = writeln!(
-                s,
-                "    oifname \"{UPLINK}\" counter drop comment \"igw: no mapping\""
-            );
-            let _ = writeln!(
-                s,
-                "    iifname \"{UPLINK}\" counter drop comment \"igw: no mapping\""
-            );
-        } else {
-            let _ = writeln!(
-                s,
-                "    oifname \"{UPLINK}\" ip saddr != {} counter drop comment \"igw: no mapping for source\"",
-                set(&self.primaries)
-            );
-            let _ = writeln!(
-                s,
-                "    iifname \"{UPLINK}\" ip daddr != {} counter drop comment \"igw: no mapping for destination\"",
-                set(&self.primaries)
-            );
-        }
+        let _ = writeln!(
+            s,
+            "    oifname \"{UPLINK}\" ip saddr != @mapped counter drop comment \"igw: no mapping for source\""
+        );
+        let _ = writeln!(
+            s,
+            "    iifname \"{UPLINK}\" ip daddr != @mapped counter drop comment \"igw: no mapping for destination\""
+        );
         let _ = writeln!(s, "  }}\n}}");
         s
     }
@@ -277,11 +300,17 @@ impl Plan {
     }
 }
 
+fn set_elems(v: &[Ipv4Addr]) -> String {
+    let items: Vec<String> = v.iter().map(|a| a.to_string()).collect();
+    format!("{{ {} }}", items.join(", "))
+}
+
 /// What was last applied, so unchanged parts are not rebuilt (rebuilding resets counters).
 #[derive(Debug, Default)]
 pub struct Applied {
     ebtables: String,
-    nft: String,
+    nft_shape: Option<String>,
+    nft_sets: String,
 }
 
 /// Creates the namespaces and the parts of the fabric that do not depend on ENIs.
@@ -526,11 +555,17 @@ pub fn apply(world: &World, applied: &mut Applied) -> Result<()> {
         applied.ebtables = eb;
     }
     // Source/destination check and internet gateway.
-    let nft = plan.nft();
-    if nft != applied.nft {
-        ns::run_stdin(FABRIC, &["nft", "-f", "-"], Some(&nft))
+    let shape = plan.nft_shape();
+    let sets = plan.nft_sets();
+    if applied.nft_shape.as_deref() != Some(shape.as_str()) {
+        ns::run_stdin(FABRIC, &["nft", "-f", "-"], Some(&plan.nft_full()))
             .context("loading the fabric's source/destination check (nft)")?;
-        applied.nft = nft;
+        applied.nft_shape = Some(shape);
+        applied.nft_sets = sets;
+    } else if sets != applied.nft_sets {
+        ns::run_stdin(FABRIC, &["nft", "-f", "-"], Some(&sets))
+            .context("updating the fabric's address sets (nft)")?;
+        applied.nft_sets = sets;
     }
     for cidr in &plan.vpc_cidrs {
         ns::run(
@@ -597,6 +632,7 @@ fn counter_sum(family: &str, table: &str, chain: &str, port: Option<&str>) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::world::tests::sample;
 
     #[test]
     fn port_names_are_short_and_stable() {
@@ -604,5 +640,92 @@ mod tests {
         assert_eq!(port_name("instance2", 3), "i2e3");
         assert_eq!(port_name("vpc-host", 0), "vhe0");
         assert!(port_name("a-very-long-instance-name-here", 12).len() <= 15);
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn plan_covers_every_eni_address() {
+        let plan = Plan::from_world(&sample()).unwrap();
+        assert_eq!(plan.ports.len(), 2);
+        let eth1 = plan.ports.iter().find(|p| p.device == 1).unwrap();
+        assert_eq!(eth1.port, "i1e1");
+        assert_eq!(eth1.bridge, "br-a");
+        assert_eq!(eth1.gateway, ip("172.31.0.1"));
+        for a in [
+            "172.31.3.173",
+            "172.31.13.130",
+            "172.31.11.77",
+            "172.31.8.0",
+            "172.31.8.15",
+        ] {
+            assert!(eth1.addrs.contains(&ip(a)), "{a} on eth1");
+        }
+        assert_eq!(eth1.addrs.len(), 3 + 16);
+        assert_eq!(
+            plan.primaries,
+            vec![ip("172.31.15.228")],
+            "only device-0 primaries are mapped"
+        );
+        assert_eq!(plan.bridges[0].1.to_string(), "172.31.0.1/20");
+    }
+
+    #[test]
+    fn arp_responder_answers_with_the_owning_eni_and_drops_the_rest() {
+        let eb = Plan::from_world(&sample()).unwrap().ebtables();
+        assert!(
+            eb.contains("--arp-ip-dst 172.31.13.130 -j arpreply --arpreply-mac 02:00:00:00:00:02")
+        );
+        assert!(
+            eb.contains("--arp-ip-dst 172.31.5.50 -j arpreply --arpreply-mac 02:00:00:00:00:01")
+        );
+        assert!(
+            eb.contains("--arp-ip-dst 172.31.0.1 -j arpreply --arpreply-mac 02:fa:ac:1f:00:00")
+        );
+        let lines: Vec<&str> = eb.lines().collect();
+        let drop = lines
+            .iter()
+            .position(|l| *l == "-A PREROUTING -p ARP --arp-op Request -j DROP")
+            .expect("catch-all drop");
+        assert!(
+            lines[..drop]
+                .iter()
+                .filter(|l| l.contains("arpreply"))
+                .count()
+                == 1 + 2 + 3 + 16,
+            "every arpreply comes before the drop"
+        );
+        assert!(!lines[drop..].iter().any(|l| l.contains("arpreply")));
+        assert_eq!(lines.last(), Some(&"COMMIT"));
+    }
+
+    #[test]
+    fn address_changes_only_touch_the_sets() {
+        let w = sample();
+        let a = Plan::from_world(&w).unwrap();
+        let mut w2 = w.clone();
+        w2.instances[0].enis[1].secondary_ips.push(ip("172.31.9.9"));
+        let b = Plan::from_world(&w2).unwrap();
+        assert_eq!(a.nft_shape(), b.nft_shape(), "same ports, same rules");
+        assert_ne!(a.nft_sets(), b.nft_sets());
+        assert!(b.nft_sets().contains("172.31.9.9"));
+        let full = b.nft_full();
+        assert!(full.contains("iifname \"i1e1\" ip saddr != @a_i1e1 counter drop"));
+        assert!(full.contains("oifname \"i1e0\" ip daddr != @a_i1e0 counter drop"));
+        assert!(full.contains("oifname \"up0\" ip saddr != @mapped counter drop"));
+        // Detaching an ENI changes the shape: the rules are rebuilt.
+        let mut w3 = w.clone();
+        w3.instances[0].enis.pop();
+        assert_ne!(Plan::from_world(&w3).unwrap().nft_shape(), a.nft_shape());
+    }
+
+    #[test]
+    fn an_eni_in_an_unknown_subnet_is_an_error_naming_it() {
+        let mut w = sample();
+        w.instances[0].enis[0].subnet_id = "subnet-zzz".into();
+        let e = Plan::from_world(&w).unwrap_err().to_string();
+        assert!(e.contains("subnet-zzz") && e.contains("eni-0"), "{e}");
     }
 }

@@ -303,6 +303,12 @@ fn call_plugin(
     })
 }
 
+/// Whether CNI version `v` is at least `min` (both `a.b.c`).
+fn version_at_least(v: &str, min: &str) -> bool {
+    let parse = |s: &str| -> Vec<u32> { s.split('.').map(|x| x.parse().unwrap_or(0)).collect() };
+    parse(v) >= parse(min)
+}
+
 fn random_id() -> Result<String> {
     let mut b = [0u8; 32];
     std::fs::File::open("/dev/urandom")
@@ -435,6 +441,8 @@ pub fn del(instance: &str, pod: &str) -> Result<()> {
     let conf = load_netconf(instance)?;
     let mut errors = Vec::new();
     let mut total = 0.0;
+    // Like libcni: the cached ADD result is the prevResult of DEL from CNI 0.4.0 on.
+    let prev = version_at_least(&conf.cni_version, "0.4.0").then_some(&r.result);
     for plugin in conf.plugins.iter().rev() {
         let c = call_plugin(
             instance,
@@ -444,7 +452,7 @@ pub fn del(instance: &str, pod: &str) -> Result<()> {
             &r.container_id,
             &r.netns,
             (&r.namespace, &r.name),
-            Some(&r.result),
+            prev,
         )?;
         total += c.ms;
         if !c.ok {
@@ -468,6 +476,13 @@ pub fn check(instance: &str, pod: &str) -> Result<()> {
     check_instance(instance)?;
     let r = load_record(instance, pod)?;
     let conf = load_netconf(instance)?;
+    if !version_at_least(&conf.cni_version, "0.4.0") {
+        bail!(
+            "{}: cniVersion {} does not support CHECK (0.4.0 or later does)",
+            conf.file.display(),
+            conf.cni_version
+        );
+    }
     if conf.disable_check {
         println!(
             "{}: disableCheck is set; CHECK skipped",
@@ -520,6 +535,14 @@ pub fn exec_target(target: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions() {
+        assert!(version_at_least("1.0.0", "0.4.0"));
+        assert!(version_at_least("0.4.0", "0.4.0"));
+        assert!(!version_at_least("0.3.1", "0.4.0"));
+        assert!(version_at_least("1.1.0", "1.0.0"));
+    }
 
     #[test]
     fn pod_names() {

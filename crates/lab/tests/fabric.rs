@@ -233,6 +233,32 @@ fn fabric_without_agents() {
         .to_string();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let ec2 = cloud::Ec2::for_endpoint(&endpoint, &region);
+
+    // A secondary IP assigned later: the fabric answers ARP for it with the ENI's MAC, and the
+    // update keeps the source-check counters (only the address sets change).
+    let drops = src_drops_i1e0();
+    assert!(drops > 0);
+    let i2_eni = eni(&w, "instance2", 0)["id"].as_str().unwrap().to_string();
+    let i2_mac = eni(&w, "instance2", 0)["mac"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
+    rt.block_on(async {
+        ec2.assign_private_ip_addresses(
+            &i2_eni,
+            &cloud::IpRequest::Addresses(vec!["172.31.3.200".parse().unwrap()]),
+        )
+        .await
+        .expect("AssignPrivateIpAddresses");
+    });
+    wait_for("the fabric to answer ARP for 172.31.3.200", || {
+        let _ = sh("instance1", "ping -c1 -W1 172.31.3.200");
+        stdout(&sh("instance1", "ip neigh show 172.31.3.200")).contains(&i2_mac)
+    });
+    assert!(
+        src_drops_i1e0() >= drops,
+        "counters survive an address change"
+    );
     let (eni_id, mac, attachment) = rt.block_on(async {
         let e = ec2
             .create_network_interface(&cloud::NewEni {
