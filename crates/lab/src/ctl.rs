@@ -253,6 +253,19 @@ pub fn down() -> Result<()> {
 pub fn status() -> Result<()> {
     let world = load_world()?;
     let holders = pods::ip_holders()?;
+    let proc_state = |pf: PathBuf, marker: &[&str]| match procs::read_pid(&pf) {
+        Some(p) if procs::is_ours(p, marker) => format!("pid {p}"),
+        Some(p) => format!("NOT RUNNING (pid {p} gone)"),
+        None => "NOT RUNNING".to_string(),
+    };
+    let moto_addr = State::load()
+        .map(|s| s.moto.to_string())
+        .unwrap_or_else(|_| "?".into());
+    println!(
+        "EC2 (moto) at http://{moto_addr}: {}; lab daemon (IMDS, EC2 relay, fabric sync): {}",
+        proc_state(PathBuf::from(moto::PID_FILE), moto::MARKER),
+        proc_state(run_dir().join("daemon.pid"), DAEMON_MARKER)
+    );
     println!(
         "VPC {} ({}) region {}",
         world.vpc_id,
