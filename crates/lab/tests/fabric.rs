@@ -73,6 +73,7 @@ fn fabric_without_agents() {
     eprintln!("bring-up without agents: {:?}", t.elapsed());
     let pids = lab_pids();
     assert_eq!(pids.len(), 2, "moto and the daemon have pid files");
+    assert_root_untouched();
     let w = world();
     let i1_eth0_mac = eni(&w, "instance1", 0)["mac"].as_str().unwrap().to_string();
     let i1_eth1_mac = eni(&w, "instance1", 1)["mac"].as_str().unwrap().to_string();

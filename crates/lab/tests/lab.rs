@@ -68,6 +68,17 @@ fn seed_experiment_end_to_end() {
     for (inst, pod) in pods {
         lab_ok(&["pod", "check", inst, pod]);
     }
+    assert_root_untouched();
+    // With the agent stopped, ADD fails with the plugin's error and leaks no pod namespace;
+    // the agent comes back with `agent start`.
+    lab_ok(&["agent", "stop", "instance2"]);
+    let out = lab(&["pod", "add", "instance2", "default/no-agent"]);
+    assert!(!out.status.success(), "ADD without an agent must fail");
+    assert!(
+        !lab_namespaces().contains(&"vpclab-pod-instance2-default-no-agent".to_string()),
+        "the failed pod's namespace was removed"
+    );
+    lab_ok(&["agent", "start", "instance2"]);
     // The matrix, negatives included, exits 0 only if every row is as expected.
     let m = lab_ok(&["matrix", "--negative"]);
     assert!(!m.contains("FAIL"), "matrix:\n{m}");
@@ -98,5 +109,8 @@ fn seed_experiment_end_to_end() {
         "no pod holds an IP any more:\n{status}"
     );
 
+    // The restarted agent has a new pid: check it too.
+    let mut pids = pids;
+    pids.extend(lab_pids());
     down_and_assert_clean(&pids);
 }

@@ -99,6 +99,7 @@ pub fn lab_namespaces() -> Vec<String> {
 /// Runs `vpc-lab down` and asserts that nothing of the lab is left.
 pub fn down_and_assert_clean(pids: &[i32]) {
     lab_ok(&["down"]);
+    assert_root_untouched();
     assert!(
         lab_namespaces().is_empty(),
         "namespaces left: {:?}",
@@ -119,4 +120,42 @@ pub fn down_and_assert_clean(pids: &[i32]) {
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The root network namespace carries nothing of the lab: no lab interface, no VPC or
+/// TEST-NET address, route or rule (the only root-namespace listener is moto on loopback).
+pub fn assert_root_untouched() {
+    let run = |args: &[&str]| {
+        let o = Command::new("ip").args(args).output().expect("ip");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let links = run(&["-o", "link", "show"]);
+    for l in links.lines() {
+        let name = l.split(':').nth(1).unwrap_or("").trim();
+        let name = name.split('@').next().unwrap_or("");
+        let lab_like = name.starts_with("br-")
+            || name == "up0"
+            || name == "vhand"
+            || (name.len() == 4
+                && (name.starts_with('i') || name.starts_with("vh"))
+                && name.as_bytes()[name.len() - 2] == b'e');
+        assert!(
+            !lab_like,
+            "lab-like interface {name:?} in the root namespace"
+        );
+    }
+    for args in [
+        &["-o", "addr", "show"][..],
+        &["route", "show", "table", "all"][..],
+        &["rule", "show"][..],
+    ] {
+        let out = run(args);
+        for bad in ["172.31.", "203.0.113."] {
+            assert!(
+                !out.contains(bad),
+                "`ip {}` in the root namespace mentions {bad}:\n{out}",
+                args.join(" ")
+            );
+        }
+    }
 }
