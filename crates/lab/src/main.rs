@@ -118,7 +118,8 @@ fn require_root() -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.cmd {
-        Cmd::Up { .. } | Cmd::Daemon | Cmd::Down => "info",
+        Cmd::Daemon => "info",
+        Cmd::Up { .. } | Cmd::Down => "vpc_lab=info,warn",
         _ => "warn",
     };
     tracing_subscriber::fmt()
