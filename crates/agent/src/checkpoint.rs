@@ -22,6 +22,13 @@ pub struct Checkpoint {
     pub allocations: Vec<AllocationRecord>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cooldowns: Vec<CooldownRecord>,
+    /// ENI operations begun but not finished (create/attach, detach/delete): a restart
+    /// finishes or undoes each, so a crash at any instant leaks no ENI.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub intents: Vec<IntentRecord>,
+    /// When each ENI the agent attached was created (the planner keeps young ENIs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub enis: Vec<EniRecord>,
 }
 
 impl Default for Checkpoint {
@@ -30,6 +37,8 @@ impl Default for Checkpoint {
             version: FORMAT_VERSION.to_string(),
             allocations: Vec::new(),
             cooldowns: Vec::new(),
+            intents: Vec::new(),
+            enis: Vec::new(),
         }
     }
 }
@@ -63,6 +72,37 @@ pub struct CooldownRecord {
     pub ipv4: Ipv4Addr,
     /// Unix time in milliseconds when the address was released.
     pub released_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntentOp {
+    /// Create an ENI and attach it at `device_index`.
+    Create,
+    /// Detach and delete `eni_id`.
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IntentRecord {
+    /// Also the value of the ENI's intent tag, so a created ENI can be found by it.
+    pub id: String,
+    pub op: IntentOp,
+    #[serde(default)]
+    pub eni_id: Option<String>,
+    #[serde(default)]
+    pub attachment_id: Option<String>,
+    #[serde(default)]
+    pub device_index: Option<u32>,
+    pub started_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EniRecord {
+    pub id: String,
+    pub created_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +203,18 @@ mod tests {
             cooldowns: vec![CooldownRecord {
                 ipv4: "172.31.11.77".parse().unwrap(),
                 released_ms: 1_700_000_000_000,
+            }],
+            intents: vec![IntentRecord {
+                id: "i1".into(),
+                op: IntentOp::Create,
+                eni_id: Some("eni-1".into()),
+                attachment_id: None,
+                device_index: Some(2),
+                started_ms: 5,
+            }],
+            enis: vec![EniRecord {
+                id: "eni-1".into(),
+                created_ms: 5,
             }],
         }
     }

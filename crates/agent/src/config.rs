@@ -15,6 +15,10 @@ pub struct Config {
     pub minimum_ip_target: Option<u32>,
     pub max_eni: Option<u32>,
     pub ip_cooldown_s: u64,
+    pub cluster_name: Option<String>,
+    pub additional_eni_tags: std::collections::BTreeMap<String, String>,
+    /// vpc-cni extension: ENIs younger than this are not deleted (the reference's fixed 60 s).
+    pub min_eni_age_s: u64,
     pub external_snat: bool,
     pub exclude_snat_cidrs: Vec<Ipv4Net>,
     pub randomize_snat: Randomize,
@@ -108,7 +112,7 @@ pub fn from_env(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
     if env.boolean("ENABLE_IPv6", false)? {
         return Err(err(
             "ENABLE_IPv6",
-            "true",
+            env.get("ENABLE_IPv6").unwrap_or_default(),
             "IPv6 clusters are not supported yet; unset it (IPv4 is the default)",
         ));
     }
@@ -124,7 +128,7 @@ pub fn from_env(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
     if env.boolean("ENABLE_PREFIX_DELEGATION", false)? {
         return Err(err(
             "ENABLE_PREFIX_DELEGATION",
-            "true",
+            env.get("ENABLE_PREFIX_DELEGATION").unwrap_or_default(),
             "prefix delegation is not supported yet; unset it to use secondary IPs",
         ));
     }
@@ -148,6 +152,29 @@ pub fn from_env(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
         },
     };
     let ip_cooldown_s = env.number::<u64>("IP_COOLDOWN_PERIOD")?.unwrap_or(30);
+    let cluster_name = env.get("CLUSTER_NAME").map(str::to_string);
+    let additional_eni_tags = match env.get("ADDITIONAL_ENI_TAGS") {
+        None => Default::default(),
+        Some(v) => {
+            let tags: std::collections::BTreeMap<String, String> = serde_json::from_str(v)
+                .map_err(|e| {
+                    err(
+                        "ADDITIONAL_ENI_TAGS",
+                        v,
+                        format!("expected a JSON object of string tags: {e}"),
+                    )
+                })?;
+            if let Some(k) = tags.keys().find(|k| k.contains("k8s.amazonaws.com")) {
+                return Err(err(
+                    "ADDITIONAL_ENI_TAGS",
+                    v,
+                    format!("tag key {k:?} is in the reserved k8s.amazonaws.com namespace"),
+                ));
+            }
+            tags
+        }
+    };
+    let min_eni_age_s = env.number::<u64>("VPC_CNI_MIN_ENI_AGE")?.unwrap_or(60);
 
     let external_snat = env.boolean("AWS_VPC_K8S_CNI_EXTERNALSNAT", false)?;
     let mut exclude_snat_cidrs = Vec::new();
@@ -234,6 +261,9 @@ pub fn from_env(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
         minimum_ip_target,
         max_eni,
         ip_cooldown_s,
+        cluster_name,
+        additional_eni_tags,
+        min_eni_age_s,
         external_snat,
         exclude_snat_cidrs,
         randomize_snat,
@@ -299,6 +329,8 @@ mod tests {
             ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "none"),
             ("AWS_VPC_K8S_CNI_CONNMARK", "0x4000"),
             ("POD_MTU", "1500"),
+            ("CLUSTER_NAME", "prod"),
+            ("ADDITIONAL_ENI_TAGS", r#"{"team":"net"}"#),
         ])
         .unwrap();
         assert!(!c.provisioning);
@@ -315,6 +347,8 @@ mod tests {
         assert_eq!(c.randomize_snat, Randomize::None);
         assert_eq!(c.connmark, 0x4000);
         assert_eq!((c.eni_mtu, c.pod_mtu), (9001, 1500));
+        assert_eq!(c.cluster_name.as_deref(), Some("prod"));
+        assert_eq!(c.additional_eni_tags["team"], "net");
     }
 
     #[test]
@@ -333,11 +367,14 @@ mod tests {
             ("ENABLE_PREFIX_DELEGATION", "true"),
             ("ENABLE_IPv6", "true"),
             ("MAX_ENI", "1000"),
+            ("ADDITIONAL_ENI_TAGS", "{not json"),
+            ("ADDITIONAL_ENI_TAGS", r#"{"node.k8s.amazonaws.com/x":"y"}"#),
         ] {
             let e = parse(&[(var, value)]).unwrap_err();
             assert_eq!(e.var, var);
             let text = e.to_string();
-            assert!(text.starts_with(var) && text.contains(value), "{text}");
+            assert!(text.starts_with(var), "{text}");
+            assert_eq!(e.value, value, "{text}");
         }
     }
 }

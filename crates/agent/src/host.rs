@@ -63,6 +63,72 @@ pub async fn learn<M: Metadata>(imds: &M, attempts: u32) -> Result<InstanceMetad
     }
 }
 
+/// An attached ENI, as IMDS or EC2 describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EniView {
+    pub id: String,
+    pub mac: String,
+    pub device_number: u32,
+    pub subnet: Ipv4Net,
+    pub primary_ip: std::net::Ipv4Addr,
+    pub secondary_ips: Vec<std::net::Ipv4Addr>,
+}
+
+/// The ENIs as IMDS lists them (used when provisioning is disabled).
+pub fn enis_from_imds(md: &InstanceMetadata) -> Vec<EniView> {
+    md.enis
+        .iter()
+        .map(|e| EniView {
+            id: e.interface_id.clone(),
+            mac: e.mac.clone(),
+            device_number: e.device_number,
+            subnet: e.subnet_cidr,
+            primary_ip: e.primary_ip,
+            secondary_ips: e.secondary_ips.clone(),
+        })
+        .collect()
+}
+
+/// The ENIs attached to this instance as EC2 describes them: EC2, not IMDS, is the truth for
+/// which addresses an ENI holds (IMDS can lag behind by seconds after a change).
+pub async fn enis_from_ec2<C: crate::cloud_api::Cloud>(
+    ec2: &C,
+    md: &InstanceMetadata,
+) -> Result<Vec<EniView>, cloud::CloudError> {
+    let primary = md.primary_eni();
+    let mut out = Vec::new();
+    for e in ec2
+        .describe_enis(&[cloud::Filter::attached_to(&md.instance_id)])
+        .await?
+    {
+        let Some(att) = &e.attachment else { continue };
+        let subnet = md
+            .enis
+            .iter()
+            .find(|m| m.mac.eq_ignore_ascii_case(&e.mac))
+            .map(|m| m.subnet_cidr)
+            .or_else(|| {
+                primary
+                    .filter(|p| p.subnet_id == e.subnet_id)
+                    .map(|p| p.subnet_cidr)
+            });
+        let Some(subnet) = subnet else {
+            warn!(eni = %e.id, subnet = %e.subnet_id, "skipping an attached ENI whose subnet IMDS does not describe yet");
+            continue;
+        };
+        out.push(EniView {
+            id: e.id.clone(),
+            mac: e.mac.clone(),
+            device_number: att.device_index,
+            subnet,
+            primary_ip: e.primary_ip,
+            secondary_ips: e.secondary_ips.clone(),
+        });
+    }
+    out.sort_by_key(|e| e.device_number);
+    Ok(out)
+}
+
 /// What host setup produced.
 #[derive(Debug)]
 pub struct Node {
@@ -78,7 +144,7 @@ fn dp(what: impl Into<String>) -> impl FnOnce(dataplane::DataplaneError) -> Host
 
 /// Sets up the host and every secondary ENI, and builds the pool. Blocking (netlink, nft):
 /// call it from a blocking thread.
-pub fn setup(cfg: &Config, md: &InstanceMetadata) -> Result<Node, HostError> {
+pub fn setup(cfg: &Config, md: &InstanceMetadata, enis: &[EniView]) -> Result<Node, HostError> {
     let primary = md.primary_eni().ok_or_else(|| HostError::NoPrimaryEni {
         instance: md.instance_id.clone(),
     })?;
@@ -93,25 +159,25 @@ pub fn setup(cfg: &Config, md: &InstanceMetadata) -> Result<Node, HostError> {
     })
     .map_err(dp(format!("the host (primary interface {primary_ifname})")))?;
 
-    for eni in md.enis.iter().filter(|e| e.device_number > 0) {
+    for eni in enis.iter().filter(|e| e.device_number > 0) {
         let setup = EniSetup {
             mac: eni.mac.clone(),
             device_number: eni.device_number,
             primary_ip: eni.primary_ip,
-            subnet: eni.subnet_cidr,
+            subnet: eni.subnet,
             mtu: cfg.eni_mtu,
         };
         let ifname = wait_for_link(&eni.mac, 10).map_err(|waited_s| HostError::EniMissing {
-            eni: eni.interface_id.clone(),
+            eni: eni.id.clone(),
             mac: eni.mac.clone(),
             device: eni.device_number,
             waited_s,
         })?;
         dataplane::setup_eni(&setup).map_err(dp(format!(
             "ENI {} ({ifname}, device {})",
-            eni.interface_id, eni.device_number
+            eni.id, eni.device_number
         )))?;
-        info!(eni = %eni.interface_id, %ifname, device = eni.device_number, table = eni.device_number + 1, "ENI set up");
+        info!(eni = %eni.id, %ifname, device = eni.device_number, table = eni.device_number + 1, "ENI set up");
     }
 
     let vpc_cidrs = primary.vpc_cidrs.clone();
@@ -129,12 +195,12 @@ pub fn setup(cfg: &Config, md: &InstanceMetadata) -> Result<Node, HostError> {
     dataplane::apply_snat(&snat).map_err(dp("the egress table ip vpc-cni"))?;
 
     let mut pool = Pool::new(cfg.ip_cooldown_s * 1000);
-    for eni in &md.enis {
+    for eni in enis {
         pool.add_eni(
             EniInfo {
-                id: eni.interface_id.clone(),
+                id: eni.id.clone(),
                 device_number: eni.device_number,
-                subnet: eni.subnet_cidr,
+                subnet: eni.subnet,
                 primary_ip: eni.primary_ip,
             },
             &eni.secondary_ips,
@@ -149,7 +215,7 @@ pub fn setup(cfg: &Config, md: &InstanceMetadata) -> Result<Node, HostError> {
 
 /// Waits up to `seconds` for an interface with `mac` (a just-attached ENI appears
 /// asynchronously). Returns its name, or the seconds waited.
-fn wait_for_link(mac: &str, seconds: u64) -> Result<String, u64> {
+pub fn wait_for_link(mac: &str, seconds: u64) -> Result<String, u64> {
     for _ in 0..seconds * 10 {
         if let Ok(Some(name)) = dataplane::link_name_by_mac(mac) {
             return Ok(name);

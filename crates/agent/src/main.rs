@@ -3,9 +3,11 @@
 //! installing the plugin and writing the CNI network configuration.
 
 mod checkpoint;
+mod cloud_api;
 mod config;
 mod host;
 mod install;
+mod provision;
 mod server;
 mod state;
 
@@ -13,7 +15,7 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::signal::unix::{SignalKind, signal};
@@ -56,23 +58,36 @@ async fn run() -> anyhow::Result<()> {
     let vars: HashMap<String, String> = std::env::vars().collect();
     let cfg = config::from_env(&vars).context("invalid configuration")?;
     init_logging(&cfg)?;
-    if cfg.provisioning {
-        bail!(
-            "DISABLE_NETWORK_RESOURCE_PROVISIONING is not true, but this version cannot yet provision ENIs and IPs through EC2; set DISABLE_NETWORK_RESOURCE_PROVISIONING=true to use the ENIs and secondary IPs already attached to the instance"
-        );
-    }
-
     let imds = cloud::ImdsMetadata::from_env().context("IMDS client")?;
     let md = host::learn(&imds, 10).await?;
     info!(instance = %md.instance_id, r#type = %md.instance_type, enis = md.enis.len(), "learned the instance from IMDS");
 
+    // With provisioning, EC2 is the truth for the attached ENIs and their addresses.
+    let ec2 = if cfg.provisioning {
+        Some(Arc::new(
+            cloud::Ec2::from_env().await.context("EC2 client")?,
+        ))
+    } else {
+        None
+    };
+    let enis = match &ec2 {
+        Some(ec2) => host::enis_from_ec2(ec2.as_ref(), &md)
+            .await
+            .context("listing this instance's ENIs in EC2")?,
+        None => host::enis_from_imds(&md),
+    };
+
     let node = {
-        let (cfg, md) = (cfg.clone(), md.clone());
-        tokio::task::spawn_blocking(move || host::setup(&cfg, &md)).await??
+        let (cfg, md, enis) = (cfg.clone(), md.clone(), enis.clone());
+        tokio::task::spawn_blocking(move || host::setup(&cfg, &md, &enis)).await??
     };
     info!(primary = %node.primary_ifname, vpc_cidrs = ?node.vpc_cidrs, "host network set up");
 
-    let hint = "provisioning is disabled (DISABLE_NETWORK_RESOURCE_PROVISIONING=true): assign more secondary IPs to this node's ENIs, or delete pods".to_string();
+    let hint = if cfg.provisioning {
+        "more addresses have been requested from EC2; the runtime retries the pod".to_string()
+    } else {
+        "provisioning is disabled (DISABLE_NETWORK_RESOURCE_PROVISIONING=true): assign more secondary IPs to this node's ENIs, or delete pods".to_string()
+    };
     let mut state = State::new(node.pool, node.vpc_cidrs, cfg.checkpoint.clone(), hint);
     let cp = checkpoint::load(&cfg.checkpoint)?;
     for w in state.restore(&cp) {
@@ -87,6 +102,14 @@ async fn run() -> anyhow::Result<()> {
         "pool ready"
     );
     let state = Arc::new(Mutex::new(state));
+
+    if let Some(ec2) = ec2 {
+        let provisioner = provisioner(&cfg, &md, ec2, state.clone()).await?;
+        if let Err(e) = provisioner.recover().await {
+            warn!("recovering unfinished ENI operations: {e}; will retry");
+        }
+        tokio::spawn(provisioner.run());
+    }
 
     let listener = server::bind(&cfg.socket)?;
     let plugin_src = match &cfg.plugin_binary {
@@ -114,6 +137,73 @@ async fn run() -> anyhow::Result<()> {
     };
     let _ = std::fs::remove_file(&cfg.socket);
     result
+}
+
+/// Builds the provisioner: instance limits from DescribeInstanceTypes (or the built-in
+/// table), the node's subnet and security groups from its primary ENI.
+async fn provisioner(
+    cfg: &Config,
+    md: &cloud::InstanceMetadata,
+    ec2: Arc<cloud::Ec2>,
+    state: Arc<Mutex<State>>,
+) -> anyhow::Result<Arc<provision::Provisioner<cloud::Ec2, cloud_api::Netlink>>> {
+    use cloud_api::Cloud;
+    let limits = match ec2.instance_limits(&md.instance_type).await {
+        Ok(l) => l,
+        Err(e) => match cloud_api::builtin_limits(&md.instance_type) {
+            Some(l) => {
+                warn!(r#type = %md.instance_type, "DescribeInstanceTypes failed ({e}); using the built-in limits");
+                l
+            }
+            None => bail!(
+                "cannot learn the ENI and IP limits of {}: DescribeInstanceTypes failed ({e}) and the type is not in the built-in table",
+                md.instance_type
+            ),
+        },
+    };
+    let max_enis = cfg
+        .max_eni
+        .map_or(limits.max_enis, |m| m.min(limits.max_enis));
+    let ips_per_eni = limits.ipv4_per_eni.saturating_sub(1);
+    let primary = md
+        .primary_eni()
+        .context("IMDS lists no primary ENI (device number 0)")?;
+    let settings = provision::Settings {
+        targets: ipam::planner::Targets {
+            warm_eni: cfg.warm_eni_target,
+            warm_ip: cfg.warm_ip_target,
+            min_ip: cfg.minimum_ip_target,
+        },
+        limits: ipam::planner::Limits {
+            max_enis,
+            ips_per_eni,
+            // The reference's max pods (ENIs × (IPs − 1) + 2) counts two host-network pods
+            // that need no address: the address ceiling is the ENI capacity.
+            max_pods: max_enis * ips_per_eni,
+        },
+        min_eni_age: Duration::from_secs(cfg.min_eni_age_s),
+        decrease_interval: Duration::from_secs(30),
+        subnet_full_backoff: Duration::from_secs(120),
+        interval: Duration::from_secs(5),
+    };
+    info!(r#type = %md.instance_type, max_enis, ips_per_eni, targets = ?settings.targets, "provisioning through EC2");
+    let node = provision::NodeIdentity {
+        instance_id: md.instance_id.clone(),
+        instance_type: md.instance_type.clone(),
+        subnet_id: primary.subnet_id.clone(),
+        subnet: primary.subnet_cidr,
+        security_groups: primary.security_groups.clone(),
+        eni_mtu: cfg.eni_mtu,
+        cluster_name: cfg.cluster_name.clone(),
+        additional_tags: cfg.additional_eni_tags.clone(),
+    };
+    Ok(Arc::new(provision::Provisioner::new(
+        ec2,
+        Arc::new(cloud_api::Netlink { wait_s: 30 }),
+        state,
+        node,
+        settings,
+    )))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,9 @@ use ipnet::Ipv4Net;
 use proto::{Allocation, AttachmentKey, PodRef, Request, Response, StatusReply};
 use tracing::{info, warn};
 
-use crate::checkpoint::{self, AllocationMetadata, AllocationRecord, Checkpoint, CooldownRecord};
+use crate::checkpoint::{
+    self, AllocationMetadata, AllocationRecord, Checkpoint, CooldownRecord, EniRecord, IntentRecord,
+};
 
 /// CNI error codes the agent answers with (the plugin passes them through).
 pub mod code {
@@ -40,6 +42,17 @@ pub struct State {
     /// Hint appended to "no free address" errors: what the operator can do.
     exhausted_hint: String,
     clock: fn() -> u64,
+    /// ENI operations in flight (persisted; see [`IntentRecord`]).
+    pub intents: BTreeMap<String, IntentRecord>,
+    /// Creation time of ENIs the agent attached.
+    pub eni_created: BTreeMap<String, u64>,
+    /// ADDs that found no address since the provisioner last caught up.
+    pub pending: u32,
+    /// Why the provisioner cannot add addresses right now (node at its limit, subnet full…),
+    /// shown in ADD errors.
+    pub blocker: Option<String>,
+    /// Wakes the provisioner when an ADD finds no address.
+    pub wake: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 impl State {
@@ -57,7 +70,20 @@ impl State {
             checkpoint,
             exhausted_hint,
             clock: now_ms,
+            intents: BTreeMap::new(),
+            eni_created: BTreeMap::new(),
+            pending: 0,
+            blocker: None,
+            wake: None,
         }
+    }
+
+    pub fn now(&self) -> u64 {
+        (self.clock)()
+    }
+
+    pub fn pool_mut(&mut self) -> &mut Pool<AttachmentKey> {
+        &mut self.pool
     }
 
     #[cfg(test)]
@@ -101,6 +127,16 @@ impl State {
         for c in &cp.cooldowns {
             self.pool.restore_cooldown(c.ipv4, c.released_ms);
         }
+        self.intents = cp
+            .intents
+            .iter()
+            .map(|i| (i.id.clone(), i.clone()))
+            .collect();
+        self.eni_created = cp
+            .enis
+            .iter()
+            .map(|e| (e.id.clone(), e.created_ms))
+            .collect();
         warnings
     }
 
@@ -133,8 +169,23 @@ impl State {
                 .into_iter()
                 .map(|(ipv4, released_ms)| CooldownRecord { ipv4, released_ms })
                 .collect(),
+            intents: self.intents.values().cloned().collect(),
+            enis: self
+                .eni_created
+                .iter()
+                .filter(|(id, _)| self.pool.has_eni(id))
+                .map(|(id, at)| EniRecord {
+                    id: id.clone(),
+                    created_ms: *at,
+                })
+                .collect(),
             ..Checkpoint::default()
         }
+    }
+
+    /// Writes the checkpoint now (after a change the caller made).
+    pub fn save(&self) -> Result<(), checkpoint::CheckpointError> {
+        checkpoint::store(&self.checkpoint, &self.snapshot())
     }
 
     fn persist(&self) -> Result<(), Response> {
@@ -204,9 +255,14 @@ impl State {
         let a = match self.pool.assign(key.clone(), now) {
             Ok(a) => a,
             Err(e @ PoolError::Exhausted { .. }) => {
+                self.pending = self.pending.saturating_add(1);
+                if let Some(w) = &self.wake {
+                    w.notify_one();
+                }
+                let hint = self.blocker.as_deref().unwrap_or(&self.exhausted_hint);
                 return Response::Error {
                     code: code::TRY_AGAIN_LATER,
-                    message: format!("{e}; {}", self.exhausted_hint),
+                    message: format!("{e}; {hint}"),
                 };
             }
             Err(e) => {
