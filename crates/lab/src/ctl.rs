@@ -132,17 +132,26 @@ pub fn up_prepare() -> Result<State> {
     })
 }
 
+/// How `up` builds the lab.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// Extra environment for every agent.
+    pub agent_env: Vec<(String, String)>,
+    pub agents: bool,
+    /// Node instances whose agents provision through EC2 (`None`: none; empty: all).
+    pub provisioning: Option<Vec<String>>,
+    /// Instance type of the node instances.
+    pub instance_type: String,
+    pub knobs: crate::fidelity::Knobs,
+}
+
 /// Phase 2 of `up` (in the runtime): provision, build the namespaces, start daemon and agents.
-pub async fn up(
-    mut state: State,
-    agent_env: &[(String, String)],
-    agents: bool,
-    t0: Instant,
-) -> Result<()> {
+pub async fn up(mut state: State, opts: &UpOptions, t0: Instant) -> Result<()> {
     let ec2 = cloud::Ec2::from_env()
         .await
         .context("configuring the EC2 client for moto")?;
-    state.vpc_id = crate::provision::provision_seed(&ec2)
+    opts.knobs.save()?;
+    state.vpc_id = crate::provision::provision_seed(&ec2, &opts.instance_type)
         .await
         .context("provisioning the seed world in moto")?;
     let world = World::load(&ec2, &state.vpc_id)
@@ -165,17 +174,37 @@ pub async fn up(
     tracing::info!(elapsed = ?t0.elapsed(), "namespaces and fabric built");
 
     daemon::spawn(&state)?;
-    tracing::info!(elapsed = ?t0.elapsed(), "lab daemon ready (IMDS, EC2 relay, whoami)");
+    tracing::info!(elapsed = ?t0.elapsed(), knobs = ?opts.knobs, "lab daemon ready (IMDS, EC2 proxy, whoami)");
 
-    if agents {
-        let nodes: Vec<String> = world
-            .instances
-            .iter()
-            .filter(|i| i.node)
-            .map(|i| i.name.clone())
-            .collect();
+    let nodes: Vec<String> = world
+        .instances
+        .iter()
+        .filter(|i| i.node)
+        .map(|i| i.name.clone())
+        .collect();
+    if let Some(p) = &opts.provisioning
+        && let Some(bad) = p.iter().find(|n| !nodes.contains(n))
+    {
+        bail!(
+            "--provisioning names {bad:?}, which is not a node instance of the lab (nodes: {})",
+            nodes.join(", ")
+        );
+    }
+    if opts.agents {
         for n in &nodes {
-            agent_start(n, agent_env, &world.region)?;
+            let mut env = Vec::new();
+            if opts
+                .provisioning
+                .as_ref()
+                .is_some_and(|p| p.is_empty() || p.contains(n))
+            {
+                env.push((
+                    "DISABLE_NETWORK_RESOURCE_PROVISIONING".to_string(),
+                    "false".to_string(),
+                ));
+            }
+            env.extend(opts.agent_env.iter().cloned());
+            agent_start(n, &env, &world.region)?;
         }
         for n in &nodes {
             wait_agent_ready(n, Duration::from_secs(30))?;
@@ -262,7 +291,7 @@ pub fn status() -> Result<()> {
         .map(|s| s.moto.to_string())
         .unwrap_or_else(|_| "?".into());
     println!(
-        "EC2 (moto) at http://{moto_addr}: {}; lab daemon (IMDS, EC2 relay, fabric sync): {}",
+        "EC2 (moto) at http://{moto_addr}: {}; lab daemon (IMDS, EC2 proxy, fabric sync): {}",
         proc_state(PathBuf::from(moto::PID_FILE), moto::MARKER),
         proc_state(run_dir().join("daemon.pid"), DAEMON_MARKER)
     );
@@ -356,15 +385,16 @@ pub fn agent_start(instance: &str, extra: &[(String, String)], region: &str) -> 
         );
     }
     make_node_dirs(instance)?;
-    // Extra env: given now, or what the last start used.
-    let extra: Vec<(String, String)> = if extra.is_empty() {
-        std::fs::read(agent_env_file(instance))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
-    } else {
-        extra.to_vec()
-    };
+    // Extra env: what the last start used, with what is given now on top.
+    let mut merged: Vec<(String, String)> = std::fs::read(agent_env_file(instance))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    for (k, v) in extra {
+        merged.retain(|(mk, _)| mk != k);
+        merged.push((k.clone(), v.clone()));
+    }
+    let extra = merged;
     std::fs::write(agent_env_file(instance), serde_json::to_vec(&extra)?)?;
     let base = inst_dir(instance);
     let mut cmd = ns::command(&ins, agent.to_str().context("agent path is not UTF-8")?)?;

@@ -1,10 +1,10 @@
 //! The lab daemon: keeps the fabric and the instances' interfaces in line with EC2, and serves
-//! IMDS and the EC2 relay inside every instance namespace and the whoami service on the internet.
+//! IMDS and the EC2 fidelity proxy inside every instance namespace and the whoami service on the internet.
 
-use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -12,6 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::ctl::{self, State};
+use crate::ec2proxy::Proxy;
 use crate::world::World;
 use crate::{fabric, ns, procs};
 
@@ -59,34 +60,93 @@ pub fn spawn(state: &State) -> Result<()> {
     Ok(())
 }
 
-/// Serves IMDS and the EC2 relay inside an instance's namespace.
+/// Serves IMDS and the EC2 fidelity proxy inside an instance's namespace.
 fn serve_instance(
     name: &str,
     id: &str,
-    rx: &watch::Receiver<World>,
-    moto: SocketAddr,
+    imds_rx: &watch::Receiver<World>,
+    proxy: &Arc<Proxy>,
 ) -> Result<()> {
     let ins = ns::instance_ns(name);
     let imds_l =
         ns::bind_tcp(&ins, IMDS_ADDR.into()).with_context(|| format!("binding IMDS in {ins}"))?;
     let ec2_l = ns::bind_tcp(&ins, EC2_ADDR.into())
-        .with_context(|| format!("binding the EC2 relay in {ins}"))?;
+        .with_context(|| format!("binding the EC2 proxy in {ins}"))?;
     let imds_l = tokio::net::TcpListener::from_std(imds_l)?;
     let ec2_l = tokio::net::TcpListener::from_std(ec2_l)?;
-    let router = crate::imds::router(rx.clone(), id.to_string());
+    let router = crate::imds::router(imds_rx.clone(), id.to_string());
     let n = name.to_string();
     tokio::spawn(async move {
         if let Err(e) = axum::serve(imds_l, router).await {
             tracing::error!(instance = %n, "IMDS server failed: {e}");
         }
     });
-    tokio::spawn(crate::relay::relay(ec2_l, moto));
+    tokio::spawn(proxy.clone().serve(ec2_l, name.to_string()));
     tracing::info!(
         instance = name,
         instance_id = id,
-        "serving IMDS on 127.0.0.1:1338 and EC2 on 127.0.0.1:1339"
+        "serving IMDS on 127.0.0.1:1338 and the EC2 proxy on 127.0.0.1:1339"
     );
     Ok(())
+}
+
+/// The world the instances see: ENIs attached less than `delay` ago (by `attached_at`) are
+/// not plugged in yet. Also returns when the next one is due.
+pub fn hot_plugged(
+    world: &World,
+    attached_at: &HashMap<String, Instant>,
+    delay: Duration,
+    now: Instant,
+) -> (World, Option<Instant>) {
+    let mut w = world.clone();
+    let mut next: Option<Instant> = None;
+    if delay.is_zero() {
+        return (w, None);
+    }
+    for i in &mut w.instances {
+        i.enis.retain(|e| {
+            let due = attached_at.get(&e.id).map(|t| *t + delay);
+            match due {
+                Some(d) if d > now && e.device_index != 0 => {
+                    next = Some(next.map_or(d, |n| n.min(d)));
+                    false
+                }
+                _ => true,
+            }
+        });
+    }
+    (w, next)
+}
+
+/// EC2 states over time, for IMDS's propagation delay.
+#[derive(Debug, Default)]
+pub struct History {
+    /// (when it became EC2's state, the state), oldest first.
+    states: VecDeque<(Instant, World)>,
+}
+
+impl History {
+    pub fn push(&mut self, at: Instant, w: World) {
+        if self.states.back().is_some_and(|(_, last)| *last == w) {
+            return;
+        }
+        self.states.push_back((at, w));
+    }
+
+    /// The state as it was `delay` ago (the oldest known if the lab is younger than that),
+    /// dropping states nobody can ask for any more; also when the next state becomes due.
+    pub fn as_of(&mut self, delay: Duration, now: Instant) -> (Option<World>, Option<Instant>) {
+        let cut = now.checked_sub(delay);
+        // Drop states superseded before the cut.
+        while self.states.len() > 1 && cut.is_some_and(|c| self.states[1].0 <= c) {
+            self.states.pop_front();
+        }
+        let Some((_, w)) = self.states.front() else {
+            return (None, None);
+        };
+        let next = self.states.get(1).map(|(t, _)| *t + delay);
+        (Some(w.clone()), next)
+    }
 }
 
 /// The internet host's whoami: answers every TCP connection with the peer's address.
@@ -137,28 +197,45 @@ pub async fn run() -> Result<()> {
     let (applied, r) = apply(&world, fabric::Applied::default()).await;
     r?;
     let mut applied = applied;
+    let mut applied_world = world.clone();
     ctl::write_world(&world)?;
-    let (tx, rx) = watch::channel(world.clone());
+    // EC2's state (for the proxy), what IMDS serves (delayed), what the fabric shows.
+    let (ec2_tx, ec2_rx) = watch::channel(world.clone());
+    let (imds_tx, imds_rx) = watch::channel(world.clone());
+    let proxy = Proxy::new(
+        state.moto,
+        &state.region,
+        ec2_rx,
+        crate::fidelity::Knobs::path(),
+        Some(crate::fidelity::stats_path()),
+    );
+    let mut history = History::default();
+    history.push(Instant::now(), world.clone());
     let mut served = BTreeSet::new();
     for i in &world.instances {
-        serve_instance(&i.name, &i.id, &rx, state.moto)?;
+        serve_instance(&i.name, &i.id, &imds_rx, &proxy)?;
         served.insert(i.name.clone());
     }
     serve_whoami()?;
     std::fs::write(ready_file(), format!("{}\n", std::process::id()))?;
-    tracing::info!(vpc = %state.vpc_id, "lab daemon ready");
+    tracing::info!(vpc = %state.vpc_id, knobs = ?proxy.knobs().0, "lab daemon ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut due: Option<Instant> = None;
+    let mut failed = false;
     loop {
+        let wake = due.map_or(Duration::from_secs(1), |d| {
+            d.saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(1))
+        });
         tokio::select! {
             _ = term.recv() => {
                 tracing::info!("SIGTERM: lab daemon exiting");
                 return Ok(());
             }
             _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = tick.tick() => {}
+            _ = proxy.kick.notified() => {}
+            _ = tokio::time::sleep(wake) => {}
         }
         let new = match World::load(&ec2, &state.vpc_id).await {
             Ok(w) => w,
@@ -167,21 +244,58 @@ pub async fn run() -> Result<()> {
                 continue;
             }
         };
-        if new == *tx.borrow() {
+        let now = Instant::now();
+        let (knobs, _) = proxy.knobs();
+        history.push(now, new.clone());
+        ec2_tx.send_if_modified(|w| {
+            if *w != new {
+                *w = new.clone();
+                true
+            } else {
+                false
+            }
+        });
+        // IMDS: EC2's state as it was imds_delay ago.
+        let (imds_world, imds_next) = history.as_of(crate::fidelity::ms(knobs.imds_delay_ms), now);
+        if let Some(iw) = imds_world {
+            imds_tx.send_if_modified(|w| {
+                if *w != iw {
+                    tracing::info!(
+                        delay_ms = knobs.imds_delay_ms,
+                        "IMDS now serves a newer EC2 state"
+                    );
+                    *w = iw;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        // The fabric and the instances' interfaces: hot-plug after attach_delay.
+        let (visible, plug_next) = hot_plugged(
+            &new,
+            &proxy.attach_times(),
+            crate::fidelity::ms(knobs.attach_delay_ms),
+            now,
+        );
+        due = [imds_next, plug_next].into_iter().flatten().min();
+        if visible == applied_world && !failed {
             continue;
         }
         tracing::info!("EC2 state changed: re-applying the fabric and instance interfaces");
-        let (a, r) = apply(&new, applied).await;
+        let (a, r) = apply(&visible, applied).await;
         applied = a;
         if let Err(e) = r {
             tracing::error!("applying the new world: {e:#}");
             // Retry from scratch on the next tick.
             applied = fabric::Applied::default();
+            failed = true;
             continue;
         }
-        for i in &new.instances {
+        failed = false;
+        for i in &visible.instances {
             if !served.contains(&i.name) {
-                match serve_instance(&i.name, &i.id, &rx, state.moto) {
+                match serve_instance(&i.name, &i.id, &imds_rx, &proxy) {
                     Ok(()) => {
                         served.insert(i.name.clone());
                     }
@@ -189,9 +303,57 @@ pub async fn run() -> Result<()> {
                 }
             }
         }
-        if let Err(e) = ctl::write_world(&new) {
+        if let Err(e) = ctl::write_world(&visible) {
             tracing::error!("writing world.json: {e:#}");
         }
-        tx.send_replace(new);
+        applied_world = visible;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hot_plug_hides_fresh_attachments_until_due() {
+        let w = crate::world::tests::sample();
+        let t0 = Instant::now();
+        let mut at = HashMap::new();
+        at.insert("eni-1".to_string(), t0);
+        let d = Duration::from_millis(500);
+        let (v, next) = hot_plugged(&w, &at, d, t0 + Duration::from_millis(100));
+        assert_eq!(v.instances[0].enis.len(), 1, "eth1 not plugged yet");
+        assert_eq!(next, Some(t0 + d));
+        let (v, next) = hot_plugged(&w, &at, d, t0 + d);
+        assert_eq!(v, w);
+        assert_eq!(next, None);
+        let (v, _) = hot_plugged(&w, &at, Duration::ZERO, t0);
+        assert_eq!(v, w, "no delay: as EC2 says");
+    }
+
+    #[test]
+    fn history_serves_the_state_of_delay_ago() {
+        let t0 = Instant::now();
+        let a = crate::world::tests::sample();
+        let mut b = a.clone();
+        b.instances[0].enis[0].secondary_ips.clear();
+        let mut h = History::default();
+        h.push(t0, a.clone());
+        h.push(t0 + Duration::from_secs(1), b.clone());
+        h.push(t0 + Duration::from_secs(2), b.clone()); // unchanged: not a new state
+        let d = Duration::from_secs(10);
+        let (w, next) = h.as_of(d, t0 + Duration::from_secs(5));
+        assert_eq!(
+            w,
+            Some(a.clone()),
+            "5 s in, 10 s behind: still the first state"
+        );
+        assert_eq!(next, Some(t0 + Duration::from_secs(11)));
+        let (w, next) = h.as_of(d, t0 + Duration::from_secs(11));
+        assert_eq!(w, Some(b.clone()));
+        assert_eq!(next, None);
+        assert_eq!(h.states.len(), 1, "superseded states dropped");
+        let (w, _) = h.as_of(Duration::ZERO, t0 + Duration::from_secs(11));
+        assert_eq!(w, Some(b));
     }
 }

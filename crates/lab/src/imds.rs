@@ -479,7 +479,9 @@ mod tests {
             return;
         };
         let ec2 = cloud::Ec2::for_endpoint(&moto.endpoint(), "us-west-2");
-        let vpc = crate::provision::provision_seed(&ec2).await.unwrap();
+        let vpc = crate::provision::provision_seed(&ec2, crate::provision::INSTANCE_TYPE)
+            .await
+            .unwrap();
         let world = World::load(&ec2, &vpc).await.unwrap();
         let i1 = world.instance("instance1").unwrap().id.clone();
         let (_tx, rx) = watch::channel(world);

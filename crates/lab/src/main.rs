@@ -2,7 +2,9 @@
 
 mod ctl;
 mod daemon;
+mod ec2proxy;
 mod fabric;
+mod fidelity;
 mod imds;
 mod matrix;
 mod moto;
@@ -10,7 +12,6 @@ mod ns;
 mod pods;
 mod procs;
 mod provision;
-mod relay;
 mod world;
 
 use std::os::unix::process::ExitStatusExt;
@@ -47,7 +48,39 @@ enum Cmd {
         /// Do not start the agents (bring up EC2, fabric, IMDS only).
         #[arg(long)]
         no_agents: bool,
+        /// Agents provision ENIs and IPs through EC2 (DISABLE_NETWORK_RESOURCE_PROVISIONING=false):
+        /// all node instances, or only those listed (comma-separated).
+        #[arg(long, value_name = "INSTANCES", num_args = 0..=1, default_missing_value = "")]
+        provisioning: Option<String>,
+        /// Instance type of the node instances (instance1, instance2).
+        #[arg(long, default_value = provision::INSTANCE_TYPE)]
+        instance_type: String,
+        /// Fraction (0..=1) of EC2 calls answered 503 RequestLimitExceeded or 500 InternalError.
+        #[arg(long, default_value = "0")]
+        ec2_error_rate: String,
+        /// Latency added to every EC2 call.
+        #[arg(long, default_value = "0")]
+        ec2_latency_ms: String,
+        /// EC2 throttling: off, ec2 (EC2's default token buckets), or BURST/PER_SECOND per API.
+        #[arg(long, default_value = "off")]
+        ec2_throttle: String,
+        /// IMDS serves the EC2 state of this long ago.
+        #[arg(long, default_value = "0")]
+        imds_delay_ms: String,
+        /// An attached ENI's interface appears in the instance this long after the attach.
+        #[arg(long, default_value = "0")]
+        attach_delay_ms: String,
+        /// Addresses each subnet can still hand out (default unlimited).
+        #[arg(long, default_value = "unlimited")]
+        subnet_free: String,
     },
+    /// Show or change the EC2/IMDS fidelity knobs of the running lab (`set key=value …`).
+    Fidelity {
+        #[command(subcommand)]
+        cmd: FidelityCmd,
+    },
+    /// EC2 calls seen by the lab's EC2 proxy, by instance and API (JSON).
+    Ec2Stats,
     /// Remove every namespace, process and file of the lab.
     Down,
     /// Instances, ENIs, their IPs and which pod holds which IP.
@@ -81,6 +114,18 @@ enum Cmd {
     },
     /// Add the demo pods, print the routing state, run the matrix with negatives, delete them.
     Demo,
+}
+
+#[derive(Debug, Subcommand)]
+enum FidelityCmd {
+    /// Print the knobs in effect (JSON).
+    Show,
+    /// Change knobs: ec2-error-rate, ec2-latency-ms, ec2-throttle, imds-delay-ms,
+    /// attach-delay-ms, subnet-free.
+    Set {
+        #[arg(value_name = "KEY=VALUE", value_parser = parse_kv, required = true)]
+        settings: Vec<(String, String)>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,7 +179,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("vpc-lab: error: {e:#}");
-            ExitCode::FAILURE
+            // A failed CNI call exits with the plugin's CNI error code (11: try again later).
+            match e.downcast_ref::<pods::CniFailure>() {
+                Some(f) if (1..=255).contains(&f.code) => ExitCode::from(f.code as u8),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -145,11 +194,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Up {
             agent_env,
             no_agents,
+            provisioning,
+            instance_type,
+            ec2_error_rate,
+            ec2_latency_ms,
+            ec2_throttle,
+            imds_delay_ms,
+            attach_delay_ms,
+            subnet_free,
         } => {
             let t0 = Instant::now();
+            let mut knobs = fidelity::Knobs::default();
+            for (k, v) in [
+                ("ec2-error-rate", &ec2_error_rate),
+                ("ec2-latency-ms", &ec2_latency_ms),
+                ("ec2-throttle", &ec2_throttle),
+                ("imds-delay-ms", &imds_delay_ms),
+                ("attach-delay-ms", &attach_delay_ms),
+                ("subnet-free", &subnet_free),
+            ] {
+                knobs.set(k, v).with_context(|| format!("--{k}"))?;
+            }
+            let opts = ctl::UpOptions {
+                agent_env,
+                agents: !no_agents,
+                provisioning: provisioning.map(|p| {
+                    p.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                }),
+                instance_type,
+                knobs,
+            };
             let state = ctl::up_prepare()?;
             ctl::set_sdk_env(state.moto, &state.region);
-            let r = runtime()?.block_on(ctl::up(state, &agent_env, !no_agents, t0));
+            let r = runtime()?.block_on(ctl::up(state, &opts, t0));
             if let Err(e) = r {
                 bail!(
                     "{e:#}\n(the lab is left as it is for inspection; `vpc-lab down` removes it)"
@@ -157,6 +238,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Down => ctl::down()?,
+        Cmd::Fidelity { cmd } => {
+            ctl::State::load()?;
+            let mut k = fidelity::Knobs::load()?;
+            if let FidelityCmd::Set { settings } = cmd {
+                for (key, v) in &settings {
+                    k.set(key, v)?;
+                }
+                k.save()?;
+                tracing::info!(knobs = ?k, "fidelity knobs saved");
+            }
+            println!("{}", serde_json::to_string_pretty(&k)?);
+        }
+        Cmd::Ec2Stats => {
+            ctl::State::load()?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&fidelity::load_stats()?)?
+            );
+        }
         Cmd::Status => ctl::status()?,
         Cmd::Daemon => runtime()?.block_on(daemon::run())?,
         Cmd::Pod { cmd } => match cmd {

@@ -342,6 +342,15 @@ fn check_instance(instance: &str) -> Result<()> {
     Ok(())
 }
 
+/// A CNI call that the plugin answered with an error; `vpc-lab` exits with its code.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} failed (CNI error code {code}): {output}")]
+pub struct CniFailure {
+    pub code: u32,
+    pub what: String,
+    pub output: String,
+}
+
 /// `vpc-lab pod add`. Prints the result (pretty, or on one line when `compact`); fails (after
 /// cleaning up) when the plugin fails.
 pub fn add(instance: &str, pod: &str, compact: bool) -> Result<PodRecord> {
@@ -394,7 +403,16 @@ pub fn add(instance: &str, pod: &str, compact: bool) -> Result<PodRecord> {
                 }
             }
             let _ = ns::del(&netns_name);
-            bail!("CNI ADD of {pod} on {instance} failed: {}", c.stdout.trim());
+            let code = serde_json::from_str::<Value>(&c.stdout)
+                .ok()
+                .and_then(|v| v["code"].as_u64())
+                .unwrap_or(0) as u32;
+            return Err(CniFailure {
+                code,
+                what: format!("CNI ADD of {pod} on {instance}"),
+                output: c.stdout.trim().to_string(),
+            }
+            .into());
         }
         let v: Value = serde_json::from_str(&c.stdout)
             .with_context(|| format!("the plugin's ADD result is not JSON: {:?}", c.stdout))?;

@@ -129,7 +129,8 @@ async fn assign_exact(ec2: &Ec2, eni: &str, ips: &[Ipv4Addr]) -> Result<()> {
 
 /// Creates the seed's VPC, subnets, security group, instances, ENIs and secondary IPs.
 /// Fails if the lab's VPC already exists (the lab starts from an empty EC2).
-pub async fn provision_seed(ec2: &Ec2) -> Result<String> {
+/// Node instances (role `node`) get `node_type`; the VPC host is always [`INSTANCE_TYPE`].
+pub async fn provision_seed(ec2: &Ec2, node_type: &str) -> Result<String> {
     if let Some(vpc) = find_lab_vpc(ec2).await? {
         bail!("the lab's VPC already exists in EC2 ({vpc}); start from a fresh EC2 (moto)");
     }
@@ -164,7 +165,11 @@ pub async fn provision_seed(ec2: &Ec2) -> Result<String> {
             .run_instance(
                 IMAGE_ID,
                 subnet,
-                INSTANCE_TYPE,
+                if s.role == ROLE_NODE {
+                    node_type
+                } else {
+                    INSTANCE_TYPE
+                },
                 Some(s.primary),
                 &sgs,
                 &tags(&[(TAG_NAME, s.name), (TAG_ROLE, s.role)]),
@@ -253,12 +258,15 @@ mod tests {
             return;
         };
         let ec2 = Ec2::for_endpoint(&moto.endpoint(), "us-west-2");
-        let vpc = provision_seed(&ec2).await.unwrap();
+        let vpc = provision_seed(&ec2, INSTANCE_TYPE).await.unwrap();
         assert_eq!(
             find_lab_vpc(&ec2).await.unwrap().as_deref(),
             Some(vpc.as_str())
         );
-        let err = provision_seed(&ec2).await.unwrap_err().to_string();
+        let err = provision_seed(&ec2, INSTANCE_TYPE)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("already exists") && err.contains(&vpc),
             "{err}"
