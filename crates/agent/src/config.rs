@@ -36,6 +36,10 @@ pub struct Config {
     pub plugin_log_level: String,
     pub log_file: String,
     pub log_level: String,
+    /// `None` when DISABLE_METRICS=true.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `None` when DISABLE_INTROSPECTION=true.
+    pub introspection_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -254,7 +258,25 @@ pub fn from_env(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
         }
     };
 
+    let addr = |var: &'static str, default: &str| -> Result<std::net::SocketAddr, ConfigError> {
+        let v = env.string(var, default);
+        v.parse()
+            .map_err(|_| err(var, &v, "expected an address such as 127.0.0.1:61679"))
+    };
+    let metrics_addr = if env.boolean("DISABLE_METRICS", false)? {
+        None
+    } else {
+        Some(addr("METRICS_BIND_ADDRESS", "0.0.0.0:61678")?)
+    };
+    let introspection_addr = if env.boolean("DISABLE_INTROSPECTION", false)? {
+        None
+    } else {
+        Some(addr("INTROSPECTION_BIND_ADDRESS", "127.0.0.1:61679")?)
+    };
+
     Ok(Config {
+        metrics_addr,
+        introspection_addr,
         provisioning,
         warm_eni_target,
         warm_ip_target,
@@ -367,6 +389,7 @@ mod tests {
             ("ENABLE_PREFIX_DELEGATION", "true"),
             ("ENABLE_IPv6", "true"),
             ("MAX_ENI", "1000"),
+            ("INTROSPECTION_BIND_ADDRESS", "localhost"),
             ("ADDITIONAL_ENI_TAGS", "{not json"),
             ("ADDITIONAL_ENI_TAGS", r#"{"node.k8s.amazonaws.com/x":"y"}"#),
         ] {

@@ -6,6 +6,7 @@ mod checkpoint;
 mod cloud_api;
 mod config;
 mod host;
+mod http;
 mod install;
 mod provision;
 mod server;
@@ -103,12 +104,26 @@ async fn run() -> anyhow::Result<()> {
     );
     let state = Arc::new(Mutex::new(state));
 
-    if let Some(ec2) = ec2 {
-        let provisioner = provisioner(&cfg, &md, ec2, state.clone()).await?;
+    let mut limits = None;
+    if let Some(ec2) = &ec2 {
+        let provisioner = provisioner(&cfg, &md, ec2.clone(), state.clone()).await?;
+        limits = Some(provisioner.settings.limits);
         if let Err(e) = provisioner.recover().await {
             warn!("recovering unfinished ENI operations: {e}; will retry");
         }
         tokio::spawn(provisioner.run());
+    }
+    let shared = http::Shared {
+        state: state.clone(),
+        counters: Arc::new(http::Counters::default()),
+        ec2,
+        limits,
+    };
+    if let Some(addr) = cfg.metrics_addr {
+        tokio::spawn(http::serve_metrics(addr, shared.clone()));
+    }
+    if let Some(addr) = cfg.introspection_addr {
+        tokio::spawn(http::serve_introspection(addr, shared.clone()));
     }
 
     let listener = server::bind(&cfg.socket)?;
@@ -131,7 +146,7 @@ async fn run() -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let result = tokio::select! {
-        r = server::serve(listener, state) => r.context("plugin socket"),
+        r = server::serve(listener, state, shared.counters.clone()) => r.context("plugin socket"),
         _ = term.recv() => { info!("SIGTERM: shutting down"); Ok(()) }
         _ = int.recv() => { info!("SIGINT: shutting down"); Ok(()) }
     };

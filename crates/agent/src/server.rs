@@ -11,7 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
+use crate::http::Counters;
 use crate::state::State;
+use std::sync::atomic::Ordering;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -59,19 +61,28 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
 }
 
 /// Serves connections until the listener fails.
-pub async fn serve(listener: UnixListener, state: Arc<Mutex<State>>) -> std::io::Result<()> {
+pub async fn serve(
+    listener: UnixListener,
+    state: Arc<Mutex<State>>,
+    counters: Arc<Counters>,
+) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let state = state.clone();
+        let counters = counters.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, state).await {
+            if let Err(e) = connection(stream, state, counters).await {
                 debug!("plugin connection ended early: {e}");
             }
         });
     }
 }
 
-async fn connection(mut stream: UnixStream, state: Arc<Mutex<State>>) -> std::io::Result<()> {
+async fn connection(
+    mut stream: UnixStream,
+    state: Arc<Mutex<State>>,
+    counters: Arc<Counters>,
+) -> std::io::Result<()> {
     let len = stream.read_u32().await? as usize;
     let response = if len > proto::MAX_FRAME {
         Response::Error {
@@ -85,14 +96,26 @@ async fn connection(mut stream: UnixStream, state: Arc<Mutex<State>>) -> std::io
         let mut payload = vec![0u8; len];
         stream.read_exact(&mut payload).await?;
         match proto::decode::<Request>(&payload) {
-            Ok(req) => tokio::task::spawn_blocking(move || {
-                state.lock().unwrap_or_else(|p| p.into_inner()).handle(req)
-            })
-            .await
-            .unwrap_or_else(|e| Response::Error {
-                code: 999,
-                message: format!("agent request handler failed: {e}"),
-            }),
+            Ok(req) => {
+                match &req {
+                    Request::Add { .. } => counters.add.fetch_add(1, Ordering::Relaxed),
+                    Request::Del { .. } => counters.del.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+                let is_add = matches!(req, Request::Add { .. });
+                let resp = tokio::task::spawn_blocking(move || {
+                    state.lock().unwrap_or_else(|p| p.into_inner()).handle(req)
+                })
+                .await
+                .unwrap_or_else(|e| Response::Error {
+                    code: 999,
+                    message: format!("agent request handler failed: {e}"),
+                });
+                if is_add && matches!(&resp, Response::Error { code: 11, .. }) {
+                    counters.no_address.fetch_add(1, Ordering::Relaxed);
+                }
+                resp
+            }
             Err(e @ ProtoError::Version { .. }) => Response::Error {
                 code: 1,
                 message: format!("{e}; install the vpc-cni plugin that ships with this agent"),
