@@ -142,6 +142,8 @@ pub struct UpOptions {
     pub provisioning: Option<Vec<String>>,
     /// Instance type of the node instances.
     pub instance_type: String,
+    /// Node instances start with their primary address only (like a new EC2 instance).
+    pub fresh_nodes: bool,
     pub knobs: crate::fidelity::Knobs,
 }
 
@@ -151,7 +153,7 @@ pub async fn up(mut state: State, opts: &UpOptions, t0: Instant) -> Result<()> {
         .await
         .context("configuring the EC2 client for moto")?;
     opts.knobs.save()?;
-    state.vpc_id = crate::provision::provision_seed(&ec2, &opts.instance_type)
+    state.vpc_id = crate::provision::provision_seed(&ec2, &opts.instance_type, opts.fresh_nodes)
         .await
         .context("provisioning the seed world in moto")?;
     let world = World::load(&ec2, &state.vpc_id)

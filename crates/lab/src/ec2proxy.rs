@@ -578,7 +578,7 @@ mod tests {
             return;
         };
         let direct = cloud::Ec2::for_endpoint(&moto.endpoint(), "us-west-2");
-        let vpc = crate::provision::provision_seed(&direct, crate::provision::INSTANCE_TYPE)
+        let vpc = crate::provision::provision_seed(&direct, crate::provision::INSTANCE_TYPE, false)
             .await
             .unwrap();
         let world = World::load(&direct, &vpc).await.unwrap();

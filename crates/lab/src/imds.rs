@@ -479,7 +479,7 @@ mod tests {
             return;
         };
         let ec2 = cloud::Ec2::for_endpoint(&moto.endpoint(), "us-west-2");
-        let vpc = crate::provision::provision_seed(&ec2, crate::provision::INSTANCE_TYPE)
+        let vpc = crate::provision::provision_seed(&ec2, crate::provision::INSTANCE_TYPE, false)
             .await
             .unwrap();
         let world = World::load(&ec2, &vpc).await.unwrap();

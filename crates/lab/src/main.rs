@@ -55,6 +55,10 @@ enum Cmd {
         /// Instance type of the node instances (instance1, instance2).
         #[arg(long, default_value = provision::INSTANCE_TYPE)]
         instance_type: String,
+        /// Node instances start like a new EC2 instance: primary ENI and address only (no
+        /// secondary IPs, no second ENI). The seed's demo needs the default layout.
+        #[arg(long)]
+        fresh_nodes: bool,
         /// Fraction (0..=1) of EC2 calls answered 503 RequestLimitExceeded or 500 InternalError.
         #[arg(long, default_value = "0")]
         ec2_error_rate: String,
@@ -196,6 +200,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             no_agents,
             provisioning,
             instance_type,
+            fresh_nodes,
             ec2_error_rate,
             ec2_latency_ms,
             ec2_throttle,
@@ -226,6 +231,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         .collect()
                 }),
                 instance_type,
+                fresh_nodes,
                 knobs,
             };
             let state = ctl::up_prepare()?;

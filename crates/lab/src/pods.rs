@@ -12,7 +12,7 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -383,23 +383,33 @@ pub fn add(instance: &str, pod: &str, compact: bool) -> Result<PodRecord> {
         )?;
         total += c.ms;
         if !c.ok {
-            // Like a runtime: tear down what may have been set up, then forget the pod.
+            // Like a runtime: tear down what may have been set up (retrying a failed DEL for
+            // up to 10 s, as kubelet retries a sandbox teardown), then forget the pod.
             for p in conf.plugins.iter().rev() {
-                if let Ok(d) = call_plugin(
-                    instance,
-                    &conf,
-                    p,
-                    "DEL",
-                    &cid,
-                    &netns,
-                    (&pns, &pname),
-                    None,
-                ) && !d.ok
-                {
-                    eprintln!(
-                        "clean-up DEL after the failed ADD also failed: {}",
-                        d.stdout.trim()
-                    );
+                let t = Instant::now();
+                loop {
+                    match call_plugin(
+                        instance,
+                        &conf,
+                        p,
+                        "DEL",
+                        &cid,
+                        &netns,
+                        (&pns, &pname),
+                        None,
+                    ) {
+                        Ok(d) if d.ok => break,
+                        Ok(d) => eprintln!(
+                            "clean-up DEL after the failed ADD also failed: {}",
+                            d.stdout.trim()
+                        ),
+                        Err(e) => eprintln!("clean-up DEL after the failed ADD: {e:#}"),
+                    }
+                    if t.elapsed() > Duration::from_secs(10) {
+                        eprintln!("giving up the clean-up DEL of {pod} after 10 s");
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
                 }
             }
             let _ = ns::del(&netns_name);

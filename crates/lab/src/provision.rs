@@ -130,7 +130,9 @@ async fn assign_exact(ec2: &Ec2, eni: &str, ips: &[Ipv4Addr]) -> Result<()> {
 /// Creates the seed's VPC, subnets, security group, instances, ENIs and secondary IPs.
 /// Fails if the lab's VPC already exists (the lab starts from an empty EC2).
 /// Node instances (role `node`) get `node_type`; the VPC host is always [`INSTANCE_TYPE`].
-pub async fn provision_seed(ec2: &Ec2, node_type: &str) -> Result<String> {
+/// With `fresh_nodes`, node instances start as a new EC2 instance does: the primary ENI and
+/// its primary address only (no secondary IPs, no second ENI).
+pub async fn provision_seed(ec2: &Ec2, node_type: &str, fresh_nodes: bool) -> Result<String> {
     if let Some(vpc) = find_lab_vpc(ec2).await? {
         bail!("the lab's VPC already exists in EC2 ({vpc}); start from a fresh EC2 (moto)");
     }
@@ -189,9 +191,12 @@ pub async fn provision_seed(ec2: &Ec2, node_type: &str) -> Result<String> {
             .with_context(|| format!("{} ({}) has no ENI at device index 0", s.name, inst.id))?
             .id
             .clone();
-        assign_exact(ec2, &primary_eni, s.secondaries).await?;
+        let fresh = fresh_nodes && s.role == ROLE_NODE;
+        if !fresh {
+            assign_exact(ec2, &primary_eni, s.secondaries).await?;
+        }
 
-        for x in s.extra_enis {
+        for x in s.extra_enis.iter().filter(|_| !fresh) {
             let eni = ec2
                 .create_network_interface(&NewEni {
                     subnet_id: subnet.clone(),
@@ -258,12 +263,12 @@ mod tests {
             return;
         };
         let ec2 = Ec2::for_endpoint(&moto.endpoint(), "us-west-2");
-        let vpc = provision_seed(&ec2, INSTANCE_TYPE).await.unwrap();
+        let vpc = provision_seed(&ec2, INSTANCE_TYPE, false).await.unwrap();
         assert_eq!(
             find_lab_vpc(&ec2).await.unwrap().as_deref(),
             Some(vpc.as_str())
         );
-        let err = provision_seed(&ec2, INSTANCE_TYPE)
+        let err = provision_seed(&ec2, INSTANCE_TYPE, false)
             .await
             .unwrap_err()
             .to_string();
