@@ -94,6 +94,16 @@ async fn run() -> anyhow::Result<()> {
     for w in state.restore(&cp) {
         warn!("{w}");
     }
+    // Pods whose DEL ran while the agent was down were torn down from their prevResult by
+    // the plugin; their addresses are still allocated here. Release them.
+    match tokio::task::spawn_blocking(dataplane::wired_pod_ips).await? {
+        Ok(wired) => {
+            for (key, ip) in state.prune_unwired(&wired, 60_000) {
+                warn!(%key, %ip, "released: no pod on this node is wired to the address (deleted while the agent was down)");
+            }
+        }
+        Err(e) => warn!("cannot list the node's pod routes; not pruning: {e}"),
+    }
     let s = state.pool().stats(state::now_ms());
     info!(
         restored = cp.allocations.len(),

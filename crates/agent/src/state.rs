@@ -140,6 +140,35 @@ impl State {
         warnings
     }
 
+    /// Releases allocations whose address no pod on this node is wired to (no host route),
+    /// e.g. because the runtime's DEL ran while the agent was down and tore the pod down from
+    /// its prevResult. Allocations younger than `min_age_ms` are kept: their ADD may still be
+    /// wiring the pod. Returns what was released.
+    pub fn prune_unwired(
+        &mut self,
+        wired: &std::collections::BTreeSet<Ipv4Addr>,
+        min_age_ms: u64,
+    ) -> Vec<(AttachmentKey, Ipv4Addr)> {
+        let now = (self.clock)();
+        let stale: Vec<(AttachmentKey, Ipv4Addr)> = self
+            .pool
+            .assignments()
+            .into_iter()
+            .filter(|(_, a)| !wired.contains(&a.ip) && now.saturating_sub(a.since_ms) >= min_age_ms)
+            .map(|(k, a)| (k, a.ip))
+            .collect();
+        for (key, _) in &stale {
+            self.pool.release(key, now);
+            self.pods.remove(key);
+        }
+        if !stale.is_empty()
+            && let Err(e) = self.save()
+        {
+            warn!("writing the checkpoint after pruning: {e}");
+        }
+        stale
+    }
+
     fn snapshot(&self) -> Checkpoint {
         let mut allocations: Vec<AllocationRecord> = self
             .pool
@@ -493,6 +522,26 @@ mod tests {
             (0, 2),
             "nothing was handed out"
         );
+    }
+
+    #[test]
+    fn allocations_without_a_wired_pod_are_pruned_unless_young() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir);
+        let a = ip_of(&s.handle(add("a")));
+        let b = ip_of(&s.handle(add("b")));
+        let wired = std::collections::BTreeSet::from([a]);
+        // Both were assigned "now": too young to prune.
+        assert!(s.prune_unwired(&wired, 60_000).is_empty());
+        // With no minimum age, b (not wired) goes, a stays.
+        assert_eq!(s.prune_unwired(&wired, 0), vec![(key("b"), b)]);
+        assert!(matches!(
+            s.handle(Request::Check { key: key("a") }),
+            Response::Checked { .. }
+        ));
+        let saved = checkpoint::load(&dir.path().join("ipam.json")).unwrap();
+        assert_eq!(saved.allocations.len(), 1);
+        assert_eq!(saved.cooldowns.len(), 1, "the pruned address cools down");
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub use netns::{NetNs, NetnsError};
 pub use ops::{NetError, NetOps};
 pub use pod::{
     PodLinks, PodSpec, PodTeardown, check_pod, check_pod_with, setup_pod, setup_pod_with,
-    teardown_pod, teardown_pod_with,
+    teardown_pod, teardown_pod_with, wired_pod_ips, wired_pod_ips_with,
 };
 pub use snat::{NFT_TABLE, Randomize, SnatConfig, apply_snat, remove_snat, snat_ruleset};
 

@@ -553,3 +553,19 @@ pub fn teardown_pod_with<N: NetOps>(
 
 #[cfg(test)]
 mod tests;
+
+/// The addresses this node's data path serves: every `<ip>/32` in the to-pod table. An
+/// allocation whose address is not here has no pod wired on the node.
+pub fn wired_pod_ips() -> Result<std::collections::BTreeSet<Ipv4Addr>, DataplaneError> {
+    wired_pod_ips_with(&mut crate::netlink::Netlink::new()?)
+}
+
+pub fn wired_pod_ips_with<N: NetOps>(
+    n: &mut N,
+) -> Result<std::collections::BTreeSet<Ipv4Addr>, DataplaneError> {
+    Ok(n.routes(Some(TO_POD_TABLE))?
+        .into_iter()
+        .filter(|r| r.dst.prefix_len() == 32)
+        .map(|r| r.dst.addr())
+        .collect())
+}

@@ -483,3 +483,19 @@ fn eni_setup_errors_name_the_problem() {
             .contains("zz")
     );
 }
+
+#[test]
+fn wired_pod_ips_follow_setup_and_teardown() {
+    let (_w, mut h, mut p) = world();
+    assert!(wired_pod_ips_with(&mut h).unwrap().is_empty());
+    setup_pod_with(&mut h, &mut p, &spec(3)).unwrap();
+    assert_eq!(
+        wired_pod_ips_with(&mut h)
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec![IP]
+    );
+    teardown_pod_with(&mut h, Some(&mut p), &td(Some("enia1b2c3d4e5f"))).unwrap();
+    assert!(wired_pod_ips_with(&mut h).unwrap().is_empty());
+}
