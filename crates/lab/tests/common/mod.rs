@@ -51,6 +51,24 @@ pub struct Down;
 
 impl Drop for Down {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Keep the lab's logs for diagnosis before `down` removes them.
+            let keep = std::env::temp_dir().join("vpc-lab-failed");
+            let _ = std::fs::remove_dir_all(&keep);
+            let _ = Command::new("cp")
+                .args(["-r", "/run/vpc-lab"])
+                .arg(&keep)
+                .status();
+            let _ = Command::new(LAB)
+                .arg("status")
+                .stdout(
+                    std::fs::File::create(keep.join("status.txt"))
+                        .map(std::process::Stdio::from)
+                        .unwrap_or_else(|_| std::process::Stdio::null()),
+                )
+                .status();
+            eprintln!("the lab's files and logs are kept in {}", keep.display());
+        }
         let _ = Command::new(LAB).arg("down").status();
     }
 }
@@ -158,4 +176,295 @@ pub fn assert_root_untouched() {
             );
         }
     }
+}
+
+/// Skips (returns false, printing why) unless running as root with the binaries built.
+pub fn can_run_lab(test: &str) -> bool {
+    if !is_root() {
+        eprintln!("SKIP {test}: needs root (network namespaces)");
+        return false;
+    }
+    for b in ["vpc-cni-agent", "vpc-cni"] {
+        if !bin_dir().join(b).is_file() {
+            eprintln!(
+                "SKIP {test}: {} is not built (run `cargo build --workspace --bins`)",
+                bin_dir().join(b).display()
+            );
+            return false;
+        }
+    }
+    true
+}
+
+/// Runs `vpc-lab args…` quietly (output returned, not echoed).
+pub fn lab_quiet(args: &[&str]) -> Output {
+    Command::new(LAB)
+        .args(args)
+        .output()
+        .expect("running vpc-lab")
+}
+
+/// The result of one `vpc-lab pod add`.
+#[derive(Debug)]
+pub enum Add {
+    Ok(std::net::Ipv4Addr),
+    /// The plugin's CNI error code (the exit code) and what it said.
+    Failed(i32, String),
+}
+
+/// One `vpc-lab pod add`; returns the pod's IPv4 address or the exit code and message.
+pub fn pod_add_once(instance: &str, pod: &str) -> Add {
+    let out = lab_quiet(&["pod", "add", instance, pod]);
+    if out.status.success() {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "ADD result of {pod} is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        let a = v["ips"][0]["address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("ADD result of {pod} has no address: {v}"));
+        let ip = a
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .expect("an IPv4 address");
+        return Add::Ok(ip);
+    }
+    Add::Failed(
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// ADD like a runtime: retried (short sleep) while the plugin answers code 11 ("try again",
+/// the pool is refilling) or the agent is restarting, up to `timeout`. Returns the address
+/// and how many attempts failed.
+pub fn pod_add_retry(
+    instance: &str,
+    pod: &str,
+    timeout: std::time::Duration,
+) -> (std::net::Ipv4Addr, u32) {
+    let t = std::time::Instant::now();
+    let mut failures = 0;
+    loop {
+        match pod_add_once(instance, pod) {
+            Add::Ok(ip) => return (ip, failures),
+            Add::Failed(code, msg) => {
+                failures += 1;
+                assert!(
+                    t.elapsed() < timeout,
+                    "ADD {pod} on {instance} still failing after {:?} ({failures} attempts); last: code {code}: {msg}",
+                    t.elapsed()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// DEL, retried while it fails (e.g. the agent is restarting), up to `timeout`.
+pub fn pod_del_retry(instance: &str, pod: &str, timeout: std::time::Duration) {
+    let t = std::time::Instant::now();
+    loop {
+        let out = lab_quiet(&["pod", "del", instance, pod]);
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "DEL {pod} on {instance} still failing after {:?}: {}",
+            t.elapsed(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// The lab's world.json.
+pub fn world() -> serde_json::Value {
+    let s =
+        std::fs::read_to_string("/run/vpc-lab/world.json").expect("world.json (is the lab up?)");
+    serde_json::from_str(&s).expect("world.json is JSON")
+}
+
+pub fn instance_id(name: &str) -> String {
+    let w = world();
+    w["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+        .unwrap_or_else(|| panic!("no instance {name} in world.json"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// An EC2 client straight to the lab's moto (the address is in /run/vpc-lab/state.json).
+pub struct Ec2 {
+    pub rt: tokio::runtime::Runtime,
+    pub ec2: cloud::Ec2,
+}
+
+impl Ec2 {
+    pub fn new() -> Ec2 {
+        let s = std::fs::read_to_string("/run/vpc-lab/state.json")
+            .expect("state.json (is the lab up?)");
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        let moto = v["moto"].as_str().expect("moto address in state.json");
+        let region = v["region"].as_str().unwrap_or("us-west-2");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let ec2 = cloud::Ec2::for_endpoint(&format!("http://{moto}"), region);
+        Ec2 { rt, ec2 }
+    }
+
+    /// ENIs attached to `instance_id`, by device index.
+    pub fn attached(&self, instance_id: &str) -> Vec<cloud::NetworkInterface> {
+        let mut v = self
+            .rt
+            .block_on(
+                self.ec2
+                    .describe_network_interfaces(&[], &[cloud::Filter::attached_to(instance_id)]),
+            )
+            .expect("DescribeNetworkInterfaces");
+        v.sort_by_key(|e| e.attachment.as_ref().map(|a| a.device_index));
+        v
+    }
+
+    /// (ENIs, secondary IPs) of `instance_id` in EC2.
+    pub fn counts(&self, instance_id: &str) -> (usize, usize) {
+        let v = self.attached(instance_id);
+        (v.len(), v.iter().map(|e| e.secondary_ips.len()).sum())
+    }
+
+    /// Every secondary IP of `instance_id`'s ENIs.
+    pub fn secondary_ips(
+        &self,
+        instance_id: &str,
+    ) -> std::collections::BTreeSet<std::net::Ipv4Addr> {
+        self.attached(instance_id)
+            .iter()
+            .flat_map(|e| e.secondary_ips.iter().copied())
+            .collect()
+    }
+
+    /// ENIs tagged as the agent tags them for `instance_id`.
+    pub fn tagged(&self, instance_id: &str) -> Vec<cloud::NetworkInterface> {
+        self.rt
+            .block_on(self.ec2.describe_network_interfaces(
+                &[],
+                &[cloud::Filter::tag(
+                    "node.k8s.amazonaws.com/instance_id",
+                    instance_id,
+                )],
+            ))
+            .expect("DescribeNetworkInterfaces by tag")
+    }
+
+    pub fn eni_exists(&self, eni_id: &str) -> bool {
+        match self
+            .rt
+            .block_on(self.ec2.describe_network_interface(eni_id))
+        {
+            Ok(_) => true,
+            Err(e) if e.is_not_found() => false,
+            Err(e) => panic!("DescribeNetworkInterfaces {eni_id}: {e}"),
+        }
+    }
+}
+
+/// Polls `f` every 250 ms until it returns `Some`, or panics after `timeout` with `what` and the
+/// last value `describe` gives.
+pub fn wait_for<T>(
+    timeout: std::time::Duration,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+    mut describe: impl FnMut() -> String,
+) -> T {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}; last: {}",
+            describe()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// Pings each address once from `from`; returns the addresses that did not answer.
+pub fn unreachable(from: &str, ips: &[std::net::Ipv4Addr]) -> Vec<std::net::Ipv4Addr> {
+    let list = ips
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = lab_quiet(&[
+        "exec",
+        from,
+        "--",
+        "bash",
+        "-c",
+        &format!(
+            "for ip in {list}; do ping -c1 -W2 -q $ip >/dev/null 2>&1 || ping -c1 -W2 -q $ip >/dev/null 2>&1 || echo $ip; done"
+        ),
+    ]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// EC2 calls the lab's proxy saw for `instance`: action → calls (and the full JSON).
+pub fn ec2_calls(instance: &str) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let out = lab_quiet(&["ec2-stats"]);
+    assert!(out.status.success(), "vpc-lab ec2-stats failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ec2-stats is JSON");
+    v[instance]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default()
+}
+
+/// Sum of one counter over every action.
+pub fn ec2_total(instance: &str, field: &str) -> u64 {
+    ec2_calls(instance)
+        .values()
+        .map(|c| c[field].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// The agent's pool statistics from its introspection endpoint (127.0.0.1:61679 in the
+/// instance): `stats.available` etc., or `None` when the agent does not answer.
+pub fn agent_state(instance: &str) -> Option<serde_json::Value> {
+    let out = lab_quiet(&[
+        "exec",
+        instance,
+        "--",
+        "curl",
+        "-sf",
+        "--max-time",
+        "2",
+        "http://127.0.0.1:61679/v1/state",
+    ]);
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+pub fn agent_available(instance: &str) -> Option<usize> {
+    agent_state(instance)?["stats"]["available"]
+        .as_u64()
+        .map(|n| n as usize)
 }
