@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real CNI clients the conformance tests drive (run as root on Debian 12):
 #   - apt: containerd (with its CRI plugin), runc, busybox-static, Debian's CNI plugins
-#     (/usr/lib/cni: ptp, host-local, ...), Go (to build cnitool), iperf3, hyperfine
+#     (/usr/lib/cni: ptp, host-local, ...), Go (to build cnitool), iperf3, hyperfine, and protoc
+#     (protobuf-compiler: the k8s-cri crate of crates/conformance generates its CRI client at build time)
 #   - .cache/bin/cnitool, built offline from Debian's *source* package of the CNI library
 #     (no binary package ships it); /etc/apt is not touched: a private sources list and
 #     lists directory live under .cache/aptsrc
@@ -20,7 +21,7 @@ fi
 
 # ---- 1. Debian packages ----------------------------------------------------------------------
 APT_PACKAGES=(containerd runc busybox-static containernetworking-plugins golang-go
-  golang-github-appc-cni-dev iperf3 hyperfine dpkg-dev xz-utils)
+  golang-github-appc-cni-dev iperf3 hyperfine dpkg-dev xz-utils protobuf-compiler)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,255 @@
+//! Fixtures shared by the root tests: a throwaway node namespace `vpccni-rc-node-<pid>-<tag>`
+//! (loopback up), a temp directory with a ptp+host-local conflist whose host-local store lives
+//! in the temp directory, and the `vpc-cni-conformance` binary. Everything is removed on drop.
+
+#![allow(dead_code)]
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ipnet::Ipv4Net;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_vpc-cni-conformance");
+pub const NET: &str = "rcnet";
+pub const SUBNET: &str = "10.77.0.0/24";
+pub const CNI_BIN: &str = "/usr/lib/cni";
+
+/// The repository root (for .cache/).
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Why these tests cannot run here, if they cannot (not root, a client missing).
+pub fn skip_reason(need: &[&str]) -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not root".into());
+    }
+    for n in need {
+        let ok = match *n {
+            "containerd" => Path::new("/usr/bin/containerd").exists(),
+            "ctr" => Path::new("/usr/bin/ctr").exists(),
+            "runc" => Path::new("/usr/sbin/runc").exists() || Path::new("/usr/bin/runc").exists(),
+            "ptp" => Path::new(CNI_BIN).join("ptp").exists(),
+            "host-local" => Path::new(CNI_BIN).join("host-local").exists(),
+            "cnitool" => repo().join(".cache/bin/cnitool").exists(),
+            "pause" => repo().join(".cache/pause-oci.tar").exists(),
+            "ping" => Path::new("/usr/bin/ping").exists() || Path::new("/bin/ping").exists(),
+            other => panic!("unknown requirement {other}"),
+        };
+        if !ok {
+            return Some(format!(
+                "{n} is missing (run `bash scripts/setup-clients.sh` as root)"
+            ));
+        }
+    }
+    None
+}
+
+/// Prints the skip line and returns true when the test cannot run.
+pub fn skip(test: &str, need: &[&str]) -> bool {
+    if let Some(r) = skip_reason(need) {
+        println!("SKIP {test}: {r}");
+        true
+    } else {
+        false
+    }
+}
+
+pub fn sh(cmd: &str, args: &[&str]) -> std::process::Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+}
+
+pub fn sh_ok(cmd: &str, args: &[&str]) -> String {
+    let o = sh(cmd, args);
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs `vpc-cni-conformance ARGS`; on success returns its JSON output.
+pub fn conformance(args: &[&str]) -> Result<serde_json::Value, String> {
+    let o = Command::new(BIN)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {BIN}: {e}"))?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    if !o.status.success() {
+        return Err(format!(
+            "vpc-cni-conformance {args:?} failed ({}): {}{out}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    serde_json::from_str(&out).map_err(|e| format!("{args:?} printed no JSON ({e}): {out}"))
+}
+
+pub fn conformance_ok(args: &[&str]) -> serde_json::Value {
+    conformance(args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A network namespace created by the test (`ip netns add`) and deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> Netns {
+        let _ = sh("ip", &["netns", "del", &name]);
+        sh_ok("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    pub fn exec(&self, args: &[&str]) -> std::process::Output {
+        let mut a = vec!["netns", "exec", &self.name];
+        a.extend_from_slice(args);
+        sh("ip", &a)
+    }
+
+    pub fn exec_ok(&self, args: &[&str]) -> String {
+        let mut a = vec!["netns", "exec", &self.name];
+        a.extend_from_slice(args);
+        sh_ok("ip", &a)
+    }
+
+    pub fn ping(&self, ip: &str) -> bool {
+        self.exec(&["ping", "-c", "1", "-W", "2", ip])
+            .status
+            .success()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let o = sh("ip", &["netns", "del", &self.name]);
+        if !o.status.success() {
+            eprintln!(
+                "cleanup: ip netns del {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+}
+
+/// A temp directory with `conf/10-rcnet.conflist` (ptp + host-local on 10.77.0.0/24, store in
+/// `data/`), and what existed of /var/lib/cni before the test.
+pub struct Conf {
+    pub tmp: tempfile::TempDir,
+    var_lib_cni_existed: bool,
+    results_existed: bool,
+}
+
+impl Conf {
+    pub fn new() -> Conf {
+        let tmp = tempfile::Builder::new()
+            .prefix("vpccni-rc-")
+            .tempdir()
+            .expect("temp dir");
+        let conf = tmp.path().join("conf");
+        std::fs::create_dir_all(&conf).unwrap();
+        let data = tmp.path().join("data");
+        let list = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": NET,
+            "plugins": [{
+                "type": "ptp",
+                "ipMasq": false,
+                "mtu": 1500,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": SUBNET}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": data,
+                }
+            }]
+        });
+        std::fs::write(
+            conf.join("10-rcnet.conflist"),
+            serde_json::to_vec_pretty(&list).unwrap(),
+        )
+        .unwrap();
+        Conf {
+            tmp,
+            var_lib_cni_existed: Path::new("/var/lib/cni").exists(),
+            results_existed: Path::new("/var/lib/cni/results").exists(),
+        }
+    }
+
+    pub fn conf_dir(&self) -> String {
+        self.tmp.path().join("conf").display().to_string()
+    }
+
+    /// Addresses host-local holds (files named by IP in its store).
+    pub fn reserved(&self) -> Vec<String> {
+        let d = self.tmp.path().join("data").join(NET);
+        let mut v: Vec<String> = std::fs::read_dir(&d)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.parse::<Ipv4Addr>().is_ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Conf {
+    fn drop(&mut self) {
+        // Only directories the test created, and only when empty.
+        if !self.results_existed {
+            let _ = std::fs::remove_dir("/var/lib/cni/results");
+        }
+        if !self.var_lib_cni_existed {
+            let _ = std::fs::remove_dir("/var/lib/cni");
+        }
+    }
+}
+
+/// True when `ip` (with or without a prefix length) is inside SUBNET.
+pub fn in_subnet(ip: &str) -> bool {
+    let addr: Ipv4Addr = ip
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("{ip:?} is not an IPv4 address: {e}"));
+    SUBNET.parse::<Ipv4Net>().unwrap().contains(&addr)
+}
+
+/// PIDs whose command line contains `needle`.
+pub fn pids_with(needle: &str) -> Vec<i32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(c) = std::fs::read(format!("/proc/{pid}/cmdline"))
+            && String::from_utf8_lossy(&c)
+                .replace('\0', " ")
+                .contains(needle)
+        {
+            v.push(pid);
+        }
+    }
+    v
+}

@@ -1,0 +1,239 @@
+//! containerd (Debian's, CRI plugin) driven over CRI by `vpc-cni-conformance`, with Debian's
+//! ptp + host-local as the CNI, inside a throwaway node namespace `vpccni-rc-node-<pid>-cri`.
+//! Root only; skipped (with a line saying why) without root or the clients.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// Stops the containerd on drop if the test did not get to it (panics included).
+struct Containerd {
+    dir: String,
+    stopped: bool,
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        match conformance(&["containerd", "stop", "--dir", &self.dir]) {
+            Ok(v) => eprintln!("cleanup: containerd stop: {v}"),
+            Err(e) => eprintln!("cleanup: {e}"),
+        }
+    }
+}
+
+#[test]
+fn containerd_cri_sandboxes_get_and_release_addresses() {
+    let test = "containerd_cri_sandboxes_get_and_release_addresses";
+    if skip(
+        test,
+        &[
+            "containerd",
+            "ctr",
+            "runc",
+            "ptp",
+            "host-local",
+            "pause",
+            "ping",
+        ],
+    ) {
+        return;
+    }
+    let node = Netns::new(format!("vpccni-rc-node-{}-cri", std::process::id()));
+    let conf = Conf::new();
+    let dir = conf.tmp.path().join("ctrd").display().to_string();
+    let run_containerd_existed = Path::new("/run/containerd").exists();
+
+    // containerd inside the node namespace
+    let started = conformance_ok(&[
+        "containerd",
+        "start",
+        "--netns",
+        &node.name,
+        "--dir",
+        &dir,
+        "--cni-bin",
+        CNI_BIN,
+        "--cni-conf",
+        &conf.conf_dir(),
+    ]);
+    let mut ctrd = Containerd {
+        dir: dir.clone(),
+        stopped: false,
+    };
+    let pid = started["pid"].as_i64().expect("pid") as i32;
+    println!(
+        "containerd pid {pid} ready in {} ms, pause image imported in {} ms",
+        started["ready_ms"], started["image_import_ms"]
+    );
+    assert_eq!(started["status"]["runtime_ready"], true, "{started}");
+    assert_eq!(started["status"]["network_ready"], true, "{started}");
+    // it runs in the node namespace (same nsfs inode), not ours
+    let ino = |p: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    assert_eq!(
+        ino(&format!("/proc/{pid}/ns/net")),
+        ino(&node.path()),
+        "containerd {pid} is not in {}",
+        node.name
+    );
+    assert_ne!(
+        ino(&format!("/proc/{pid}/ns/net")),
+        ino("/proc/self/ns/net")
+    );
+
+    // one sandbox: RunPodSandbox gives it an address of the subnet, reachable from the node
+    let p1 = conformance_ok(&[
+        "cri",
+        "--dir",
+        &dir,
+        "run-sandbox",
+        "--name",
+        "p1",
+        "--namespace",
+        "rc",
+    ]);
+    let ip = p1["ip"].as_str().unwrap().to_string();
+    let id = p1["id"].as_str().unwrap().to_string();
+    println!("RunPodSandbox p1: {ip} in {} ms", p1["run_ms"]);
+    assert!(in_subnet(&ip), "pod IP {ip} is not in {SUBNET}");
+    assert_eq!(conf.reserved(), vec![ip.clone()]);
+    assert!(node.ping(&ip), "cannot ping pod {ip} from {}", node.name);
+    let pod_netns = p1["netns"].as_str().expect("netns").to_string();
+    assert!(Path::new(&pod_netns).exists(), "{pod_netns} missing");
+    let listed = conformance_ok(&["cri", "--dir", &dir, "list"]);
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == id.as_str() && s["state"] == "SANDBOX_READY"),
+        "{listed}"
+    );
+    let st = conformance_ok(&["cri", "--dir", &dir, "sandbox-status", "--id", &id]);
+    assert_eq!(st["ip"], ip.as_str());
+
+    // Stop + Remove releases it: host-local store empty, host route and netns gone
+    let rm = conformance_ok(&[
+        "cri",
+        "--dir",
+        &dir,
+        "stop-remove",
+        "--name",
+        "p1",
+        "--namespace",
+        "rc",
+    ]);
+    println!("Stop+Remove p1: {} ms", rm["stop_remove_ms"]);
+    assert_eq!(rm["id"], id.as_str());
+    assert!(
+        conf.reserved().is_empty(),
+        "host-local still holds {:?}",
+        conf.reserved()
+    );
+    let routes = node.exec_ok(&["ip", "-4", "route", "show"]);
+    assert!(
+        !routes.contains(&ip),
+        "route to {ip} left in the node: {routes}"
+    );
+    assert!(!Path::new(&pod_netns).exists(), "{pod_netns} left behind");
+    assert!(!node.ping(&ip), "{ip} still answers after removal");
+    let listed = conformance_ok(&["cri", "--dir", &dir, "list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 0, "{listed}");
+    let err = conformance(&[
+        "cri",
+        "--dir",
+        &dir,
+        "stop-remove",
+        "--name",
+        "p1",
+        "--namespace",
+        "rc",
+    ])
+    .unwrap_err();
+    assert!(err.contains("no sandbox rc/p1"), "{err}");
+
+    // 10 concurrent sandboxes all come up with distinct addresses and all go away
+    let burst = conformance_ok(&["cri", "--dir", &dir, "burst", "--count", "10"]);
+    println!(
+        "burst of 10: all ready in {} ms, RunPodSandbox {}, Stop+Remove {}, all removed in {} ms",
+        burst["all_ready_ms"],
+        burst["run_pod_sandbox"],
+        burst["stop_remove"],
+        burst["all_removed_ms"]
+    );
+    assert_eq!(burst["ready"], 10, "{burst}");
+    let ips: Vec<&str> = burst["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(ips.len(), 10);
+    assert!(ips.iter().all(|ip| in_subnet(ip)), "{ips:?}");
+    assert_eq!(burst["errors"], serde_json::json!({}), "{burst}");
+    assert!(conf.reserved().is_empty(), "{:?}", conf.reserved());
+    let listed = conformance_ok(&["cri", "--dir", &dir, "list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 0, "{listed}");
+    let veths = node.exec_ok(&["ip", "-br", "link", "show", "type", "veth"]);
+    assert!(veths.trim().is_empty(), "veths left in the node: {veths}");
+
+    // stop with one sandbox still running: stop removes it, then containerd, then its files
+    let left = conformance_ok(&[
+        "cri",
+        "--dir",
+        &dir,
+        "run-sandbox",
+        "--name",
+        "left",
+        "--namespace",
+        "rc",
+    ]);
+    let left_netns = left["netns"].as_str().unwrap().to_string();
+    let stopped = conformance_ok(&["containerd", "stop", "--dir", &dir]);
+    ctrd.stopped = true;
+    println!("containerd stop: {stopped}");
+    assert_eq!(stopped["errors"], serde_json::json!([]), "{stopped}");
+    assert_eq!(
+        stopped["sandboxes_removed"],
+        serde_json::json!([left["id"]]),
+        "{stopped}"
+    );
+    assert!(conf.reserved().is_empty(), "{:?}", conf.reserved());
+    assert!(!Path::new(&left_netns).exists());
+    assert!(
+        !Path::new(&format!("/proc/{pid}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{pid}/cmdline"))
+                .unwrap()
+                .is_empty(),
+        "containerd {pid} still runs"
+    );
+    let sock = format!("{dir}/containerd.sock");
+    assert!(
+        pids_with(&sock).is_empty(),
+        "processes of {sock} left: {:?}",
+        pids_with(&sock)
+    );
+    assert!(!Path::new(&dir).exists(), "{dir} left behind");
+    if !run_containerd_existed {
+        assert!(
+            !Path::new("/run/containerd").exists(),
+            "/run/containerd left behind"
+        );
+    }
+    let results: Vec<String> = std::fs::read_dir("/var/lib/cni/results")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("{NET}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(results.is_empty(), "result cache left: {results:?}");
+    // a stopped containerd cannot be stopped twice
+    let err = conformance(&["containerd", "stop", "--dir", &dir]).unwrap_err();
+    assert!(err.contains("no containerd was started"), "{err}");
+}
