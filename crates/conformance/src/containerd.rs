@@ -2,7 +2,8 @@
 //! given network namespace.
 //!
 //! Everything containerd writes lives under one directory `<dir>`: `config.toml`, `root/`,
-//! `state/`, `runc/` (runc's `--root`), `opt/`, the sockets `containerd.sock{,.ttrpc}`,
+//! `state/`, `runc/` (runc's `--root`), `opt/`, `cni-bin/` (only with several CNI binary
+//! directories), the sockets `containerd.sock{,.ttrpc}`,
 //! `containerd.log`, and `conformance.json` (what [`stop`] needs: the PID, the start-time
 //! snapshot of the shared directories containerd also touches). Shared places it touches
 //! anyway, and [`stop`] cleans: the shim sockets in `/run/containerd/s/` (a path containerd 1.6
@@ -41,8 +42,12 @@ pub struct StartOptions {
     pub netns: PathBuf,
     /// Directory for all of containerd's files (created when missing).
     pub dir: PathBuf,
-    /// CNI plugin binaries directory (`plugins."io.containerd.grpc.v1.cri".cni.bin_dir`).
-    pub cni_bin: PathBuf,
+    /// CNI plugin binaries directories (`plugins."io.containerd.grpc.v1.cri".cni.bin_dir`).
+    /// containerd 1.6 takes one directory; with several, `<dir>/cni-bin` is made of symlinks
+    /// to their binaries (the first directory holding a name wins), linked at start. Its CRI
+    /// plugin also runs `loopback` for every sandbox, so a directory holding only the plugin
+    /// under test needs `/usr/lib/cni` after it.
+    pub cni_bin: Vec<PathBuf>,
     /// CNI configuration directory (`…cni.conf_dir`).
     pub cni_conf: PathBuf,
     /// The pause image OCI tar (`.cache/pause-oci.tar` from `scripts/setup-clients.sh`).
@@ -212,7 +217,15 @@ fn log_tail(log: &Path) -> String {
 pub async fn start(opts: &StartOptions) -> Result<Started> {
     let containerd = find_in_path(&opts.containerd)?;
     let ctr = find_in_path(&opts.ctr)?;
-    for (what, d) in [("--cni-bin", &opts.cni_bin), ("--cni-conf", &opts.cni_conf)] {
+    if opts.cni_bin.is_empty() {
+        bail!("no --cni-bin directory given");
+    }
+    for (what, d) in opts
+        .cni_bin
+        .iter()
+        .map(|d| ("--cni-bin", d))
+        .chain([("--cni-conf", &opts.cni_conf)])
+    {
         if !d.is_dir() {
             bail!(
                 "{what} {} is not a directory; create it (the CNI conf dir may start empty)",
@@ -255,8 +268,13 @@ pub async fn start(opts: &StartOptions) -> Result<Started> {
         fs::create_dir_all(dir.join(sub))
             .with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
     }
+    let bin_dir = if opts.cni_bin.len() == 1 {
+        opts.cni_bin[0].clone()
+    } else {
+        merge_bin_dirs(&opts.cni_bin, &dir.join("cni-bin"))?
+    };
     let config = dir.join("config.toml");
-    fs::write(&config, config_toml(&dir, &opts.cni_bin, &opts.cni_conf))
+    fs::write(&config, config_toml(&dir, &bin_dir, &opts.cni_conf))
         .with_context(|| format!("cannot write {}", config.display()))?;
     let log = dir.join("containerd.log");
     let logf =
@@ -359,6 +377,28 @@ pub async fn start(opts: &StartOptions) -> Result<Started> {
         ready_ms: ms(ready),
         image_import_ms: ms(import),
     })
+}
+
+/// Makes `merged` a directory of symlinks to the files of `dirs` (first one wins per name).
+pub fn merge_bin_dirs(dirs: &[PathBuf], merged: &Path) -> Result<PathBuf> {
+    if merged.exists() {
+        fs::remove_dir_all(merged).with_context(|| format!("cannot clear {}", merged.display()))?;
+    }
+    fs::create_dir_all(merged).with_context(|| format!("cannot create {}", merged.display()))?;
+    for d in dirs {
+        let d = d
+            .canonicalize()
+            .with_context(|| format!("cannot resolve --cni-bin {}", d.display()))?;
+        for name in list_dir(&d)? {
+            let link = merged.join(&name);
+            if link.symlink_metadata().is_ok() {
+                continue;
+            }
+            std::os::unix::fs::symlink(d.join(&name), &link)
+                .with_context(|| format!("cannot link {}", link.display()))?;
+        }
+    }
+    Ok(merged.to_path_buf())
 }
 
 fn import_image(ctr: &Path, socket: &Path, tar: &Path) -> Result<()> {
@@ -601,7 +641,7 @@ pub async fn stop(dir: &Path, keep_log: bool) -> Result<Stopped> {
             state.dir.display()
         ));
     } else {
-        for sub in ["root", "state", "runc", "opt"] {
+        for sub in ["root", "state", "runc", "opt", "cni-bin"] {
             let p = state.dir.join(sub);
             if p.exists() {
                 match fs::remove_dir_all(&p) {

@@ -51,9 +51,11 @@ enum ContainerdCmd {
         /// Directory for containerd's config, root, state, runc root, sockets and log.
         #[arg(long)]
         dir: PathBuf,
-        /// CNI plugin binaries directory.
+        /// CNI plugin binaries directory, or a ':' list of them (merged into <dir>/cni-bin with
+        /// symlinks at start, first wins). containerd also runs `loopback` for every sandbox:
+        /// add /usr/lib/cni after a directory holding only the plugin under test.
         #[arg(long)]
-        cni_bin: PathBuf,
+        cni_bin: String,
         /// CNI configuration directory.
         #[arg(long)]
         cni_conf: PathBuf,
@@ -226,7 +228,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 let started = containerd::start(&StartOptions {
                     netns: netns_path(&netns)?,
                     dir,
-                    cni_bin,
+                    cni_bin: std::env::split_paths(&cni_bin).collect(),
                     cni_conf,
                     pause_tar,
                     containerd,

@@ -47,6 +47,14 @@ fn containerd_cri_sandboxes_get_and_release_addresses() {
     let conf = Conf::new();
     let dir = conf.tmp.path().join("ctrd").display().to_string();
     let run_containerd_existed = Path::new("/run/containerd").exists();
+    // Like a lab instance's opt/cni/bin: only the plugins of the conflist, so containerd's
+    // own `loopback` must come from the second directory of the list.
+    let bin = conf.tmp.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for p in ["ptp", "host-local"] {
+        std::os::unix::fs::symlink(Path::new(CNI_BIN).join(p), bin.join(p)).unwrap();
+    }
+    let cni_bin = format!("{}:{CNI_BIN}", bin.display());
 
     // containerd inside the node namespace
     let started = conformance_ok(&[
@@ -57,7 +65,7 @@ fn containerd_cri_sandboxes_get_and_release_addresses() {
         "--dir",
         &dir,
         "--cni-bin",
-        CNI_BIN,
+        &cni_bin,
         "--cni-conf",
         &conf.conf_dir(),
     ]);
