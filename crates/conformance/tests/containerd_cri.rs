@@ -26,6 +26,38 @@ impl Drop for Containerd {
     }
 }
 
+/// The tests of this file share /run/containerd and /var/lib/cni: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn start(node: &Netns, conf: &Conf, dir: &str, cni_bin: &str) -> (Containerd, i32) {
+    let started = conformance_ok(&[
+        "containerd",
+        "start",
+        "--netns",
+        &node.name,
+        "--dir",
+        dir,
+        "--cni-bin",
+        cni_bin,
+        "--cni-conf",
+        &conf.conf_dir(),
+    ]);
+    println!(
+        "containerd pid {} ready in {} ms, pause image imported in {} ms",
+        started["pid"], started["ready_ms"], started["image_import_ms"]
+    );
+    assert_eq!(started["status"]["runtime_ready"], true, "{started}");
+    assert_eq!(started["status"]["network_ready"], true, "{started}");
+    let pid = started["pid"].as_i64().expect("pid") as i32;
+    (
+        Containerd {
+            dir: dir.to_string(),
+            stopped: false,
+        },
+        pid,
+    )
+}
+
 #[test]
 fn containerd_cri_sandboxes_get_and_release_addresses() {
     let test = "containerd_cri_sandboxes_get_and_release_addresses";
@@ -43,6 +75,7 @@ fn containerd_cri_sandboxes_get_and_release_addresses() {
     ) {
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let node = Netns::new(format!("vpccni-rc-node-{}-cri", std::process::id()));
     let conf = Conf::new();
     let dir = conf.tmp.path().join("ctrd").display().to_string();
@@ -57,29 +90,7 @@ fn containerd_cri_sandboxes_get_and_release_addresses() {
     let cni_bin = format!("{}:{CNI_BIN}", bin.display());
 
     // containerd inside the node namespace
-    let started = conformance_ok(&[
-        "containerd",
-        "start",
-        "--netns",
-        &node.name,
-        "--dir",
-        &dir,
-        "--cni-bin",
-        &cni_bin,
-        "--cni-conf",
-        &conf.conf_dir(),
-    ]);
-    let mut ctrd = Containerd {
-        dir: dir.clone(),
-        stopped: false,
-    };
-    let pid = started["pid"].as_i64().expect("pid") as i32;
-    println!(
-        "containerd pid {pid} ready in {} ms, pause image imported in {} ms",
-        started["ready_ms"], started["image_import_ms"]
-    );
-    assert_eq!(started["status"]["runtime_ready"], true, "{started}");
-    assert_eq!(started["status"]["network_ready"], true, "{started}");
+    let (mut ctrd, pid) = start(&node, &conf, &dir, &cni_bin);
     // it runs in the node namespace (same nsfs inode), not ours
     let ino = |p: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
     assert_eq!(
@@ -244,4 +255,43 @@ fn containerd_cri_sandboxes_get_and_release_addresses() {
     // a stopped containerd cannot be stopped twice
     let err = conformance(&["containerd", "stop", "--dir", &dir]).unwrap_err();
     assert!(err.contains("no containerd was started"), "{err}");
+}
+
+/// A burst larger than the address range: the report names every failed sandbox, the command
+/// fails, and everything that did come up is still removed.
+#[test]
+fn containerd_cri_burst_reports_exhausted_range() {
+    let test = "containerd_cri_burst_reports_exhausted_range";
+    if skip(
+        test,
+        &["containerd", "ctr", "runc", "ptp", "host-local", "pause"],
+    ) {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let node = Netns::new(format!("vpccni-rc-node-{}-small", std::process::id()));
+    // a /29: host-local hands out .2 to .6 (the gateway is .1)
+    let conf = Conf::with_subnet("10.77.0.0/29");
+    let dir = conf.tmp.path().join("ctrd").display().to_string();
+    let (mut ctrd, _pid) = start(&node, &conf, &dir, CNI_BIN);
+    let (ok, rep) = conformance_json(&["cri", "--dir", &dir, "burst", "--count", "8"]);
+    println!("burst of 8 over 5 addresses: {rep}");
+    assert!(!ok, "burst over an exhausted range must fail: {rep}");
+    assert_eq!(rep["ready"], 5, "{rep}");
+    let errors = rep["errors"].as_object().unwrap();
+    assert_eq!(errors.len(), 3, "{rep}");
+    assert!(
+        errors
+            .values()
+            .all(|e| e.as_str().unwrap().contains("RunPodSandbox")),
+        "{rep}"
+    );
+    assert_eq!(rep["remaining"], serde_json::json!([]), "{rep}");
+    assert!(conf.reserved().is_empty(), "{:?}", conf.reserved());
+    let listed = conformance_ok(&["cri", "--dir", &dir, "list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 0, "{listed}");
+    let stopped = conformance_ok(&["containerd", "stop", "--dir", &dir]);
+    ctrd.stopped = true;
+    assert_eq!(stopped["errors"], serde_json::json!([]), "{stopped}");
+    assert!(!Path::new(&dir).exists(), "{dir} left behind");
 }

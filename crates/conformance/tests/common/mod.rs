@@ -95,6 +95,22 @@ pub fn conformance(args: &[&str]) -> Result<serde_json::Value, String> {
     serde_json::from_str(&out).map_err(|e| format!("{args:?} printed no JSON ({e}): {out}"))
 }
 
+/// Runs `vpc-cni-conformance ARGS`; returns whether it succeeded and the JSON it printed.
+pub fn conformance_json(args: &[&str]) -> (bool, serde_json::Value) {
+    let o = Command::new(BIN)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let v = serde_json::from_str(&out).unwrap_or_else(|e| {
+        panic!(
+            "{args:?} printed no JSON ({e}): {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    (o.status.success(), v)
+}
+
 pub fn conformance_ok(args: &[&str]) -> serde_json::Value {
     conformance(args).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -149,16 +165,21 @@ impl Drop for Netns {
     }
 }
 
-/// A temp directory with `conf/10-rcnet.conflist` (ptp + host-local on 10.77.0.0/24, store in
-/// `data/`), and what existed of /var/lib/cni before the test.
+/// A temp directory with `conf/10-rcnet.conflist` (ptp + host-local on 10.77.0.0/24 or the
+/// given subnet, store in `data/`), and what existed of /var/lib/cni before the test.
 pub struct Conf {
     pub tmp: tempfile::TempDir,
+    pub subnet: String,
     var_lib_cni_existed: bool,
     results_existed: bool,
 }
 
 impl Conf {
     pub fn new() -> Conf {
+        Conf::with_subnet(SUBNET)
+    }
+
+    pub fn with_subnet(subnet: &str) -> Conf {
         let tmp = tempfile::Builder::new()
             .prefix("vpccni-rc-")
             .tempdir()
@@ -175,7 +196,7 @@ impl Conf {
                 "mtu": 1500,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": SUBNET}]],
+                    "ranges": [[{"subnet": subnet}]],
                     "routes": [{"dst": "0.0.0.0/0"}],
                     "dataDir": data,
                 }
@@ -188,6 +209,7 @@ impl Conf {
         .unwrap();
         Conf {
             tmp,
+            subnet: subnet.to_string(),
             var_lib_cni_existed: Path::new("/var/lib/cni").exists(),
             results_existed: Path::new("/var/lib/cni/results").exists(),
         }
