@@ -56,8 +56,10 @@ pub struct StartOptions {
     pub containerd: PathBuf,
     /// The ctr executable (image import).
     pub ctr: PathBuf,
-    /// How long to wait for the CRI socket to answer.
+    /// How long to wait for the CRI socket to answer (and for NetworkReady, when required).
     pub timeout: Duration,
+    /// Also wait until the CRI reports NetworkReady (a conflist in `cni_conf` it can load).
+    pub require_network_ready: bool,
 }
 
 /// What `start` leaves in `<dir>/conformance.json` for `stop`.
@@ -342,19 +344,30 @@ pub async fn start(opts: &StartOptions) -> Result<Started> {
                 log_tail(&log)
             );
         }
+        let mut last = None;
         if socket.exists()
             && let Ok(cri) = Cri::connect(&socket, Duration::from_secs(5)).await
             && let Ok(st) = cri.status().await
         {
-            break st;
+            if st.runtime_ready && (st.network_ready || !opts.require_network_ready) {
+                break st;
+            }
+            last = Some(st);
         }
         if t0.elapsed() > opts.timeout {
             bail!(
-                "containerd (pid {}) did not answer on {} within {:?}; it is still running (stop it with \
+                "containerd (pid {}) did not {} on {} within {:?}{}; it is still running (stop it with \
                  `vpc-cni-conformance containerd stop --dir {}`); last lines of {}:\n{}",
                 state.pid,
+                if last.is_some() {
+                    "become ready"
+                } else {
+                    "answer"
+                },
                 socket.display(),
                 opts.timeout,
+                last.map(|st| format!(" (not ready: {})", st.not_ready.join("; ")))
+                    .unwrap_or_default(),
                 dir.display(),
                 log.display(),
                 log_tail(&log)

@@ -69,6 +69,10 @@ enum ContainerdCmd {
         /// Seconds to wait for the CRI socket to answer.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+        /// Also wait (within --timeout) until the CRI reports NetworkReady, i.e. it loaded a
+        /// conflist from --cni-conf (useful when an agent writes it after containerd starts).
+        #[arg(long)]
+        require_network_ready: bool,
     },
     /// Remove its sandboxes, stop it by PID, and remove everything it left; prints what was removed.
     Stop {
@@ -219,6 +223,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 containerd,
                 ctr,
                 timeout,
+                require_network_ready,
             } => {
                 require_root()?;
                 let pause_tar = match pause_image {
@@ -234,6 +239,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     containerd,
                     ctr,
                     timeout: Duration::from_secs(timeout),
+                    require_network_ready,
                 })
                 .await?;
                 print(&started)?;
