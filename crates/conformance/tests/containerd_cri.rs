@@ -132,6 +132,26 @@ fn containerd_cri_sandboxes_get_and_release_addresses() {
             .any(|s| s["id"] == id.as_str() && s["state"] == "SANDBOX_READY"),
         "{listed}"
     );
+    // the plugin got the pod's identity in CNI_ARGS (libcni records them in its cache entry)
+    let cached: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(format!("/var/lib/cni/results/{NET}-{id}-eth0")).unwrap(),
+    )
+    .unwrap();
+    for kv in [
+        ["K8S_POD_NAMESPACE", "rc"],
+        ["K8S_POD_NAME", "p1"],
+        ["K8S_POD_INFRA_CONTAINER_ID", id.as_str()],
+        ["K8S_POD_UID", "rc-p1-uid"],
+    ] {
+        assert!(
+            cached["cniArgs"]
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!(kv)),
+            "{kv:?} not in CNI_ARGS: {}",
+            cached["cniArgs"]
+        );
+    }
     let st = conformance_ok(&["cri", "--dir", &dir, "sandbox-status", "--id", &id]);
     assert_eq!(st["ip"], ip.as_str());
 
