@@ -123,8 +123,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         settings: Settings,
     ) -> Self {
         let wake = Arc::new(Notify::new());
-        state.lock().unwrap_or_else(|p| p.into_inner()).wake = Some(wake.clone());
-        Provisioner {
+        let p = Provisioner {
             cloud,
             net,
             state,
@@ -133,7 +132,14 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             settings,
             last_decrease: Mutex::new(None),
             subnet_full_until: Mutex::new(None),
+        };
+        {
+            let mut st = p.lock();
+            st.wake = Some(p.wake.clone());
+            let l = &p.settings.limits;
+            st.capacity = Some((l.max_enis * l.ips_per_eni, p.limit_message()));
         }
+        p
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -366,19 +372,28 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         }
         let t = planner::totals(usage);
         let l = &self.settings.limits;
+        if t.total >= l.max_enis * l.ips_per_eni {
+            return Some(self.limit_message());
+        }
         if t.total >= l.max_pods {
             return Some(format!(
                 "node at its max-pods ceiling of {} addresses ({} ENIs × {} secondary IPs for {}, capped at max pods)",
                 l.max_pods, l.max_enis, l.ips_per_eni, self.node.instance_type
             ));
         }
-        Some(format!(
+        None
+    }
+
+    /// "node at its limit of 27 pod IPs: 3 ENIs × 9 secondary IPs for m5.large"
+    pub fn limit_message(&self) -> String {
+        let l = &self.settings.limits;
+        format!(
             "node at its limit of {} pod IPs: {} ENIs × {} secondary IPs for {}",
             l.max_enis * l.ips_per_eni,
             l.max_enis,
             l.ips_per_eni,
             self.node.instance_type
-        ))
+        )
     }
 
     async fn assign(&self, eni_id: &str, count: u32) -> Result<(), ProvisionError> {

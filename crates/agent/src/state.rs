@@ -53,6 +53,9 @@ pub struct State {
     pub blocker: Option<String>,
     /// Wakes the provisioner when an ADD finds no address.
     pub wake: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// The most addresses the node can hold, and the message that says so (set when the
+    /// agent provisions through EC2).
+    pub capacity: Option<(u32, String)>,
 }
 
 impl State {
@@ -75,6 +78,7 @@ impl State {
             pending: 0,
             blocker: None,
             wake: None,
+            capacity: None,
         }
     }
 
@@ -288,7 +292,11 @@ impl State {
                 if let Some(w) = &self.wake {
                     w.notify_one();
                 }
-                let hint = self.blocker.as_deref().unwrap_or(&self.exhausted_hint);
+                let total = self.pool.stats(now).total as u32;
+                let hint = match &self.capacity {
+                    Some((cap, msg)) if total >= *cap => msg.as_str(),
+                    _ => self.blocker.as_deref().unwrap_or(&self.exhausted_hint),
+                };
                 return Response::Error {
                     code: code::TRY_AGAIN_LATER,
                     message: format!("{e}; {hint}"),
