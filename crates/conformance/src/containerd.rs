@@ -489,6 +489,8 @@ fn terminate(pid: i32, needle: &str, grace: Duration) -> Result<bool> {
         return Ok(false);
     }
     kill(Pid::from_raw(pid), Signal::SIGTERM).with_context(|| format!("kill -TERM {pid}"))?;
+    // a stopped (SIGSTOP) process only acts on SIGTERM once continued
+    let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
     let t = Instant::now();
     while t.elapsed() < grace {
         if !pid_runs(pid, needle) {
@@ -524,7 +526,8 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 /// (through CRI while it still answers), its process (by PID), shims and sandbox processes it
 /// spawned, mounts and files under `dir`, the sandboxes' network namespaces, their libcni
 /// result cache entries, and its shim sockets.
-pub async fn stop(dir: &Path, keep_log: bool) -> Result<Stopped> {
+/// `cri_timeout` bounds each CRI call (a hung containerd is then stopped by signal).
+pub async fn stop(dir: &Path, keep_log: bool, cri_timeout: Duration) -> Result<Stopped> {
     let t0 = Instant::now();
     let state = State::load(dir)?;
     let mut rep = Stopped::default();
@@ -535,7 +538,7 @@ pub async fn stop(dir: &Path, keep_log: bool) -> Result<Stopped> {
         list_dir(&state.dir.join("root/io.containerd.grpc.v1.cri/sandboxes"))?;
     let mut netns_paths: Vec<String> = Vec::new();
     if pid_runs(state.pid, &cfg)
-        && let Ok(cri) = Cri::connect(&state.socket, Duration::from_secs(60)).await
+        && let Ok(cri) = Cri::connect(&state.socket, cri_timeout).await
     {
         match cri.list().await {
             Ok(list) => {
@@ -567,12 +570,17 @@ pub async fn stop(dir: &Path, keep_log: bool) -> Result<Stopped> {
 
     // 3. Shims it started (their command line names our socket) and their children.
     let sock = state.socket.display().to_string();
+    let mut sandbox_netns_inodes: Vec<u64> = Vec::new();
     for pid in all_pids() {
         if !pid_runs(pid, "containerd-shim") || !pid_runs(pid, &sock) {
             continue;
         }
         for child in all_pids() {
             if ppid_of(child) == Some(pid) {
+                // the sandbox's network namespace, to find its /run/netns/cni-* file below
+                if let Ok(m) = fs::metadata(format!("/proc/{child}/ns/net")) {
+                    sandbox_netns_inodes.push(std::os::unix::fs::MetadataExt::ino(&m));
+                }
                 let _ = kill(Pid::from_raw(child), Signal::SIGKILL);
                 rep.killed.push(child);
             }
@@ -592,7 +600,17 @@ pub async fn stop(dir: &Path, keep_log: bool) -> Result<Stopped> {
         }
     }
 
-    // 5. Sandbox network namespaces CRI did not remove.
+    // 5. Sandbox network namespaces CRI did not remove: those its status named, and the
+    //    /run/netns/cni-* files of the sandbox processes killed above.
+    for f in list_dir(Path::new(crate::util::NETNS_RUN_DIR))? {
+        let p = Path::new(crate::util::NETNS_RUN_DIR).join(&f);
+        if f.starts_with("cni-")
+            && let Ok(m) = fs::metadata(&p)
+            && sandbox_netns_inodes.contains(&std::os::unix::fs::MetadataExt::ino(&m))
+        {
+            netns_paths.push(p.display().to_string());
+        }
+    }
     for n in netns_paths {
         let p = Path::new(&n);
         if p.exists() {

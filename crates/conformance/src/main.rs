@@ -81,6 +81,10 @@ enum ContainerdCmd {
         /// Keep containerd.log (and so the directory).
         #[arg(long)]
         keep_log: bool,
+        /// Seconds each CRI call may take before containerd is treated as hung and stopped
+        /// by signal (its sandboxes then get no CNI DEL).
+        #[arg(long, default_value_t = 20)]
+        cri_timeout: u64,
     },
 }
 
@@ -244,9 +248,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .await?;
                 print(&started)?;
             }
-            ContainerdCmd::Stop { dir, keep_log } => {
+            ContainerdCmd::Stop {
+                dir,
+                keep_log,
+                cri_timeout,
+            } => {
                 require_root()?;
-                let rep = containerd::stop(&dir, keep_log).await?;
+                let rep =
+                    containerd::stop(&dir, keep_log, Duration::from_secs(cri_timeout)).await?;
                 print(&rep)?;
                 if !rep.errors.is_empty() {
                     return Ok(ExitCode::FAILURE);

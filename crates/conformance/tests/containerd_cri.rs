@@ -315,3 +315,65 @@ fn containerd_cri_burst_reports_exhausted_range() {
     assert_eq!(stopped["errors"], serde_json::json!([]), "{stopped}");
     assert!(!Path::new(&dir).exists(), "{dir} left behind");
 }
+
+/// A hung containerd (SIGSTOP): `containerd stop` gives up on CRI after --cri-timeout, kills it
+/// and its shims and sandbox processes by PID, and still removes the sandboxes' mounts, network
+/// namespaces and libcni cache entries. It reports the CRI failure and exits non-zero.
+#[test]
+fn containerd_stop_cleans_up_after_a_hung_containerd() {
+    let test = "containerd_stop_cleans_up_after_a_hung_containerd";
+    if skip(
+        test,
+        &["containerd", "ctr", "runc", "ptp", "host-local", "pause"],
+    ) {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let node = Netns::new(format!("vpccni-rc-node-{}-hung", std::process::id()));
+    let conf = Conf::new();
+    let dir = conf.tmp.path().join("ctrd").display().to_string();
+    let (mut ctrd, pid) = start(&node, &conf, &dir, CNI_BIN);
+    let mut netns = Vec::new();
+    let mut ids = Vec::new();
+    for name in ["h1", "h2"] {
+        let p = conformance_ok(&["cri", "--dir", &dir, "run-sandbox", "--name", name]);
+        netns.push(p["netns"].as_str().unwrap().to_string());
+        ids.push(p["id"].as_str().unwrap().to_string());
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let (ok, rep) = conformance_json(&["containerd", "stop", "--dir", &dir, "--cri-timeout", "2"]);
+    ctrd.stopped = true;
+    println!("stop of a hung containerd: {rep}");
+    assert!(!ok, "a CRI that does not answer must be reported: {rep}");
+    assert!(
+        rep["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("ListPodSandbox"),
+        "{rep}"
+    );
+    assert!(
+        rep["killed"].as_array().unwrap().contains(&pid.into()),
+        "{rep}"
+    );
+    assert_eq!(
+        rep["unmounted"].as_array().unwrap().len(),
+        4,
+        "shm + rootfs of 2: {rep}"
+    );
+    for n in &netns {
+        assert!(!Path::new(n).exists(), "{n} left behind: {rep}");
+    }
+    assert_eq!(rep["netns_removed"].as_array().unwrap().len(), 2, "{rep}");
+    for id in &ids {
+        let f = format!("/var/lib/cni/results/{NET}-{id}-eth0");
+        assert!(!Path::new(&f).exists(), "{f} left behind");
+    }
+    let sock = format!("{dir}/containerd.sock");
+    assert!(pids_with(&sock).is_empty(), "{:?}", pids_with(&sock));
+    assert!(!Path::new(&dir).exists(), "{dir} left behind: {rep}");
+}
