@@ -124,7 +124,12 @@ fn state_name(state: i32) -> String {
 }
 
 fn status_err(call: &str, what: &str, e: tonic::Status) -> anyhow::Error {
-    anyhow!("CRI {call} {what} failed: {:?}: {}", e.code(), e.message())
+    let sep = if what.is_empty() { "" } else { " " };
+    anyhow!(
+        "CRI {call}{sep}{what} failed: {:?}: {}",
+        e.code(),
+        e.message()
+    )
 }
 
 /// The network namespace path from PodSandboxStatus' verbose info (containerd puts the OCI
