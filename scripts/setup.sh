@@ -22,3 +22,7 @@ if ! .venv/bin/moto_server --help >/dev/null 2>&1; then
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check "moto[server]==${MOTO_VERSION}"
 fi
+
+# Real CNI clients for the conformance tests (containerd + CRI, cnitool from Debian's source),
+# the reference plugins and benchmark tools; also protoc, which the CRI client's build needs.
+bash scripts/setup-clients.sh
