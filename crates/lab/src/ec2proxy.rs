@@ -54,11 +54,13 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
-/// What a check learned that the answer needs.
+/// What a check learned that the call and its answer need.
 #[derive(Default)]
 struct Pre {
     /// AssignPrivateIpAddresses: the ENI's addresses before the call.
     before: Option<Vec<Ipv4Addr>>,
+    /// The request to send to moto instead (addresses chosen by the proxy).
+    body: Option<String>,
 }
 
 impl Proxy {
@@ -184,6 +186,62 @@ impl Proxy {
         }
     }
 
+    /// Every address in use in a subnet (all ENIs' addresses) and the subnet's CIDR.
+    async fn used_in_subnet(
+        &self,
+        subnet: &str,
+    ) -> Result<(ipnet::Ipv4Net, std::collections::BTreeSet<Ipv4Addr>), Ec2Error> {
+        let cidr = self
+            .world
+            .borrow()
+            .subnet(subnet)
+            .map(|s| s.cidr)
+            .ok_or_else(|| {
+                Ec2Error::bad_request(
+                    "InvalidSubnetID.NotFound",
+                    format!("The subnet ID '{subnet}' does not exist in the lab's VPC"),
+                )
+            })?;
+        let enis = self
+            .ec2
+            .describe_network_interfaces(&[], &[Filter::eq("subnet-id", subnet)])
+            .await
+            .map_err(|e| lookup_failed(format!("DescribeNetworkInterfaces in {subnet}: {e}")))?;
+        let used = enis.iter().flat_map(|e| e.all_ips()).collect();
+        Ok((cidr, used))
+    }
+
+    /// Chooses `n` free addresses of the subnet as EC2 does (never one in use, never one of
+    /// the 4 AWS-reserved addresses or the broadcast address). moto picks random addresses of
+    /// the whole CIDR, checked only against the same ENI, so it hands out duplicates and
+    /// reserved addresses; the proxy asks moto for these exact addresses instead.
+    async fn allocate(&self, subnet: &str, n: u32) -> Result<Vec<Ipv4Addr>, Ec2Error> {
+        let (cidr, used) = self.used_in_subnet(subnet).await?;
+        fidelity::pick_free(cidr, &used, n as usize).ok_or_else(|| {
+            Ec2Error::bad_request(
+                "InsufficientFreeAddressesInSubnet",
+                format!("Insufficient free IP addresses in subnet {subnet}: asked for {n}"),
+            )
+        })
+    }
+
+    /// EC2's InvalidIPAddress.InUse for explicitly requested addresses.
+    async fn check_free(&self, subnet: &str, ips: &[&str]) -> Result<(), Ec2Error> {
+        if ips.is_empty() {
+            return Ok(());
+        }
+        let (_, used) = self.used_in_subnet(subnet).await?;
+        for ip in ips {
+            if ip.parse::<Ipv4Addr>().is_ok_and(|a| used.contains(&a)) {
+                return Err(Ec2Error::bad_request(
+                    "InvalidIPAddress.InUse",
+                    format!("Address {ip} is in use."),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// What is left of the subnet's budget (`None`: unlimited).
     async fn subnet_left(
         &self,
@@ -284,8 +342,17 @@ impl Proxy {
                 if let Some(left) = self.subnet_left(knobs, generation, &e.subnet_id).await? {
                     fidelity::check_subnet_budget(&e.subnet_id, left, more)?;
                 }
+                let explicit = q.list("PrivateIpAddress");
+                let body = if explicit.is_empty() && more > 0 {
+                    let ips = self.allocate(&e.subnet_id, more).await?;
+                    Some(fidelity::assign_exact_body(q, &ips))
+                } else {
+                    self.check_free(&e.subnet_id, &explicit).await?;
+                    None
+                };
                 Ok(Pre {
                     before: Some(before),
+                    body,
                 })
             }
             "CreateNetworkInterface" => {
@@ -316,7 +383,33 @@ impl Proxy {
                 if let Some(left) = self.subnet_left(knobs, generation, &subnet).await? {
                     fidelity::check_subnet_budget(&subnet, left, n)?;
                 }
-                Ok(Pre::default())
+                let listed = q.list_field("PrivateIpAddresses", "PrivateIpAddress");
+                if !listed.is_empty() {
+                    self.check_free(&subnet, &listed).await?;
+                    return Ok(Pre::default());
+                }
+                let primary = q.get("PrivateIpAddress");
+                if let Some(p) = primary {
+                    self.check_free(&subnet, &[p]).await?;
+                }
+                let secondaries = q.number("SecondaryPrivateIpAddressCount")?.unwrap_or(0);
+                let fresh = self
+                    .allocate(&subnet, secondaries + u32::from(primary.is_none()))
+                    .await?;
+                let mut ips: Vec<Ipv4Addr> = Vec::new();
+                if let Some(p) = primary {
+                    ips.push(p.parse().map_err(|_| {
+                        Ec2Error::bad_request(
+                            "InvalidParameterValue",
+                            format!("Value ({p}) for parameter PrivateIpAddress is invalid."),
+                        )
+                    })?);
+                }
+                ips.extend(fresh);
+                Ok(Pre {
+                    before: None,
+                    body: Some(fidelity::create_exact_body(q, &ips)),
+                })
             }
             _ => Ok(Pre::default()),
         }
@@ -509,7 +602,8 @@ async fn handle(
             return error_response(&e);
         }
     };
-    let (status, hdrs, mut out) = match proxy.forward(&method, &uri, &headers, &body).await {
+    let send: &[u8] = pre.body.as_deref().map(str::as_bytes).unwrap_or(&body);
+    let (status, hdrs, mut out) = match proxy.forward(&method, &uri, &headers, send).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(%instance, %action, "forwarding to moto: {e:#}");
@@ -650,9 +744,44 @@ mod tests {
         // Detached, it can go.
         ec2.delete_network_interface(&e3.id).await.unwrap();
 
+        // Addresses are unique in the subnet and never AWS-reserved (moto alone draws random
+        // addresses of the whole CIDR and hands out duplicates).
+        for _ in 0..6 {
+            ec2.create_network_interface(&cloud::NewEni {
+                secondary_ip_count: 9,
+                ..mk()
+            })
+            .await
+            .unwrap();
+        }
+        let all: Vec<Ipv4Addr> = direct
+            .describe_network_interfaces(&[], &[Filter::eq("subnet-id", subnet.as_str())])
+            .await
+            .unwrap()
+            .iter()
+            .flat_map(|e| e.all_ips().collect::<Vec<_>>())
+            .collect();
+        let uniq: std::collections::BTreeSet<_> = all.iter().collect();
+        assert_eq!(uniq.len(), all.len(), "duplicate addresses: {all:?}");
+        assert!(all.len() > 60);
+        let cidr = world.subnet(&subnet).unwrap().cidr;
+        for a in &all {
+            let off = u32::from(*a) - u32::from(cidr.network());
+            assert!(off >= 4 && *a != cidr.broadcast(), "reserved address {a}");
+        }
+        // An address in use cannot be asked for again.
+        let err = ec2
+            .assign_private_ip_addresses(
+                &e2.id,
+                &cloud::IpRequest::Addresses(vec![eth1.primary_ip]),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("InvalidIPAddress.InUse"), "{err}");
+
         let s = proxy.stats();
         let c = s["instance1"]["AssignPrivateIpAddresses"];
-        assert_eq!((c.calls, c.ok, c.refused), (3, 2, 1), "{c:?}");
+        assert_eq!((c.calls, c.ok, c.refused), (4, 2, 2), "{c:?}");
         assert_eq!(s["instance1"]["AttachNetworkInterface"].refused, 1);
         assert_eq!(s["instance1"]["DeleteNetworkInterface"].ok, 1);
 

@@ -279,6 +279,91 @@ impl Query {
     }
 }
 
+impl Query {
+    /// Values of `Prefix.N.Field` (in index order).
+    pub fn list_field(&self, prefix: &str, field: &str) -> Vec<&str> {
+        let mut v: Vec<(u32, &str)> = self
+            .params
+            .iter()
+            .filter_map(|(k, val)| {
+                let rest = k.strip_prefix(prefix)?.strip_prefix('.')?;
+                let (n, f) = rest.split_once('.')?;
+                (f == field).then_some(())?;
+                Some((n.parse().ok()?, val.as_str()))
+            })
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// The request form-encoded again.
+    pub fn encode(&self) -> String {
+        let mut ser = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &self.params {
+            ser.append_pair(k, v);
+        }
+        ser.finish()
+    }
+}
+
+/// AssignPrivateIpAddresses asking for these exact addresses instead of a count.
+pub fn assign_exact_body(q: &Query, ips: &[Ipv4Addr]) -> String {
+    let mut q = q.clone();
+    q.params.remove("SecondaryPrivateIpAddressCount");
+    q.params.retain(|k, _| !k.starts_with("PrivateIpAddress."));
+    for (i, ip) in ips.iter().enumerate() {
+        q.params
+            .insert(format!("PrivateIpAddress.{}", i + 1), ip.to_string());
+    }
+    q.encode()
+}
+
+/// CreateNetworkInterface with these exact addresses: the first is the primary.
+pub fn create_exact_body(q: &Query, ips: &[Ipv4Addr]) -> String {
+    let mut q = q.clone();
+    q.params.remove("SecondaryPrivateIpAddressCount");
+    q.params.remove("PrivateIpAddress");
+    q.params
+        .retain(|k, _| !k.starts_with("PrivateIpAddresses."));
+    for (i, ip) in ips.iter().enumerate() {
+        q.params.insert(
+            format!("PrivateIpAddresses.{}.PrivateIpAddress", i + 1),
+            ip.to_string(),
+        );
+        q.params.insert(
+            format!("PrivateIpAddresses.{}.Primary", i + 1),
+            (i == 0).to_string(),
+        );
+    }
+    q.encode()
+}
+
+/// `n` random addresses of `cidr` that are not in `used`, not one of the 4 AWS-reserved
+/// addresses at the start and not the broadcast address; `None` when fewer are free.
+pub fn pick_free(
+    cidr: ipnet::Ipv4Net,
+    used: &std::collections::BTreeSet<Ipv4Addr>,
+    n: usize,
+) -> Option<Vec<Ipv4Addr>> {
+    let first = u32::from(cidr.network()) + 4;
+    let last = u32::from(cidr.broadcast()).checked_sub(1)?;
+    if last < first {
+        return None;
+    }
+    let mut free: Vec<u32> = (first..=last)
+        .filter(|a| !used.contains(&Ipv4Addr::from(*a)))
+        .collect();
+    if free.len() < n {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let i = (rand::random::<u64>() % free.len() as u64) as usize;
+        out.push(Ipv4Addr::from(free.swap_remove(i)));
+    }
+    Some(out)
+}
+
 /// Mutating actions the proxy serialises (checks and call under one lock, as EC2 is consistent
 /// per resource).
 pub fn is_mutating(action: &str) -> bool {
@@ -744,6 +829,55 @@ mod tests {
         assert!(out.contains("<networkInterfaceId>eni-1</networkInterfaceId>"));
         // Nothing to rewrite: unchanged.
         assert_eq!(rewrite_assign("<x/>", &before), "<x/>");
+    }
+
+    #[test]
+    fn addresses_are_free_and_not_reserved() {
+        let cidr: ipnet::Ipv4Net = "10.0.0.0/28".parse().unwrap();
+        let used: std::collections::BTreeSet<Ipv4Addr> = ["10.0.0.5", "10.0.0.9"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        // .0-.3 reserved, .15 broadcast, .5 and .9 used: 9 free.
+        for _ in 0..20 {
+            let got = pick_free(cidr, &used, 9).unwrap();
+            let set: std::collections::BTreeSet<_> = got.iter().collect();
+            assert_eq!(set.len(), 9, "no duplicates: {got:?}");
+            for a in &got {
+                let o = a.octets()[3];
+                assert!((4..15).contains(&o) && o != 5 && o != 9, "{a}");
+            }
+        }
+        assert!(pick_free(cidr, &used, 10).is_none());
+    }
+
+    #[test]
+    fn count_requests_become_exact_address_requests() {
+        let q = Query::parse(
+            b"Action=AssignPrivateIpAddresses&NetworkInterfaceId=eni-1&SecondaryPrivateIpAddressCount=2",
+            None,
+        );
+        let ips = ["10.0.0.7".parse().unwrap(), "10.0.0.8".parse().unwrap()];
+        let b = Query::parse(assign_exact_body(&q, &ips).as_bytes(), None);
+        assert_eq!(b.get("SecondaryPrivateIpAddressCount"), None);
+        assert_eq!(b.list("PrivateIpAddress"), ["10.0.0.7", "10.0.0.8"]);
+        assert_eq!(b.get("NetworkInterfaceId"), Some("eni-1"));
+
+        let q = Query::parse(
+            b"Action=CreateNetworkInterface&SubnetId=s&SecondaryPrivateIpAddressCount=1&TagSpecification.1.Tag.1.Key=k%20x",
+            None,
+        );
+        let b = Query::parse(create_exact_body(&q, &ips).as_bytes(), None);
+        assert_eq!(b.get("SecondaryPrivateIpAddressCount"), None);
+        assert_eq!(
+            b.list_field("PrivateIpAddresses", "PrivateIpAddress"),
+            ["10.0.0.7", "10.0.0.8"]
+        );
+        assert_eq!(
+            b.list_field("PrivateIpAddresses", "Primary"),
+            ["true", "false"]
+        );
+        assert_eq!(b.get("TagSpecification.1.Tag.1.Key"), Some("k x"));
     }
 
     #[test]

@@ -390,7 +390,8 @@ fn churn_with_agent_killed_leaks_nothing() {
     let _serial = serial();
     let _down = Down;
     let t0 = Instant::now();
-    up(&[]);
+    // 30 ms per EC2 call, so kills land in the middle of ENI operations too.
+    up(&["--ec2-latency-ms", "30"]);
     let ec2 = Ec2::new();
     let i1 = instance_id("instance1");
     let (type_enis, per_eni) = limits(&ec2, "m5.large");
@@ -404,7 +405,7 @@ fn churn_with_agent_killed_leaks_nothing() {
         let kills = kills.clone();
         std::thread::spawn(move || {
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let ms = 500 + rand::random::<u64>() % 2500;
+                let ms = 1000 + rand::random::<u64>() % 4000;
                 std::thread::sleep(Duration::from_millis(ms));
                 if stop.load(std::sync::atomic::Ordering::SeqCst) {
                     break;
@@ -447,9 +448,13 @@ fn churn_with_agent_killed_leaks_nothing() {
             live.insert(name, ip);
             ever.insert(ip);
         } else {
-            // Delete a random live pod.
-            let i = rand::random::<u64>() as usize % live.len();
-            let name = live.keys().nth(i).unwrap().clone();
+            // Mostly the newest pod (so ENIs empty and go), sometimes a random one.
+            let name = if rand::random::<u8>().is_multiple_of(4) {
+                let i = rand::random::<u64>() as usize % live.len();
+                live.keys().nth(i).unwrap().clone()
+            } else {
+                live.keys().next_back().unwrap().clone()
+            };
             pod_del_retry("instance1", &name, Duration::from_secs(60));
             live.remove(&name);
         }
