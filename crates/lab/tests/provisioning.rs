@@ -405,7 +405,7 @@ fn churn_with_agent_killed_leaks_nothing() {
         let kills = kills.clone();
         std::thread::spawn(move || {
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let ms = 1000 + rand::random::<u64>() % 4000;
+                let ms = 2000 + rand::random::<u64>() % 5000;
                 std::thread::sleep(Duration::from_millis(ms));
                 if stop.load(std::sync::atomic::Ordering::SeqCst) {
                     break;
@@ -530,21 +530,28 @@ fn adds_the_warm_pool_can_serve_succeed_with_30_percent_ec2_errors() {
     let _serial = serial();
     let _down = Down;
     let t0 = Instant::now();
-    up(&["--ec2-error-rate", "0.3"]);
+    // WARM_IP_TARGET=3: the pool grows 3 addresses at a time, many EC2 calls. EC2 degrades
+    // while the node runs: 30 % of calls fail from the first round on.
+    const WARM: usize = 3;
+    up(&["--agent-env", &format!("WARM_IP_TARGET={WARM}")]);
     let ec2 = Ec2::new();
     let i1 = instance_id("instance1");
     let (type_enis, per_eni) = limits(&ec2, "m5.large");
-    let per = per_eni - 1;
+    let limit = type_enis * (per_eni - 1);
     let mut pods: BTreeMap<String, Ipv4Addr> = BTreeMap::new();
     let mut served = 0;
-    for round in 0..type_enis {
+    let mut round = 0;
+    while pods.len() < limit {
+        if round == 0 {
+            lab_ok(&["fidelity", "set", "ec2-error-rate=0.3"]);
+        }
         // Mid-run, EC2 also throttles: a bucket of 3 calls per API, 2 more a second.
-        if round == 1 {
+        if round == 3 {
             lab_ok(&["fidelity", "set", "ec2-throttle=3/2"]);
         }
-        // Wait until the agent's pool holds a warm ENI's worth of free addresses (or what
-        // is left under the ceiling): those ADDs need no EC2 call.
-        let want_free = per.min(type_enis * per - pods.len());
+        // Wait until the agent's pool holds its warm addresses (or what is left under the
+        // ceiling): those ADDs need no EC2 call and must all succeed.
+        let want_free = WARM.min(limit - pods.len());
         wait_for(
             Duration::from_secs(90),
             &format!("round {round}: {want_free} available addresses in instance1's agent"),
@@ -559,7 +566,7 @@ fn adds_the_warm_pool_can_serve_succeed_with_30_percent_ec2_errors() {
             },
         );
         for n in 0..want_free {
-            let name = format!("err/r{round}p{n}");
+            let name = format!("err/r{round:02}p{n}");
             match pod_add_once("instance1", &name) {
                 Add::Ok(ip) => {
                     pods.insert(name, ip);
@@ -570,6 +577,7 @@ fn adds_the_warm_pool_can_serve_succeed_with_30_percent_ec2_errors() {
                 ),
             }
         }
+        round += 1;
     }
     assert_pods_hold_ec2_addresses(&ec2, &i1, &pods);
     let injected = ec2_total("instance1", "injected");
@@ -580,8 +588,8 @@ fn adds_the_warm_pool_can_serve_succeed_with_30_percent_ec2_errors() {
         t0.elapsed()
     );
     assert!(
-        injected > 0,
-        "no error was injected: the test proved nothing"
+        injected >= 3,
+        "only {injected} errors were injected: the test proved little"
     );
     let lost = unreachable("instance2", &pods.values().copied().collect::<Vec<_>>());
     assert!(
