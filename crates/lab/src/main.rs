@@ -1,5 +1,6 @@
 //! vpc-lab: the local VPC — network namespaces, an EC2 API (moto), IMDS and the VPC fabric.
 
+mod bench;
 mod ctl;
 mod daemon;
 mod ec2proxy;
@@ -85,6 +86,13 @@ enum Cmd {
     },
     /// EC2 calls seen by the lab's EC2 proxy, by instance and API (JSON).
     Ec2Stats,
+    /// Benchmark: EC2 calls by API for instance1 going 0 → max pods → 0 and during a churn
+    /// with agent kills (brings up its own lab, takes it down; prints a Markdown table).
+    Bench {
+        /// ADD/DEL operations in the churn phase.
+        #[arg(long, default_value_t = 300)]
+        churn: usize,
+    },
     /// Remove every namespace, process and file of the lab.
     Down,
     /// Instances, ENIs, their IPs and which pod holds which IP.
@@ -256,6 +264,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("{}", serde_json::to_string_pretty(&k)?);
         }
+        Cmd::Bench { churn } => bench::run(churn)?,
         Cmd::Ec2Stats => {
             ctl::State::load()?;
             println!(

@@ -1,0 +1,311 @@
+//! `vpc-lab bench`: EC2 calls by API (as the lab's EC2 proxy counts them) for one node with a
+//! provisioning agent: 0 → max pods, back to 0, and a churn of ADD/DEL with agent kills.
+//! Brings up its own lab (fresh nodes) and takes it down at the end.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::fidelity::{self, CallCount};
+
+const NODE: &str = "instance1";
+
+fn me() -> Result<std::path::PathBuf> {
+    std::env::current_exe().context("locating vpc-lab")
+}
+
+fn lab(args: &[&str]) -> Result<Output> {
+    Command::new(me()?)
+        .args(args)
+        .output()
+        .with_context(|| format!("running vpc-lab {}", args.join(" ")))
+}
+
+fn lab_ok(args: &[&str]) -> Result<String> {
+    let o = lab(args)?;
+    if !o.status.success() {
+        bail!(
+            "vpc-lab {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// ADD like a runtime: retried on failure (code 11 while the pool refills, or the agent
+/// restarting) for up to 120 s. Returns the failed attempts.
+fn add(pod: &str) -> Result<u32> {
+    let t = Instant::now();
+    let mut failed = 0;
+    loop {
+        let o = lab(&["pod", "add", NODE, pod])?;
+        if o.status.success() {
+            return Ok(failed);
+        }
+        failed += 1;
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "ADD {pod} still failing after 120 s: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn del(pod: &str) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let o = lab(&["pod", "del", NODE, pod])?;
+        if o.status.success() {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "DEL {pod} still failing after 120 s: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn node_stats() -> Result<BTreeMap<String, CallCount>> {
+    Ok(fidelity::load_stats()?.remove(NODE).unwrap_or_default())
+}
+
+fn diff(
+    after: &BTreeMap<String, CallCount>,
+    before: &BTreeMap<String, CallCount>,
+) -> BTreeMap<String, CallCount> {
+    after
+        .iter()
+        .map(|(k, a)| {
+            let b = before.get(k).copied().unwrap_or_default();
+            (
+                k.clone(),
+                CallCount {
+                    calls: a.calls - b.calls,
+                    ok: a.ok - b.ok,
+                    throttled: a.throttled - b.throttled,
+                    injected: a.injected - b.injected,
+                    refused: a.refused - b.refused,
+                    failed: a.failed - b.failed,
+                },
+            )
+        })
+        .filter(|(_, c)| c.calls > 0)
+        .collect()
+}
+
+/// Waits until instance1's (ENIs, IPs) in EC2 have not changed for 6 s (longer than the
+/// agent's 5 s loop). Returns them.
+fn settle(rt: &tokio::runtime::Runtime, ec2: &cloud::Ec2, id: &str) -> Result<(usize, usize)> {
+    let count = || -> Result<(usize, usize)> {
+        let v = rt.block_on(
+            ec2.describe_network_interfaces(&[], &[cloud::Filter::attached_to(id.to_string())]),
+        )?;
+        Ok((v.len(), v.iter().map(|e| e.secondary_ips.len()).sum()))
+    };
+    let t = Instant::now();
+    let mut last = count()?;
+    let mut since = Instant::now();
+    while since.elapsed() < Duration::from_secs(6) {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = count()?;
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
+        if t.elapsed() > Duration::from_secs(180) {
+            bail!("instance1's pool did not settle within 180 s (last {last:?})");
+        }
+    }
+    Ok(last)
+}
+
+struct Phase {
+    name: String,
+    secs: f64,
+    note: String,
+    calls: BTreeMap<String, CallCount>,
+}
+
+/// `vpc-lab bench`.
+pub fn run(churn_ops: usize) -> Result<()> {
+    let t0 = Instant::now();
+    let up_args = [
+        "up",
+        "--provisioning=instance1",
+        "--fresh-nodes",
+        "--agent-env",
+        "VPC_CNI_MIN_ENI_AGE=2",
+        "--agent-env",
+        "IP_COOLDOWN_PERIOD=1",
+    ];
+    lab_ok(&up_args)?;
+    let r = measure(churn_ops);
+    let down = lab_ok(&["down"]);
+    let phases = r?;
+    down?;
+    println!(
+        "EC2 calls of {NODE} (m5.large, WARM_ENI_TARGET=1, VPC_CNI_MIN_ENI_AGE=2, IP_COOLDOWN_PERIOD=1) as the lab's EC2 proxy counts them; `calls` = every HTTP request the agent made (SDK retries included). Total run {:.0} s.\n",
+        t0.elapsed().as_secs_f64()
+    );
+    let apis: std::collections::BTreeSet<&String> =
+        phases.iter().flat_map(|p| p.calls.keys()).collect();
+    print!("| API |");
+    for p in &phases {
+        print!(" {} |", p.name);
+    }
+    println!();
+    print!("|---|");
+    for _ in &phases {
+        print!("---:|");
+    }
+    println!();
+    for api in &apis {
+        print!("| {api} |");
+        for p in &phases {
+            print!(" {} |", p.calls.get(*api).map_or(0, |c| c.calls));
+        }
+        println!();
+    }
+    print!("| **total** |");
+    for p in &phases {
+        print!(" **{}** |", p.calls.values().map(|c| c.calls).sum::<u64>());
+    }
+    println!("\n");
+    for p in &phases {
+        println!("- {}: {:.1} s; {}", p.name, p.secs, p.note);
+    }
+    Ok(())
+}
+
+fn measure(churn_ops: usize) -> Result<Vec<Phase>> {
+    let state = crate::ctl::State::load()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let ec2 = cloud::Ec2::for_endpoint(&format!("http://{}", state.moto), &state.region);
+    let world = crate::ctl::load_world()?;
+    let id = world
+        .instance(NODE)
+        .context("no instance1 in the lab")?
+        .id
+        .clone();
+    let limits =
+        rt.block_on(ec2.describe_instance_types(&world.instance(NODE).unwrap().instance_type))?;
+    let max_pods = (limits.max_enis * (limits.ipv4_per_eni - 1)) as usize;
+    let mut phases = Vec::new();
+
+    let start = settle(&rt, &ec2, &id)?;
+    let s0 = node_stats()?;
+    phases.push(Phase {
+        name: "start-up (warm pool)".into(),
+        secs: 0.0,
+        note: format!("pool at start (ENIs, IPs) = {start:?}"),
+        calls: diff(&s0, &BTreeMap::new()),
+    });
+
+    let t = Instant::now();
+    let mut retries = 0;
+    for n in 0..max_pods {
+        retries += add(&format!("bench/p{n:03}"))?;
+    }
+    let up_secs = t.elapsed().as_secs_f64();
+    let full = settle(&rt, &ec2, &id)?;
+    let s1 = node_stats()?;
+    phases.push(Phase {
+        name: format!("0 → {max_pods} pods"),
+        secs: up_secs,
+        note: format!(
+            "{max_pods} ADDs, {retries} code-11 retries; pool then (ENIs, IPs) = {full:?}"
+        ),
+        calls: diff(&s1, &s0),
+    });
+
+    let t = Instant::now();
+    for n in 0..max_pods {
+        del(&format!("bench/p{n:03}"))?;
+    }
+    let down_secs = t.elapsed().as_secs_f64();
+    let back = settle(&rt, &ec2, &id)?;
+    let s2 = node_stats()?;
+    phases.push(Phase {
+        name: format!("{max_pods} → 0 pods"),
+        secs: down_secs,
+        note: format!("{max_pods} DELs; pool then (ENIs, IPs) = {back:?}"),
+        calls: diff(&s2, &s1),
+    });
+
+    // Churn: pods swing between 2 and 2 ENIs' worth + 2, newest deleted first (mostly), the
+    // agent SIGKILLed and restarted every 1-3 s.
+    let t = Instant::now();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<u32> {
+            let mut kills = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1000 + rand::random::<u64>() % 2000));
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                if lab(&["agent", "kill", NODE])?.status.success() {
+                    kills += 1;
+                }
+                lab_ok(&["agent", "start", NODE])?;
+            }
+            Ok(kills)
+        })
+    };
+    let per = (limits.ipv4_per_eni - 1) as usize;
+    let high = (2 * per + 2).min(max_pods);
+    let mut live: Vec<String> = Vec::new();
+    let (mut growing, mut next, mut retries) = (true, 0, 0);
+    let churn = (|| -> Result<()> {
+        for _ in 0..churn_ops {
+            if growing && live.len() >= high {
+                growing = false;
+            } else if !growing && live.len() <= 2 {
+                growing = true;
+            }
+            if growing {
+                let p = format!("churn/p{next:04}");
+                next += 1;
+                retries += add(&p)?;
+                live.push(p);
+            } else {
+                let i = if rand::random::<u8>().is_multiple_of(4) {
+                    rand::random::<u64>() as usize % live.len()
+                } else {
+                    live.len() - 1
+                };
+                let p = live.remove(i);
+                del(&p)?;
+            }
+        }
+        Ok(())
+    })();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let kills = killer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the killer thread panicked"))??;
+    churn?;
+    let churn_secs = t.elapsed().as_secs_f64();
+    let end = settle(&rt, &ec2, &id)?;
+    let s3 = node_stats()?;
+    phases.push(Phase {
+        name: format!("churn {churn_ops} ADD/DEL"),
+        secs: churn_secs,
+        note: format!(
+            "{churn_ops} ADD/DEL between 2 and {high} pods, {kills} agent kills (-9) and restarts, {retries} failed ADD attempts retried; pool then (ENIs, IPs) = {end:?}"
+        ),
+        calls: diff(&s3, &s2),
+    });
+    Ok(phases)
+}
