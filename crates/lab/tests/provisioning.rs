@@ -390,26 +390,40 @@ fn churn_with_agent_killed_leaks_nothing() {
     let _serial = serial();
     let _down = Down;
     let t0 = Instant::now();
-    // 30 ms per EC2 call, so kills land in the middle of ENI operations too.
-    up(&["--ec2-latency-ms", "30"]);
+    // WARM_IP_TARGET=2: the pool follows the pods closely (assign, create, delete), 30 ms per
+    // EC2 call and a 1 s hot-plug delay, so kills land in the middle of ENI operations too.
+    up(&[
+        "--ec2-latency-ms",
+        "30",
+        "--attach-delay-ms",
+        "1000",
+        "--agent-env",
+        "WARM_IP_TARGET=2",
+    ]);
     let ec2 = Ec2::new();
     let i1 = instance_id("instance1");
     let (type_enis, per_eni) = limits(&ec2, "m5.large");
     let per = per_eni - 1;
 
-    // A killer thread: SIGKILL the agent at random moments, restart it each time.
+    // A killer thread: SIGKILL the agent at random moments, restart it each time. The churn
+    // asks for a kill at random operations (1 in 20); the kill lands 0-300 ms later, i.e. in
+    // the middle of an ADD, a DEL or the agent's EC2 work. At least one kill every 4 s too.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let kills = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
     let killer = {
         let stop = stop.clone();
         let kills = kills.clone();
         std::thread::spawn(move || {
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let ms = 2000 + rand::random::<u64>() % 5000;
-                std::thread::sleep(Duration::from_millis(ms));
+                match kill_rx.recv_timeout(Duration::from_secs(4)) {
+                    Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                }
                 if stop.load(std::sync::atomic::Ordering::SeqCst) {
                     break;
                 }
+                std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 300));
                 let k = lab_quiet(&["agent", "kill", "instance1"]);
                 if k.status.success() {
                     kills.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -420,6 +434,8 @@ fn churn_with_agent_killed_leaks_nothing() {
                     "agent restart failed: {}",
                     String::from_utf8_lossy(&s.stderr)
                 );
+                // Requests that came in while restarting are merged into this kill.
+                while kill_rx.try_recv().is_ok() {}
             }
         })
     };
@@ -459,12 +475,16 @@ fn churn_with_agent_killed_leaks_nothing() {
             live.remove(&name);
         }
         ops += 1;
+        if rand::random::<u8>().is_multiple_of(20) {
+            let _ = kill_tx.send(());
+        }
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(kill_tx);
     killer.join().expect("killer thread");
     let kills = kills.load(std::sync::atomic::Ordering::SeqCst);
     eprintln!("300 ops with {kills} agent kills in {:?}", t0.elapsed());
-    assert!(kills >= 5, "the agent was killed only {kills} times");
+    assert!(kills >= 10, "the agent was killed only {kills} times");
     // The agent is running (the killer restarts it after each kill); let it settle.
     assert_pods_hold_ec2_addresses(&ec2, &i1, &live);
 
