@@ -320,29 +320,18 @@ impl Ec2 {
         filters: &[Filter],
     ) -> Result<Vec<Vpc>, CloudError> {
         const CALL: &str = "DescribeVpcs";
-        let mut out = Vec::new();
-        let mut token = None;
-        loop {
-            let page = self
-                .client
-                .describe_vpcs()
-                .set_vpc_ids(ids(vpc_ids))
-                .set_filters(sdk_filters(filters))
-                .set_next_token(token)
-                .send()
-                .await
-                .map_err(|e| CloudError::ec2(CALL, e))?;
-            for v in page.vpcs() {
-                out.push(vpc_from_sdk(v)?);
-            }
-            token = page
-                .next_token()
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned);
-            if token.is_none() {
-                return Ok(out);
-            }
-        }
+        let vpcs = self
+            .client
+            .describe_vpcs()
+            .set_vpc_ids(ids(vpc_ids))
+            .set_filters(sdk_filters(filters))
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        vpcs.iter().map(vpc_from_sdk).collect()
     }
 
     /// CreateSubnet; returns the subnet id.
@@ -376,19 +365,20 @@ impl Ec2 {
     /// DescribeSubnets of one VPC (filtered by VpcId, never by CIDR: VPCs may overlap).
     pub async fn describe_subnets(&self, vpc_id: &str) -> Result<Vec<Subnet>, CloudError> {
         const CALL: &str = "DescribeSubnets";
-        let mut out = Vec::new();
-        let mut token = None;
-        loop {
-            let page = self
-                .client
-                .describe_subnets()
-                .filters(Filter::vpc(vpc_id).to_sdk())
-                .set_next_token(token)
-                .send()
-                .await
-                .map_err(|e| CloudError::ec2(CALL, e))?;
-            for s in page.subnets() {
-                out.push(Subnet {
+        let subnets = self
+            .client
+            .describe_subnets()
+            .filters(Filter::vpc(vpc_id).to_sdk())
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        subnets
+            .iter()
+            .map(|s| {
+                Ok(Subnet {
                     id: ec2_str(CALL, "SubnetId", s.subnet_id())?,
                     vpc_id: ec2_str(CALL, "VpcId", s.vpc_id())?,
                     cidr: ec2_field(CALL, "CidrBlock", s.cidr_block(), parse::ipv4_net)?,
@@ -399,16 +389,9 @@ impl Ec2 {
                         s.available_ip_address_count(),
                     )?,
                     tags: tags_of(s.tags()),
-                });
-            }
-            token = page
-                .next_token()
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned);
-            if token.is_none() {
-                return Ok(out);
-            }
-        }
+                })
+            })
+            .collect()
     }
 
     /// CreateSecurityGroup in a VPC; returns the group id.
@@ -508,31 +491,22 @@ impl Ec2 {
         filters: &[Filter],
     ) -> Result<Vec<Instance>, CloudError> {
         const CALL: &str = "DescribeInstances";
-        let mut out = Vec::new();
-        let mut token = None;
-        loop {
-            let page = self
-                .client
-                .describe_instances()
-                .set_instance_ids(ids(instance_ids))
-                .set_filters(sdk_filters(filters))
-                .set_next_token(token)
-                .send()
-                .await
-                .map_err(|e| CloudError::ec2(CALL, e))?;
-            for r in page.reservations() {
-                for i in r.instances() {
-                    out.push(instance_from_sdk(CALL, i)?);
-                }
-            }
-            token = page
-                .next_token()
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned);
-            if token.is_none() {
-                return Ok(out);
-            }
-        }
+        let reservations = self
+            .client
+            .describe_instances()
+            .set_instance_ids(ids(instance_ids))
+            .set_filters(sdk_filters(filters))
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        reservations
+            .iter()
+            .flat_map(|r| r.instances())
+            .map(|i| instance_from_sdk(CALL, i))
+            .collect()
     }
 
     /// DescribeInstanceTypes for one type: its ENI and per-ENI IPv4 limits.
@@ -697,29 +671,18 @@ impl Ec2 {
         filters: &[Filter],
     ) -> Result<Vec<NetworkInterface>, CloudError> {
         const CALL: &str = "DescribeNetworkInterfaces";
-        let mut out = Vec::new();
-        let mut token = None;
-        loop {
-            let page = self
-                .client
-                .describe_network_interfaces()
-                .set_network_interface_ids(ids(eni_ids))
-                .set_filters(sdk_filters(filters))
-                .set_next_token(token)
-                .send()
-                .await
-                .map_err(|e| CloudError::ec2(CALL, e))?;
-            for n in page.network_interfaces() {
-                out.push(eni_from_sdk(CALL, n)?);
-            }
-            token = page
-                .next_token()
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned);
-            if token.is_none() {
-                return Ok(out);
-            }
-        }
+        let enis = self
+            .client
+            .describe_network_interfaces()
+            .set_network_interface_ids(ids(eni_ids))
+            .set_filters(sdk_filters(filters))
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        enis.iter().map(|n| eni_from_sdk(CALL, n)).collect()
     }
 
     /// One ENI by id.
