@@ -91,12 +91,14 @@ fn serve_instance(
 }
 
 /// The world the instances see: ENIs attached less than `delay` ago (by `attached_at`) are
-/// not plugged in yet. Also returns when the next one is due.
+/// not plugged in yet, unless already `plugged` (an interface never goes away while its ENI
+/// stays attached). Also returns when the next one is due.
 pub fn hot_plugged(
     world: &World,
     attached_at: &HashMap<String, Instant>,
     delay: Duration,
     now: Instant,
+    plugged: &BTreeSet<String>,
 ) -> (World, Option<Instant>) {
     let mut w = world.clone();
     let mut next: Option<Instant> = None;
@@ -107,7 +109,7 @@ pub fn hot_plugged(
         i.enis.retain(|e| {
             let due = attached_at.get(&e.id).map(|t| *t + delay);
             match due {
-                Some(d) if d > now && e.device_index != 0 => {
+                Some(d) if d > now && e.device_index != 0 && !plugged.contains(&e.id) => {
                     next = Some(next.map_or(d, |n| n.min(d)));
                     false
                 }
@@ -272,11 +274,17 @@ pub async fn run() -> Result<()> {
             });
         }
         // The fabric and the instances' interfaces: hot-plug after attach_delay.
+        let plugged: BTreeSet<String> = applied_world
+            .instances
+            .iter()
+            .flat_map(|i| i.enis.iter().map(|e| e.id.clone()))
+            .collect();
         let (visible, plug_next) = hot_plugged(
             &new,
             &proxy.attach_times(),
             crate::fidelity::ms(knobs.attach_delay_ms),
             now,
+            &plugged,
         );
         due = [imds_next, plug_next].into_iter().flatten().min();
         if visible == applied_world && !failed {
@@ -321,14 +329,20 @@ mod tests {
         let mut at = HashMap::new();
         at.insert("eni-1".to_string(), t0);
         let d = Duration::from_millis(500);
-        let (v, next) = hot_plugged(&w, &at, d, t0 + Duration::from_millis(100));
+        let none = BTreeSet::new();
+        let (v, next) = hot_plugged(&w, &at, d, t0 + Duration::from_millis(100), &none);
         assert_eq!(v.instances[0].enis.len(), 1, "eth1 not plugged yet");
         assert_eq!(next, Some(t0 + d));
-        let (v, next) = hot_plugged(&w, &at, d, t0 + d);
+        let (v, next) = hot_plugged(&w, &at, d, t0 + d, &none);
         assert_eq!(v, w);
         assert_eq!(next, None);
-        let (v, _) = hot_plugged(&w, &at, Duration::ZERO, t0);
+        let (v, _) = hot_plugged(&w, &at, Duration::ZERO, t0, &none);
         assert_eq!(v, w, "no delay: as EC2 says");
+        // Once plugged in, an interface stays (e.g. it became visible before the attach time
+        // was known).
+        let plugged: BTreeSet<String> = ["eni-1".to_string()].into();
+        let (v, next) = hot_plugged(&w, &at, d, t0 + Duration::from_millis(100), &plugged);
+        assert_eq!((v, next), (w, None));
     }
 
     #[test]

@@ -602,12 +602,31 @@ async fn handle(
             return error_response(&e);
         }
     };
+    // The attach time is recorded before moto attaches, so the daemon never sees the ENI
+    // attached without its hot-plug delay (it would plug it in at once, then unplug it).
+    let attaching = (action == "AttachNetworkInterface")
+        .then(|| q.get("NetworkInterfaceId").map(str::to_string))
+        .flatten();
+    if let Some(eni) = &attaching {
+        proxy
+            .attached_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(eni.clone(), Instant::now());
+    }
     let send: &[u8] = pre.body.as_deref().map(str::as_bytes).unwrap_or(&body);
     let (status, hdrs, mut out) = match proxy.forward(&method, &uri, &headers, send).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(%instance, %action, "forwarding to moto: {e:#}");
             proxy.count(&instance, &action, |c| c.failed += 1);
+            if let Some(eni) = &attaching {
+                proxy
+                    .attached_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(eni);
+            }
             return error_response(&Ec2Error::internal());
         }
     };
@@ -616,20 +635,18 @@ async fn handle(
         if let Some(before) = &pre.before {
             out = fidelity::rewrite_assign(&String::from_utf8_lossy(&out), before).into_bytes();
         }
-        if action == "AttachNetworkInterface"
-            && let Some(eni) = q.get("NetworkInterfaceId")
-        {
-            proxy
-                .attached_at
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(eni.to_string(), Instant::now());
-        }
         if mutating {
             proxy.kick.notify_one();
         }
     } else {
         proxy.count(&instance, &action, |c| c.failed += 1);
+        if let Some(eni) = &attaching {
+            proxy
+                .attached_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(eni);
+        }
     }
     let mut resp = Response::new(axum::body::Body::from(out));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
