@@ -626,7 +626,7 @@ fn imds_10s_behind_ec2_releases_no_assigned_ip() {
     let _serial = serial();
     let _down = Down;
     let t0 = Instant::now();
-    up(&["--imds-delay-ms", "10000"]);
+    up(&["--fresh-nodes", "--imds-delay-ms", "10000"]);
     let ec2 = Ec2::new();
     let i1 = instance_id("instance1");
     let (_, per_eni) = limits(&ec2, "m5.large");
@@ -637,6 +637,25 @@ fn imds_10s_behind_ec2_releases_no_assigned_ip() {
         let (ip, _) = pod_add_retry("instance1", &name, Duration::from_secs(60));
         pods.insert(name, ip);
     }
+    // IMDS really is behind: it does not list the ENI the agent just attached.
+    let imds_macs = || -> usize {
+        let out = lab_quiet(&[
+            "exec",
+            "instance1",
+            "--",
+            "bash",
+            "-c",
+            "t=$(curl -sf -X PUT -H 'x-aws-ec2-metadata-token-ttl-seconds: 60' http://127.0.0.1:1338/latest/api/token) && curl -sf -H \"x-aws-ec2-metadata-token: $t\" http://127.0.0.1:1338/latest/meta-data/network/interfaces/macs/",
+        ]);
+        assert!(out.status.success(), "IMDS query failed");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    let in_ec2 = ec2.attached(&i1).len();
+    let in_imds = imds_macs();
+    assert!(
+        in_imds < in_ec2,
+        "IMDS should lag EC2 by 10 s: IMDS lists {in_imds} ENIs, EC2 {in_ec2}"
+    );
     // Restart the agent while IMDS is stale: it must not drop what IMDS does not show yet.
     lab_ok(&["agent", "kill", "instance1"]);
     lab_ok(&["agent", "start", "instance1"]);
@@ -654,6 +673,11 @@ fn imds_10s_behind_ec2_releases_no_assigned_ip() {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_pods_hold_ec2_addresses(&ec2, &i1, &pods);
+    assert_eq!(
+        imds_macs(),
+        ec2.attached(&i1).len(),
+        "IMDS caught up after 10 s"
+    );
     let lost = unreachable("instance2", &ips);
     assert!(
         lost.is_empty(),
