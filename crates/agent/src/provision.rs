@@ -397,7 +397,16 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
     }
 
     async fn assign(&self, eni_id: &str, count: u32) -> Result<(), ProvisionError> {
-        let ips = self.cloud.assign_ips(eni_id, count).await?;
+        let ips = match self.cloud.assign_ips(eni_id, count).await {
+            Ok(ips) => ips,
+            Err(e) if e.code() == Some("PrivateIpAddressLimitExceeded") => {
+                // EC2 holds more addresses on this ENI than the pool knows (an earlier answer
+                // was lost): take EC2's list, so the planner stops asking for the same room.
+                self.sync_eni_from_ec2(eni_id).await?;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut st = self.lock();
         let known = st.pool().ips_of(eni_id);
         let new: Vec<Ipv4Addr> = ips.into_iter().filter(|ip| !known.contains(ip)).collect();
@@ -407,6 +416,32 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         st.pending = st.pending.saturating_sub(new.len() as u32);
         st.blocker = None;
         info!(eni = %eni_id, count = new.len(), "assigned secondary IPs");
+        Ok(())
+    }
+
+    /// Adds to the pool the secondary addresses EC2 lists for `eni_id` that the pool lacks.
+    async fn sync_eni_from_ec2(&self, eni_id: &str) -> Result<(), ProvisionError> {
+        let enis = self
+            .cloud
+            .describe_enis(&[Filter::eq("network-interface-id", eni_id)])
+            .await?;
+        let Some(eni) = enis.first() else {
+            return Ok(());
+        };
+        let mut st = self.lock();
+        let known = st.pool().ips_of(eni_id);
+        let missing: Vec<Ipv4Addr> = eni
+            .secondary_ips
+            .iter()
+            .copied()
+            .filter(|ip| !known.contains(ip))
+            .collect();
+        if !missing.is_empty() {
+            warn!(eni = %eni_id, ?missing, "EC2 lists addresses the pool did not know; adding them");
+            st.pool_mut()
+                .add_ips(eni_id, &missing)
+                .map_err(|e| step(format!("syncing ENI {eni_id} with EC2"), e))?;
+        }
         Ok(())
     }
 

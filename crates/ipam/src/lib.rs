@@ -126,11 +126,13 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
         self.cooldown_ms
     }
 
-    /// Adds an ENI with its secondary addresses (all free).
+    /// Adds an ENI with its secondary addresses (all free). All or nothing: on error the pool
+    /// is unchanged.
     pub fn add_eni(&mut self, info: EniInfo, ips: &[Ipv4Addr]) -> Result<(), PoolError> {
         if self.enis.contains_key(&info.id) {
             return Err(PoolError::DuplicateEni(info.id));
         }
+        self.check_new_ips(ips)?;
         let id = info.id.clone();
         self.enis.insert(
             id.clone(),
@@ -144,20 +146,32 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
 
     /// Adds free secondary addresses to a known ENI.
     pub fn add_ips(&mut self, eni_id: &str, ips: &[Ipv4Addr]) -> Result<(), PoolError> {
-        for ip in ips {
-            if let Some(owner) = self.eni_of(*ip) {
-                return Err(PoolError::DuplicateIp {
-                    ip: *ip,
-                    eni: owner.info.id.clone(),
-                });
-            }
-        }
+        self.check_new_ips(ips)?;
         let eni = self
             .enis
             .get_mut(eni_id)
             .ok_or_else(|| PoolError::UnknownEni(eni_id.to_string()))?;
         for ip in ips {
             eni.ips.insert(*ip, Slot::Free);
+        }
+        Ok(())
+    }
+
+    /// Refuses addresses already in the pool, or listed twice.
+    fn check_new_ips(&self, ips: &[Ipv4Addr]) -> Result<(), PoolError> {
+        for (i, ip) in ips.iter().enumerate() {
+            if let Some(owner) = self.eni_of(*ip) {
+                return Err(PoolError::DuplicateIp {
+                    ip: *ip,
+                    eni: owner.info.id.clone(),
+                });
+            }
+            if ips[..i].contains(ip) {
+                return Err(PoolError::DuplicateIp {
+                    ip: *ip,
+                    eni: "(listed twice)".into(),
+                });
+            }
         }
         Ok(())
     }
@@ -541,10 +555,13 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_addresses_are_refused() {
+    fn duplicate_addresses_are_refused_and_change_nothing() {
         let mut p = seed_pool();
-        let err = p.add_eni(eni("eni-2", 2), &[ip(11)]).unwrap_err();
+        let err = p.add_eni(eni("eni-2", 2), &[ip(20), ip(11)]).unwrap_err();
         assert!(err.to_string().contains("172.31.1.11"), "{err}");
+        assert!(!p.has_eni("eni-2"), "a refused ENI is not half-added");
+        assert!(p.add_ips("eni-1", &[ip(21), ip(21)]).is_err());
+        assert_eq!(p.stats(0).total, 3);
     }
 
     #[test]

@@ -546,6 +546,32 @@ async fn warm_ip_mode_releases_surplus_and_deletes_empty_enis() {
     assert_eq!(primary.secondary_ips.len(), 2, "EC2 agrees");
 }
 
+#[tokio::test]
+async fn a_lost_assign_answer_is_recovered_from_ec2() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(4));
+    // EC2 already holds 3 addresses on the primary ENI that the node never heard about.
+    ec2.assign_ips("eni-primary", 3).await.unwrap();
+    let p = boot(&ec2, dir.path(), WARM_ENI);
+    p.state
+        .lock()
+        .unwrap()
+        .pool_mut()
+        .remove_ips(
+            "eni-primary",
+            &ec2.enis.lock().unwrap()["eni-primary"]
+                .secondary_ips
+                .clone(),
+            0,
+        )
+        .unwrap();
+    // The planner asks for 4; EC2 refuses (limit); the pool then takes EC2's 3 and asks for 1.
+    assert!(p.step().await.is_err());
+    assert_eq!(p.state.lock().unwrap().pool().stats(0).total, 3);
+    converge(&p).await;
+    assert_eq!(p.state.lock().unwrap().pool().stats(0).total, 4);
+}
+
 #[test]
 fn created_at_tag_is_rfc3339() {
     assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
