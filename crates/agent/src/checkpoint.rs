@@ -29,6 +29,17 @@ pub struct Checkpoint {
     /// When each ENI the agent attached was created (the planner keeps young ENIs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub enis: Vec<EniRecord>,
+    /// The instance type's limits as DescribeInstanceTypes gave them (asked once per node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_limits: Option<InstanceLimitsRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceLimitsRecord {
+    pub instance_type: String,
+    pub max_enis: u32,
+    pub ipv4_per_eni: u32,
 }
 
 impl Default for Checkpoint {
@@ -39,6 +50,7 @@ impl Default for Checkpoint {
             cooldowns: Vec::new(),
             intents: Vec::new(),
             enis: Vec::new(),
+            instance_limits: None,
         }
     }
 }
@@ -216,6 +228,11 @@ mod tests {
                 id: "eni-1".into(),
                 created_ms: 5,
             }],
+            instance_limits: Some(InstanceLimitsRecord {
+                instance_type: "m5.large".into(),
+                max_enis: 3,
+                ipv4_per_eni: 10,
+            }),
         }
     }
 

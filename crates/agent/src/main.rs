@@ -164,6 +164,26 @@ async fn run() -> anyhow::Result<()> {
     result
 }
 
+/// DescribeInstanceTypes, or the built-in table when EC2 cannot answer.
+async fn learn_limits(
+    ec2: &cloud::Ec2,
+    instance_type: &str,
+) -> anyhow::Result<cloud::InstanceTypeLimits> {
+    use cloud_api::Cloud;
+    match ec2.instance_limits(instance_type).await {
+        Ok(l) => Ok(l),
+        Err(e) => match cloud_api::builtin_limits(instance_type) {
+            Some(l) => {
+                warn!(r#type = %instance_type, "DescribeInstanceTypes failed ({e}); using the built-in limits");
+                Ok(l)
+            }
+            None => bail!(
+                "cannot learn the ENI and IP limits of {instance_type}: DescribeInstanceTypes failed ({e}) and the type is not in the built-in table"
+            ),
+        },
+    }
+}
+
 /// Builds the provisioner: instance limits from DescribeInstanceTypes (or the built-in
 /// table), the node's subnet and security groups from its primary ENI.
 async fn provisioner(
@@ -172,20 +192,28 @@ async fn provisioner(
     ec2: Arc<cloud::Ec2>,
     state: Arc<Mutex<State>>,
 ) -> anyhow::Result<Arc<provision::Provisioner<cloud::Ec2, cloud_api::Netlink>>> {
-    use cloud_api::Cloud;
-    let limits = match ec2.instance_limits(&md.instance_type).await {
-        Ok(l) => l,
-        Err(e) => match cloud_api::builtin_limits(&md.instance_type) {
-            Some(l) => {
-                warn!(r#type = %md.instance_type, "DescribeInstanceTypes failed ({e}); using the built-in limits");
-                l
-            }
-            None => bail!(
-                "cannot learn the ENI and IP limits of {}: DescribeInstanceTypes failed ({e}) and the type is not in the built-in table",
-                md.instance_type
-            ),
+    let cached = state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .instance_limits
+        .clone()
+        .filter(|c| c.instance_type == md.instance_type);
+    let limits = match cached {
+        Some(c) => cloud::InstanceTypeLimits {
+            max_enis: c.max_enis,
+            ipv4_per_eni: c.ipv4_per_eni,
         },
+        None => learn_limits(&ec2, &md.instance_type).await?,
     };
+    {
+        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        st.instance_limits = Some(checkpoint::InstanceLimitsRecord {
+            instance_type: md.instance_type.clone(),
+            max_enis: limits.max_enis,
+            ipv4_per_eni: limits.ipv4_per_eni,
+        });
+        st.save()?;
+    }
     let max_enis = cfg
         .max_eni
         .map_or(limits.max_enis, |m| m.min(limits.max_enis));

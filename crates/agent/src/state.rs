@@ -56,6 +56,8 @@ pub struct State {
     /// The most addresses the node can hold, and the message that says so (set when the
     /// agent provisions through EC2).
     pub capacity: Option<(u32, String)>,
+    /// Cached instance-type limits (persisted).
+    pub instance_limits: Option<crate::checkpoint::InstanceLimitsRecord>,
 }
 
 impl State {
@@ -79,6 +81,7 @@ impl State {
             blocker: None,
             wake: None,
             capacity: None,
+            instance_limits: None,
         }
     }
 
@@ -212,6 +215,7 @@ impl State {
                     created_ms: *at,
                 })
                 .collect(),
+            instance_limits: self.instance_limits.clone(),
             ..Checkpoint::default()
         }
     }

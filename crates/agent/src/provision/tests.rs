@@ -25,6 +25,8 @@ struct FakeEc2 {
     calls: AtomicUsize,
     /// Calls numbered >= this never answer (the process "dies" there).
     hang_at: Mutex<Option<usize>>,
+    /// EC2 answers InsufficientFreeAddressesInSubnet to every request for addresses.
+    subnet_full: std::sync::atomic::AtomicBool,
     ips_per_eni: u32,
 }
 
@@ -215,6 +217,12 @@ impl Cloud for FakeEc2 {
     }
     async fn assign_ips(&self, eni_id: &str, count: u32) -> Result<Vec<Ipv4Addr>, CloudError> {
         self.gate().await;
+        if self.subnet_full.load(Ordering::SeqCst) {
+            return Err(Self::err(
+                "AssignPrivateIpAddresses",
+                "InsufficientFreeAddressesInSubnet",
+            ));
+        }
         let mut enis = self.enis.lock().unwrap();
         let e = enis.get_mut(eni_id).ok_or_else(|| {
             Self::err(
@@ -570,6 +578,33 @@ async fn a_lost_assign_answer_is_recovered_from_ec2() {
     assert_eq!(p.state.lock().unwrap().pool().stats(0).total, 3);
     converge(&p).await;
     assert_eq!(p.state.lock().unwrap().pool().stats(0).total, 4);
+}
+
+#[tokio::test]
+async fn a_full_subnet_is_named_in_add_errors_and_backs_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(4));
+    ec2.subnet_full.store(true, Ordering::SeqCst);
+    let p = boot(&ec2, dir.path(), WARM_ENI);
+    let err = p.step().await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("InsufficientFreeAddressesInSubnet"),
+        "{err}"
+    );
+    let r = p.state.lock().unwrap().handle(proto::Request::Add {
+        key: key(0),
+        pod: Default::default(),
+        netns: String::new(),
+    });
+    assert!(
+        matches!(&r, proto::Response::Error { code: 11, message } if message.contains("subnet subnet-a has no free addresses")),
+        "{r:?}"
+    );
+    // Within the back-off, no more requests for addresses are sent.
+    let calls = ec2.calls.load(Ordering::SeqCst);
+    assert!(p.step().await.unwrap().is_none());
+    assert_eq!(ec2.calls.load(Ordering::SeqCst), calls);
 }
 
 #[test]
