@@ -10,6 +10,7 @@ mod imds;
 mod matrix;
 mod moto;
 mod ns;
+mod perf;
 mod pods;
 mod procs;
 mod provision;
@@ -92,6 +93,33 @@ enum Cmd {
         /// ADD/DEL operations in the churn phase.
         #[arg(long, default_value_t = 300)]
         churn: usize,
+    },
+    /// Benchmark: the performance baseline of issue 4 (ADD+DEL cycle and concurrent ADDs
+    /// against ptp+host-local, forwarding rate, agent memory and start time against the number
+    /// of pods, pod vs instance TCP throughput). Brings up its own lab, takes it down; prints
+    /// Markdown and writes the samples as JSON.
+    Perf {
+        /// Instance type of the nodes.
+        #[arg(long, default_value = "m5.16xlarge")]
+        instance_type: String,
+        /// ADD+DEL cycles per plugin.
+        #[arg(long, default_value_t = 200)]
+        cycles: usize,
+        /// Pods added concurrently.
+        #[arg(long, default_value_t = 100)]
+        concurrent: usize,
+        /// Pod counts on instance1 for forwarding, memory and agent start (1 is always measured).
+        #[arg(long, value_delimiter = ',', default_value = "100,250")]
+        pods: Vec<usize>,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 3)]
+        seconds: u32,
+        /// Repetitions of each iperf3 run and agent restart.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Where the raw samples go (JSON).
+        #[arg(long, default_value = "perf.json")]
+        out: std::path::PathBuf,
     },
     /// Remove every namespace, process and file of the lab.
     Down,
@@ -265,6 +293,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&k)?);
         }
         Cmd::Bench { churn } => bench::run(churn)?,
+        Cmd::Perf {
+            instance_type,
+            cycles,
+            concurrent,
+            pods,
+            seconds,
+            reps,
+            out,
+        } => perf::run(&perf::Opts {
+            instance_type,
+            cycles,
+            concurrent,
+            pods,
+            seconds,
+            reps,
+            out,
+        })?,
         Cmd::Ec2Stats => {
             ctl::State::load()?;
             println!(

@@ -1,0 +1,990 @@
+//! `vpc-lab perf`: the performance baseline of issue 4, every figure side by side with its peer
+//! in the same run. Brings up its own lab (fresh nodes, both agents provisioning, a large
+//! instance type), measures, takes the lab down, prints Markdown and writes the raw samples as
+//! JSON (for `scripts/bench/plot.py`).
+//!
+//! The CNI harness is the same for both plugins: each plugin of the list is exec'd inside the
+//! instance's namespace with the `CNI_*` variables and its config on stdin, results chained as
+//! `prevResult`, the stored ADD result given to DEL — as `vpc-lab pod add|del` does. The peer is
+//! Debian's `ptp` + `host-local` (`/usr/lib/cni`) with a conflist of our own whose host-local
+//! data dir lives under the instance's lab directory (so `vpc-lab down` removes it).
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+use crate::{ctl, ns, procs};
+
+const NODE: &str = "instance1";
+const PEER: &str = "instance2";
+const DEBIAN_CNI: &str = "/usr/lib/cni";
+const PTP_SUBNET: &str = "10.99.0.0/16";
+
+/// What `vpc-lab perf` is asked to do.
+pub struct Opts {
+    pub instance_type: String,
+    pub cycles: usize,
+    pub concurrent: usize,
+    pub pods: Vec<usize>,
+    pub seconds: u32,
+    pub reps: usize,
+    pub out: PathBuf,
+}
+
+/// A CNI network as a runtime sees it: the conflist and where its plugins are.
+struct Net {
+    label: &'static str,
+    bin_dir: PathBuf,
+    cni_path: String,
+    name: String,
+    version: String,
+    plugins: Vec<Map<String, Value>>,
+}
+
+impl Net {
+    fn from_conflist(label: &'static str, bin_dir: PathBuf, conf: &Value) -> Result<Net> {
+        let plugins = conf["plugins"]
+            .as_array()
+            .context("conflist without \"plugins\"")?
+            .iter()
+            .map(|p| p.as_object().cloned().context("a plugin is not an object"))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Net {
+            label,
+            cni_path: bin_dir.display().to_string(),
+            bin_dir,
+            name: conf["name"].as_str().context("no name")?.to_string(),
+            version: conf["cniVersion"].as_str().unwrap_or("0.2.0").to_string(),
+            plugins,
+        })
+    }
+
+    fn vpc_cni() -> Result<Net> {
+        let f = ctl::conf_dir(NODE).join(ctl::CONFLIST);
+        let v: Value = serde_json::from_slice(
+            &std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?,
+        )?;
+        Net::from_conflist("vpc-cni", ctl::bin_dir(NODE), &v)
+    }
+
+    fn ptp() -> Result<Net> {
+        let data_dir = ctl::inst_dir(NODE).join("perf-host-local");
+        let v = json!({
+            "cniVersion": "1.0.0",
+            "name": "perf-ptp",
+            "plugins": [{
+                "type": "ptp",
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "subnet": PTP_SUBNET,
+                    "dataDir": data_dir.display().to_string(),
+                }
+            }]
+        });
+        Net::from_conflist("ptp+host-local", PathBuf::from(DEBIAN_CNI), &v)
+    }
+
+    fn prev_on_del(&self) -> bool {
+        let p = |s: &str| -> Vec<u32> { s.split('.').map(|x| x.parse().unwrap_or(0)).collect() };
+        p(&self.version) >= p("0.4.0")
+    }
+}
+
+/// A pod set up by the harness.
+struct Pod {
+    ns_name: String,
+    cid: String,
+    result: Value,
+}
+
+impl Pod {
+    fn netns(&self) -> String {
+        ns::path(&self.ns_name).display().to_string()
+    }
+    fn ip(&self) -> Option<Ipv4Addr> {
+        self.result["ips"]
+            .as_array()?
+            .iter()
+            .filter_map(|i| i["address"].as_str()?.split_once('/')?.0.parse().ok())
+            .next()
+    }
+}
+
+/// A plugin's failure: its CNI error code and output.
+struct CniErr {
+    code: u64,
+    out: String,
+}
+
+fn exec_plugin(
+    net: &Net,
+    plugin: &Map<String, Value>,
+    command: &str,
+    cid: &str,
+    netns: &str,
+    pod: &str,
+    prev: Option<&Value>,
+) -> Result<std::result::Result<Value, CniErr>> {
+    let ty = plugin["type"].as_str().context("plugin without type")?;
+    let bin = net.bin_dir.join(ty);
+    let mut cfg = plugin.clone();
+    cfg.insert("cniVersion".into(), Value::String(net.version.clone()));
+    cfg.insert("name".into(), Value::String(net.name.clone()));
+    if let Some(p) = prev {
+        cfg.insert("prevResult".into(), p.clone());
+    }
+    let stdin = serde_json::to_vec(&cfg)?;
+    let mut cmd = ns::command(&ns::instance_ns(NODE), bin.to_str().context("plugin path")?)?;
+    cmd.env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", cid)
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", &net.cni_path)
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=perf;K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={cid}"
+            ),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("executing {}", bin.display()))?;
+    child.stdin.take().expect("piped").write_all(&stdin)?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        let code = serde_json::from_str::<Value>(&stdout)
+            .ok()
+            .and_then(|v| v["code"].as_u64())
+            .unwrap_or(0);
+        return Ok(Err(CniErr {
+            code,
+            out: format!(
+                "{ty} {command}: {} {}",
+                stdout.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        }));
+    }
+    if command == "ADD" {
+        return Ok(Ok(serde_json::from_str(&stdout).with_context(|| {
+            format!("{ty} ADD result is not JSON: {stdout:?}")
+        })?));
+    }
+    Ok(Ok(Value::Null))
+}
+
+/// CNI ADD of the whole list; on failure the list is DELeted (like a runtime) and the error
+/// returned.
+fn cni_add(
+    net: &Net,
+    cid: &str,
+    netns: &str,
+    pod: &str,
+) -> Result<std::result::Result<Value, CniErr>> {
+    let mut prev: Option<Value> = None;
+    for p in &net.plugins {
+        match exec_plugin(net, p, "ADD", cid, netns, pod, prev.as_ref())? {
+            Ok(v) => prev = Some(v),
+            Err(e) => {
+                for q in net.plugins.iter().rev() {
+                    let _ = exec_plugin(net, q, "DEL", cid, netns, pod, None)?;
+                }
+                return Ok(Err(e));
+            }
+        }
+    }
+    Ok(Ok(prev.unwrap_or(Value::Null)))
+}
+
+fn cni_del(net: &Net, pod: &Pod, name: &str) -> Result<()> {
+    let prev = net.prev_on_del().then_some(&pod.result);
+    for p in net.plugins.iter().rev() {
+        if let Err(e) = exec_plugin(net, p, "DEL", &pod.cid, &pod.netns(), name, prev)? {
+            bail!("DEL failed: {}", e.out);
+        }
+    }
+    Ok(())
+}
+
+fn cid(tag: &str) -> String {
+    let n: u64 = rand::random();
+    format!("{tag}{n:016x}{:08x}", std::process::id())
+}
+
+/// Creates the pod's namespace and ADDs it; with `retry`, a failed ADD (code 11 while the pool
+/// refills) is retried every 100 ms for up to 120 s. Returns the pod and the failed attempts.
+fn add_pod(net: &Net, name: &str, retry: bool) -> Result<(Pod, u32)> {
+    let ns_name = ns::pod_ns(NODE, "perf", name);
+    ns::add(&ns_name)?;
+    let netns = ns::path(&ns_name).display().to_string();
+    let t = Instant::now();
+    let mut failed = 0;
+    loop {
+        let c = cid("perf");
+        match cni_add(net, &c, &netns, name)? {
+            Ok(result) => {
+                return Ok((
+                    Pod {
+                        ns_name,
+                        cid: c,
+                        result,
+                    },
+                    failed,
+                ));
+            }
+            Err(e) => {
+                failed += 1;
+                if !retry || t.elapsed() > Duration::from_secs(120) {
+                    bail!(
+                        "ADD {name} ({}) failed: code {} {}",
+                        net.label,
+                        e.code,
+                        e.out
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn del_pod(net: &Net, pod: &Pod) -> Result<()> {
+    cni_del(net, pod, &pod.ns_name)?;
+    ns::del(&pod.ns_name)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics.
+
+#[derive(Debug, Clone, Serialize)]
+struct Summary {
+    n: usize,
+    median: f64,
+    p25: f64,
+    p75: f64,
+    p99: f64,
+    min: f64,
+    max: f64,
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+fn summary(v: &[f64]) -> Summary {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    Summary {
+        n: s.len(),
+        median: pct(&s, 0.5),
+        p25: pct(&s, 0.25),
+        p75: pct(&s, 0.75),
+        p99: pct(&s, 0.99),
+        min: s.first().copied().unwrap_or(f64::NAN),
+        max: s.last().copied().unwrap_or(f64::NAN),
+    }
+}
+
+fn fmt_s(s: &Summary, unit: &str, digits: usize) -> String {
+    format!(
+        "{:.d$} {unit} (IQR {:.d$}–{:.d$}, min {:.d$}, max {:.d$}, n={})",
+        s.median,
+        s.p25,
+        s.p75,
+        s.min,
+        s.max,
+        s.n,
+        d = digits
+    )
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lab helpers.
+
+fn me() -> Result<PathBuf> {
+    std::env::current_exe().context("locating vpc-lab")
+}
+
+fn lab_ok(args: &[&str]) -> Result<String> {
+    let o = Command::new(me()?)
+        .args(args)
+        .output()
+        .with_context(|| format!("running vpc-lab {}", args.join(" ")))?;
+    if !o.status.success() {
+        bail!(
+            "vpc-lab {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// The agent's introspection state (`/v1/state` on 127.0.0.1:61679 inside the instance).
+fn agent_state(instance: &str) -> Option<Value> {
+    let out = ns::command(&ns::instance_ns(instance), "curl")
+        .ok()?
+        .args(["-sf", "--max-time", "2", "http://127.0.0.1:61679/v1/state"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn wait_available(instance: &str, n: u64, timeout: Duration) -> Result<u64> {
+    let t = Instant::now();
+    loop {
+        let a = agent_state(instance).and_then(|s| s["stats"]["available"].as_u64());
+        if let Some(a) = a
+            && a >= n
+        {
+            return Ok(a);
+        }
+        if t.elapsed() > timeout {
+            bail!(
+                "{instance}'s agent reports {a:?} available addresses after {timeout:?}, wanted {n}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn agent_pid() -> Result<i32> {
+    procs::read_pid(&ctl::inst_dir(NODE).join("agent.pid")).context("no agent pid")
+}
+
+/// VmRSS of the agent of instance1, in KiB.
+fn agent_rss_kib() -> Result<u64> {
+    let pid = agent_pid()?;
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
+/// Stops the agent (SIGTERM) and starts it again; the time from the spawn until its socket
+/// answers and its conflist has been written again (ms).
+fn agent_restart_ms() -> Result<f64> {
+    let region = ctl::load_world()?.region;
+    ctl::agent_stop(NODE, false)?;
+    let conf = ctl::conf_dir(NODE).join(ctl::CONFLIST);
+    let sock = ctl::inst_dir(NODE).join("run/vpc-cni/agent.sock");
+    let since = SystemTime::now();
+    let t = Instant::now();
+    ctl::agent_start(NODE, &[], &region)?;
+    loop {
+        let written = std::fs::metadata(&conf)
+            .and_then(|m| m.modified())
+            .is_ok_and(|m| m >= since);
+        if written && UnixStream::connect(&sock).is_ok() {
+            return Ok(ms(t));
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("the agent was not ready 60 s after its start");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// iperf3 servers started by this benchmark, killed (by PID) when dropped.
+struct Servers(Vec<Child>);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Servers {
+    fn start(&mut self, ns_name: &str) -> Result<()> {
+        let c = ns::command(ns_name, "iperf3")?
+            .args(["-s", "-p", "5201"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 -s")?;
+        self.0.push(c);
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(())
+    }
+}
+
+fn iperf(client_ns: &str, server: Ipv4Addr, args: &[&str]) -> Result<Value> {
+    let ip = server.to_string();
+    let mut last = String::new();
+    for _ in 0..3 {
+        let out = ns::command(client_ns, "timeout")?
+            .args(["30", "iperf3", "-c", &ip, "-p", "5201", "-J"])
+            .args(args)
+            .output()?;
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if out.status.success() && v.get("error").is_none() {
+            return Ok(v);
+        }
+        last = format!("{} {}", v["error"], String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    bail!("iperf3 from {client_ns} to {ip} {args:?} failed: {last}")
+}
+
+/// 64-byte UDP packets per second received, `-b 0` (as fast as the sender can).
+fn udp_pps(client_ns: &str, server: Ipv4Addr, reverse: bool, secs: u32) -> Result<f64> {
+    let t = secs.to_string();
+    let mut args = vec!["-u", "-b", "0", "-l", "64", "-t", &t];
+    if reverse {
+        args.push("-R");
+    }
+    let v = iperf(client_ns, server, &args)?;
+    let r = &v["end"]["sum_received"];
+    let (bytes, s) = (
+        r["bytes"].as_f64().context("no sum_received.bytes")?,
+        r["seconds"].as_f64().context("no seconds")?,
+    );
+    Ok(bytes / 64.0 / s)
+}
+
+fn tcp_gbps(client_ns: &str, server: Ipv4Addr, secs: u32) -> Result<f64> {
+    let v = iperf(client_ns, server, &["-t", &secs.to_string()])?;
+    Ok(v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("no sum_received.bits_per_second")?
+        / 1e9)
+}
+
+fn ip_rules(instance: &str) -> Result<usize> {
+    let o = ns::command(&ns::instance_ns(instance), "ip")?
+        .args(["-4", "rule", "show"])
+        .output()?;
+    Ok(String::from_utf8_lossy(&o.stdout).lines().count())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The benchmark.
+
+#[derive(Debug, Default, Serialize)]
+struct Results {
+    instance_type: String,
+    max_pods: usize,
+    cycle: Vec<CycleResult>,
+    concurrent: Vec<ConcResult>,
+    levels: Vec<Level>,
+    throughput: Option<Throughput>,
+    notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct CycleResult {
+    plugin: String,
+    /// ADD + DEL of the plugin list (ms), per cycle.
+    add_del_ms: Vec<f64>,
+    add_ms: Vec<f64>,
+    del_ms: Vec<f64>,
+    /// Creating the pod namespace (ip netns add + lo up), per cycle, not in add_del_ms.
+    netns_ms: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct ConcResult {
+    plugin: String,
+    pods: usize,
+    wall_ms: f64,
+    add_ms: Vec<f64>,
+    failed_attempts: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct Level {
+    pods: usize,
+    ip_rules: usize,
+    rss_kib: u64,
+    /// pod → instance2, through instance1 (walks the from-pod rules).
+    udp_pps_from_pod: Vec<f64>,
+    /// instance2 → pod.
+    udp_pps_to_pod: Vec<f64>,
+    agent_start_ms: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Throughput {
+    pod_to_pod_gbps: Vec<f64>,
+    instance_to_instance_gbps: Vec<f64>,
+}
+
+/// `vpc-lab perf`.
+pub fn run(opts: &Opts) -> Result<()> {
+    let t0 = Instant::now();
+    let up = [
+        "up",
+        "--provisioning=instance1,instance2",
+        "--fresh-nodes",
+        "--instance-type",
+        &opts.instance_type,
+        "--agent-env",
+        "WARM_IP_TARGET=110",
+        "--agent-env",
+        "IP_COOLDOWN_PERIOD=0",
+    ];
+    eprintln!("perf: vpc-lab {}", up.join(" "));
+    lab_ok(&up)?;
+    let mut res = Results {
+        instance_type: opts.instance_type.clone(),
+        ..Default::default()
+    };
+    let r = measure(opts, &mut res);
+    if let Err(e) = &r {
+        res.notes.push(format!("the run stopped early: {e:#}"));
+        eprintln!("perf: error: {e:#}");
+    }
+    let down = lab_ok(&["down"]);
+    std::fs::write(&opts.out, serde_json::to_vec_pretty(&res)?)
+        .with_context(|| format!("writing {}", opts.out.display()))?;
+    report(&res, t0.elapsed().as_secs_f64());
+    down?;
+    r
+}
+
+fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
+    let world = ctl::load_world()?;
+    let peer_ip = world
+        .instance(PEER)
+        .and_then(|i| i.primary_eni())
+        .context("no instance2")?
+        .primary_ip;
+    let node_ip = world
+        .instance(NODE)
+        .and_then(|i| i.primary_eni())
+        .context("no instance1")?
+        .primary_ip;
+    let limits = cloud_api_limits(&world.instance(NODE).unwrap().instance_type)?;
+    res.max_pods = limits;
+    eprintln!("perf: {} allows {limits} pods", opts.instance_type);
+
+    let vpc = Net::vpc_cni()?;
+    let ptp = Net::ptp()?;
+    let need = opts.concurrent as u64 + 1;
+    eprintln!("perf: waiting for {need} available addresses");
+    wait_available(NODE, need, Duration::from_secs(240))?;
+    wait_available(PEER, 1, Duration::from_secs(240))?;
+
+    let mut level0 = Level {
+        pods: 0,
+        ip_rules: ip_rules(NODE)?,
+        rss_kib: agent_rss_kib()?,
+        udp_pps_from_pod: vec![],
+        udp_pps_to_pod: vec![],
+        agent_start_ms: vec![],
+    };
+    for _ in 0..opts.reps {
+        level0.agent_start_ms.push(agent_restart_ms()?);
+    }
+    res.levels.push(level0);
+
+    // 1. ADD+DEL cycles, the two plugins interleaved (order alternating) after a warm-up.
+    eprintln!("perf: {} ADD+DEL cycles each", opts.cycles);
+    let mut cyc: Vec<CycleResult> = [&vpc, &ptp]
+        .iter()
+        .map(|n| CycleResult {
+            plugin: n.label.into(),
+            add_del_ms: vec![],
+            add_ms: vec![],
+            del_ms: vec![],
+            netns_ms: vec![],
+        })
+        .collect();
+    let warmup = 5;
+    for i in 0..opts.cycles + warmup {
+        let order: [usize; 2] = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for k in order {
+            let net = if k == 0 { &vpc } else { &ptp };
+            let name = format!("cycle-{k}");
+            let ns_name = ns::pod_ns(NODE, "perf", &name);
+            let t = Instant::now();
+            ns::add(&ns_name)?;
+            let ns_ms = ms(t);
+            let netns = ns::path(&ns_name).display().to_string();
+            let c = cid("cyc");
+            let t = Instant::now();
+            let result = match cni_add(net, &c, &netns, &name)? {
+                Ok(v) => v,
+                Err(e) => bail!("cycle {i}: {} ADD failed: {}", net.label, e.out),
+            };
+            let add = ms(t);
+            let pod = Pod {
+                ns_name: ns_name.clone(),
+                cid: c,
+                result,
+            };
+            let t = Instant::now();
+            cni_del(net, &pod, &name)?;
+            let del = ms(t);
+            ns::del(&ns_name)?;
+            if i >= warmup {
+                let r = &mut cyc[k];
+                r.add_del_ms.push(add + del);
+                r.add_ms.push(add);
+                r.del_ms.push(del);
+                r.netns_ms.push(ns_ms);
+            }
+        }
+    }
+    res.cycle = cyc;
+
+    // The forwarding target (the first vpc-cni pod) and the pod on instance2.
+    let (target, _) = add_pod(&vpc, "target", true)?;
+    let target_ip = target.ip().context("target pod has no IP")?;
+    let peer_pod = add_pod_on(PEER, "peer")?;
+    let peer_pod_ip = peer_pod.ip().context("instance2's pod has no IP")?;
+    let mut servers = Servers(vec![]);
+    servers.start(&target.ns_name)?;
+    servers.start(&peer_pod.ns_name)?;
+    servers.start(&ns::instance_ns(PEER))?;
+
+    // 6. Throughput, pod↔pod and instance↔instance alternating.
+    eprintln!("perf: TCP throughput");
+    let mut tp = Throughput {
+        pod_to_pod_gbps: vec![],
+        instance_to_instance_gbps: vec![],
+    };
+    for _ in 0..opts.reps {
+        tp.pod_to_pod_gbps
+            .push(tcp_gbps(&target.ns_name, peer_pod_ip, opts.seconds)?);
+        tp.instance_to_instance_gbps
+            .push(tcp_gbps(&ns::instance_ns(NODE), peer_ip, opts.seconds)?);
+    }
+    res.throughput = Some(tp);
+    let rules = ns::command(&ns::instance_ns(NODE), "ip")?
+        .args(["-4", "rule", "show"])
+        .output()?;
+    let own_rule = String::from_utf8_lossy(&rules.stdout)
+        .lines()
+        .any(|l| l.contains(&format!("from {target_ip} ")));
+    res.notes.push(format!(
+        "target pod {target_ip} on {NODE} ({}), pod {peer_pod_ip} on {PEER}, instances {node_ip} and {peer_ip}",
+        if own_rule {
+            "a secondary-ENI pod: it has its own from-pod rule"
+        } else {
+            "a primary-ENI pod: no from-pod rule, so its packets to instance2 walk every other pod's from-rule before `main`"
+        }
+    ));
+
+    let mut pods: Vec<Pod> = Vec::new();
+    let level = |n_pods: usize, res: &mut Results| -> Result<()> {
+        eprintln!("perf: level {n_pods} pods");
+        let mut l = Level {
+            pods: n_pods,
+            ip_rules: ip_rules(NODE)?,
+            rss_kib: agent_rss_kib()?,
+            udp_pps_from_pod: vec![],
+            udp_pps_to_pod: vec![],
+            agent_start_ms: vec![],
+        };
+        for _ in 0..opts.reps {
+            l.udp_pps_from_pod.push(udp_pps(
+                &ns::instance_ns(PEER),
+                target_ip,
+                true,
+                opts.seconds,
+            )?);
+            l.udp_pps_to_pod.push(udp_pps(
+                &ns::instance_ns(PEER),
+                target_ip,
+                false,
+                opts.seconds,
+            )?);
+        }
+        for _ in 0..opts.reps {
+            l.agent_start_ms.push(agent_restart_ms()?);
+        }
+        res.levels.push(l);
+        Ok(())
+    };
+    level(1, res)?;
+
+    // 2. Concurrent ADDs: vpc-cni (the pods stay, for the next level), then ptp (deleted).
+    wait_available(NODE, opts.concurrent as u64, Duration::from_secs(240))?;
+    eprintln!("perf: {} concurrent ADDs each", opts.concurrent);
+    let (c, new) = concurrent(&vpc, opts.concurrent, "cv")?;
+    res.concurrent.push(c);
+    pods.extend(new);
+    let (c, ptp_pods) = concurrent(&ptp, opts.concurrent, "cp")?;
+    res.concurrent.push(c);
+    for p in &ptp_pods {
+        del_pod(&ptp, p)?;
+    }
+
+    let mut levels: Vec<usize> = opts.pods.iter().copied().filter(|&n| n > 1).collect();
+    levels.sort_unstable();
+    for want in levels {
+        let n = want.min(limits);
+        if n < want {
+            res.notes.push(format!(
+                "{} allows {limits} pods: level {want} measured at {n}",
+                opts.instance_type
+            ));
+        }
+        let mut k = 0;
+        while pods.len() + 1 < n {
+            let (p, _) = add_pod(&vpc, &format!("fill-{n}-{k}"), true)?;
+            k += 1;
+            pods.push(p);
+        }
+        level(pods.len() + 1, res)?;
+    }
+    drop(servers);
+    Ok(())
+}
+
+/// A pod on another instance, through the lab's own `vpc-lab pod add` (not timed).
+fn add_pod_on(instance: &str, name: &str) -> Result<Pod> {
+    lab_ok(&["pod", "add", instance, &format!("perf/{name}")])?;
+    let rec = ctl::inst_dir(instance)
+        .join("pods")
+        .join(format!("perf_{name}.json"));
+    let v: Value = serde_json::from_slice(&std::fs::read(&rec)?)?;
+    Ok(Pod {
+        ns_name: ns::pod_ns(instance, "perf", name),
+        cid: v["container_id"].as_str().unwrap_or_default().to_string(),
+        result: v["result"].clone(),
+    })
+}
+
+/// `n` ADDs started at once (each pod's namespace made beforehand): wall time until all are
+/// done, and each ADD's time (including retries after a failed attempt).
+fn concurrent(net: &Net, n: usize, tag: &str) -> Result<(ConcResult, Vec<Pod>)> {
+    let mut names = Vec::new();
+    for i in 0..n {
+        let name = format!("{tag}-{i:03}");
+        ns::add(&ns::pod_ns(NODE, "perf", &name))?;
+        names.push(name);
+    }
+    let barrier = Arc::new(Barrier::new(n + 1));
+    let mut t0 = Instant::now();
+    let out = std::thread::scope(|s| -> Result<Vec<(Pod, f64, u32)>> {
+        let handles: Vec<_> = names
+            .iter()
+            .map(|name| {
+                let barrier = barrier.clone();
+                s.spawn(move || -> Result<(Pod, f64, u32)> {
+                    let ns_name = ns::pod_ns(NODE, "perf", name);
+                    let netns = ns::path(&ns_name).display().to_string();
+                    barrier.wait();
+                    let t = Instant::now();
+                    let mut failed = 0;
+                    loop {
+                        let c = cid("conc");
+                        match cni_add(net, &c, &netns, name)? {
+                            Ok(result) => {
+                                return Ok((
+                                    Pod {
+                                        ns_name,
+                                        cid: c,
+                                        result,
+                                    },
+                                    ms(t),
+                                    failed,
+                                ));
+                            }
+                            Err(e) => {
+                                failed += 1;
+                                if t.elapsed() > Duration::from_secs(60) {
+                                    bail!("concurrent ADD {name} failed for 60 s: {}", e.out);
+                                }
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        barrier.wait();
+        t0 = Instant::now();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("an ADD thread panicked"))?
+            })
+            .collect()
+    })?;
+    let wall = ms(t0);
+    let failed = out.iter().map(|x| x.2).sum();
+    let add_ms = out.iter().map(|x| x.1).collect();
+    Ok((
+        ConcResult {
+            plugin: net.label.into(),
+            pods: n,
+            wall_ms: wall,
+            add_ms,
+            failed_attempts: failed,
+        },
+        out.into_iter().map(|x| x.0).collect(),
+    ))
+}
+
+/// Pods the instance type allows (ENIs × (IPv4 per ENI − 1)), from EC2.
+fn cloud_api_limits(instance_type: &str) -> Result<usize> {
+    let state = ctl::State::load()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let ec2 = cloud::Ec2::for_endpoint(&format!("http://{}", state.moto), &state.region);
+    let l = rt.block_on(ec2.describe_instance_types(instance_type))?;
+    Ok((l.max_enis * (l.ipv4_per_eni - 1)) as usize)
+}
+
+fn report(res: &Results, secs: f64) {
+    println!(
+        "vpc-lab perf on {} (max {} pods), total run {secs:.0} s.\n",
+        res.instance_type, res.max_pods
+    );
+    if res.cycle.len() == 2 {
+        println!("### ADD+DEL of one pod, warm pool\n");
+        println!(
+            "| plugin | ADD+DEL (ms) | ADD (ms) | DEL (ms) | netns create (ms, not included) |"
+        );
+        println!("|---|---|---|---|---|");
+        for c in &res.cycle {
+            println!(
+                "| {} | {} | {:.1} | {:.1} | {:.1} |",
+                c.plugin,
+                fmt_s(&summary(&c.add_del_ms), "", 1),
+                summary(&c.add_ms).median,
+                summary(&c.del_ms).median,
+                summary(&c.netns_ms).median
+            );
+        }
+        let (a, b) = (
+            summary(&res.cycle[0].add_del_ms).median,
+            summary(&res.cycle[1].add_del_ms).median,
+        );
+        println!(
+            "\nratio vpc-cni / ptp+host-local (medians): **{:.2}×** (goal ≤ 0.25×)\n",
+            a / b
+        );
+    }
+    if !res.concurrent.is_empty() {
+        println!("### Concurrent ADDs on one instance\n");
+        println!(
+            "| plugin | pods | wall until all ready (ms) | ADD p50 (ms) | ADD p99 (ms) | ADD max (ms) | failed attempts retried |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        for c in &res.concurrent {
+            let s = summary(&c.add_ms);
+            println!(
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+                c.plugin, c.pods, c.wall_ms, s.median, s.p99, s.max, c.failed_attempts
+            );
+        }
+        println!();
+    }
+    if !res.levels.is_empty() {
+        println!("### Against the number of pods on instance1\n");
+        println!(
+            "| pods | ip rules | agent VmRSS (MiB) | agent start → ready (ms, median [min–max]) | UDP 64 B pod→instance2 (kpps, median [min–max]) | UDP 64 B instance2→pod (kpps) |"
+        );
+        println!("|---:|---:|---:|---|---|---|");
+        for l in &res.levels {
+            let st = summary(&l.agent_start_ms);
+            let f = summary(&l.udp_pps_from_pod);
+            let t = summary(&l.udp_pps_to_pod);
+            let udp = |s: &Summary| {
+                if s.n == 0 {
+                    "–".to_string()
+                } else {
+                    format!(
+                        "{:.0} [{:.0}–{:.0}]",
+                        s.median / 1e3,
+                        s.min / 1e3,
+                        s.max / 1e3
+                    )
+                }
+            };
+            println!(
+                "| {} | {} | {:.1} | {:.0} [{:.0}–{:.0}] | {} | {} |",
+                l.pods,
+                l.ip_rules,
+                l.rss_kib as f64 / 1024.0,
+                st.median,
+                st.min,
+                st.max,
+                udp(&f),
+                udp(&t)
+            );
+        }
+        println!();
+    }
+    if let Some(tp) = &res.throughput {
+        let (p, i) = (
+            summary(&tp.pod_to_pod_gbps),
+            summary(&tp.instance_to_instance_gbps),
+        );
+        println!("### TCP throughput instance1 → instance2 (iperf3)\n");
+        println!("| path | Gbit/s median [min–max] |");
+        println!("|---|---|");
+        println!(
+            "| pod → pod | {:.2} [{:.2}–{:.2}] |",
+            p.median, p.min, p.max
+        );
+        println!(
+            "| instance → instance | {:.2} [{:.2}–{:.2}] |",
+            i.median, i.min, i.max
+        );
+        println!(
+            "\nratio pod/instance (medians): **{:.2}×** (goal ≥ 0.95×)\n",
+            p.median / i.median
+        );
+    }
+    for n in &res.notes {
+        println!("- {n}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let s = summary(&[5.0, 1.0, 3.0, 2.0, 4.0]);
+        assert_eq!(s.median, 3.0);
+        assert_eq!(s.min, 1.0);
+        assert_eq!(s.max, 5.0);
+        assert_eq!(s.p25, 2.0);
+    }
+
+    #[test]
+    fn ptp_conflist_stays_in_the_lab() {
+        let n = Net::ptp().unwrap();
+        let ipam = &n.plugins[0]["ipam"];
+        assert!(ipam["dataDir"].as_str().unwrap().starts_with(ns::RUN_DIR));
+        assert_eq!(ipam["subnet"], PTP_SUBNET);
+        assert!(n.prev_on_del());
+    }
+}
