@@ -393,13 +393,16 @@ fn agent_restart_ms() -> Result<f64> {
     ctl::agent_stop(NODE, false)?;
     let conf = ctl::conf_dir(NODE).join(ctl::CONFLIST);
     let sock = ctl::inst_dir(NODE).join("run/vpc-cni/agent.sock");
-    let since = SystemTime::now();
+    // Ready = the socket answers and the conflist has been written again (a newer mtime).
+    let before = std::fs::metadata(&conf)
+        .and_then(|m| m.modified())
+        .unwrap_or(SystemTime::UNIX_EPOCH);
     let t = Instant::now();
     ctl::agent_start(NODE, &[], &region)?;
     loop {
         let written = std::fs::metadata(&conf)
             .and_then(|m| m.modified())
-            .is_ok_and(|m| m >= since);
+            .is_ok_and(|m| m > before);
         if written && UnixStream::connect(&sock).is_ok() {
             return Ok(ms(t));
         }
@@ -570,6 +573,19 @@ pub fn run(opts: &Opts) -> Result<()> {
     r
 }
 
+/// A failed section is noted and the run goes on.
+fn soft<T>(res: &mut Results, what: &str, r: Result<T>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            eprintln!("perf: {what} failed: {e:#}");
+            res.notes
+                .push(format!("{what}: NOT MEASURED, it failed: {e:#}"));
+            None
+        }
+    }
+}
+
 fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
     let world = ctl::load_world()?;
     let peer_ip = world
@@ -602,13 +618,150 @@ fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
         agent_start_ms: vec![],
     };
     for _ in 0..opts.reps {
-        level0.agent_start_ms.push(agent_restart_ms()?);
+        if let Some(t) = soft(res, "agent start at 0 pods", agent_restart_ms()) {
+            level0.agent_start_ms.push(t);
+        }
     }
     res.levels.push(level0);
 
     // 1. ADD+DEL cycles, the two plugins interleaved (order alternating) after a warm-up.
     eprintln!("perf: {} ADD+DEL cycles each", opts.cycles);
-    let mut cyc: Vec<CycleResult> = [&vpc, &ptp]
+    let c = cycles(opts.cycles, &vpc, &ptp);
+    if let Some(c) = soft(res, "ADD+DEL cycles", c) {
+        res.cycle = c;
+    }
+    for k in 0..2 {
+        let _ = ns::del(&ns::pod_ns(NODE, "perf", &format!("cycle-{k}")));
+    }
+
+    // The forwarding target (the first vpc-cni pod) and the pod on instance2.
+    wait_available(NODE, 1, Duration::from_secs(120))?;
+    let (target, _) = add_pod(&vpc, "target", true)?;
+    let target_ip = target.ip().context("target pod has no IP")?;
+    let peer_pod = add_pod_on(PEER, "peer")?;
+    let peer_pod_ip = peer_pod.ip().context("instance2's pod has no IP")?;
+    let mut servers = Servers(vec![]);
+    servers.start(&target.ns_name)?;
+    servers.start(&peer_pod.ns_name)?;
+    servers.start(&ns::instance_ns(PEER))?;
+    let rules = ns::command(&ns::instance_ns(NODE), "ip")?
+        .args(["-4", "rule", "show"])
+        .output()?;
+    let own_rule = String::from_utf8_lossy(&rules.stdout)
+        .lines()
+        .any(|l| l.contains(&format!("from {target_ip} ")));
+    res.notes.push(format!(
+        "target pod {target_ip} on {NODE} ({}), pod {peer_pod_ip} on {PEER}, instances {node_ip} and {peer_ip}",
+        if own_rule {
+            "a secondary-ENI pod: it has its own from-pod rule"
+        } else {
+            "a primary-ENI pod: no from-pod rule, so its packets to instance2 walk every other pod's from-rule before `main`"
+        }
+    ));
+
+    // 6. Throughput, pod↔pod and instance↔instance alternating.
+    eprintln!("perf: TCP throughput");
+    let tp = (|| -> Result<Throughput> {
+        let mut tp = Throughput {
+            pod_to_pod_gbps: vec![],
+            instance_to_instance_gbps: vec![],
+        };
+        for _ in 0..opts.reps {
+            tp.pod_to_pod_gbps
+                .push(tcp_gbps(&target.ns_name, peer_pod_ip, opts.seconds)?);
+            tp.instance_to_instance_gbps.push(tcp_gbps(
+                &ns::instance_ns(NODE),
+                peer_ip,
+                opts.seconds,
+            )?);
+        }
+        Ok(tp)
+    })();
+    res.throughput = soft(res, "TCP throughput", tp);
+
+    let level = |n_pods: usize, res: &mut Results| {
+        eprintln!("perf: level {n_pods} pods");
+        let l = (|| -> Result<Level> {
+            let mut l = Level {
+                pods: n_pods,
+                ip_rules: ip_rules(NODE)?,
+                rss_kib: agent_rss_kib()?,
+                udp_pps_from_pod: vec![],
+                udp_pps_to_pod: vec![],
+                agent_start_ms: vec![],
+            };
+            for _ in 0..opts.reps {
+                l.udp_pps_from_pod.push(udp_pps(
+                    &ns::instance_ns(PEER),
+                    target_ip,
+                    true,
+                    opts.seconds,
+                )?);
+                l.udp_pps_to_pod.push(udp_pps(
+                    &ns::instance_ns(PEER),
+                    target_ip,
+                    false,
+                    opts.seconds,
+                )?);
+            }
+            for _ in 0..opts.reps {
+                l.agent_start_ms.push(agent_restart_ms()?);
+            }
+            Ok(l)
+        })();
+        if let Some(l) = soft(res, &format!("level {n_pods} pods"), l) {
+            res.levels.push(l);
+        }
+    };
+    level(1, res);
+
+    // 2. Concurrent ADDs: vpc-cni (the pods stay, for the next level), then ptp (deleted).
+    let mut pods: Vec<Pod> = Vec::new();
+    wait_available(NODE, opts.concurrent as u64, Duration::from_secs(240))?;
+    eprintln!("perf: {} concurrent ADDs each", opts.concurrent);
+    if let Some((c, new)) = soft(
+        res,
+        "concurrent vpc-cni",
+        concurrent(&vpc, opts.concurrent, "cv"),
+    ) {
+        res.concurrent.push(c);
+        pods.extend(new);
+    }
+    if let Some((c, ptp_pods)) = soft(
+        res,
+        "concurrent ptp",
+        concurrent(&ptp, opts.concurrent, "cp"),
+    ) {
+        res.concurrent.push(c);
+        for p in &ptp_pods {
+            del_pod(&ptp, p)?;
+        }
+    }
+
+    let mut levels: Vec<usize> = opts.pods.iter().copied().filter(|&n| n > 1).collect();
+    levels.sort_unstable();
+    for want in levels {
+        let n = want.min(limits);
+        if n < want {
+            res.notes.push(format!(
+                "{} allows {limits} pods: level {want} measured at {n}",
+                opts.instance_type
+            ));
+        }
+        let mut k = 0;
+        while pods.len() + 1 < n {
+            let (p, _) = add_pod(&vpc, &format!("fill-{n}-{k}"), true)?;
+            k += 1;
+            pods.push(p);
+        }
+        level(pods.len() + 1, res);
+    }
+    drop(servers);
+    Ok(())
+}
+
+fn cycles(n: usize, vpc: &Net, ptp: &Net) -> Result<Vec<CycleResult>> {
+    let mut cyc: Vec<CycleResult> = [vpc, ptp]
         .iter()
         .map(|n| CycleResult {
             plugin: n.label.into(),
@@ -619,10 +772,10 @@ fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
         })
         .collect();
     let warmup = 5;
-    for i in 0..opts.cycles + warmup {
+    for i in 0..n + warmup {
         let order: [usize; 2] = if i % 2 == 0 { [0, 1] } else { [1, 0] };
         for k in order {
-            let net = if k == 0 { &vpc } else { &ptp };
+            let net = if k == 0 { vpc } else { ptp };
             let name = format!("cycle-{k}");
             let ns_name = ns::pod_ns(NODE, "perf", &name);
             let t = Instant::now();
@@ -654,111 +807,7 @@ fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
             }
         }
     }
-    res.cycle = cyc;
-
-    // The forwarding target (the first vpc-cni pod) and the pod on instance2.
-    let (target, _) = add_pod(&vpc, "target", true)?;
-    let target_ip = target.ip().context("target pod has no IP")?;
-    let peer_pod = add_pod_on(PEER, "peer")?;
-    let peer_pod_ip = peer_pod.ip().context("instance2's pod has no IP")?;
-    let mut servers = Servers(vec![]);
-    servers.start(&target.ns_name)?;
-    servers.start(&peer_pod.ns_name)?;
-    servers.start(&ns::instance_ns(PEER))?;
-
-    // 6. Throughput, pod↔pod and instance↔instance alternating.
-    eprintln!("perf: TCP throughput");
-    let mut tp = Throughput {
-        pod_to_pod_gbps: vec![],
-        instance_to_instance_gbps: vec![],
-    };
-    for _ in 0..opts.reps {
-        tp.pod_to_pod_gbps
-            .push(tcp_gbps(&target.ns_name, peer_pod_ip, opts.seconds)?);
-        tp.instance_to_instance_gbps
-            .push(tcp_gbps(&ns::instance_ns(NODE), peer_ip, opts.seconds)?);
-    }
-    res.throughput = Some(tp);
-    let rules = ns::command(&ns::instance_ns(NODE), "ip")?
-        .args(["-4", "rule", "show"])
-        .output()?;
-    let own_rule = String::from_utf8_lossy(&rules.stdout)
-        .lines()
-        .any(|l| l.contains(&format!("from {target_ip} ")));
-    res.notes.push(format!(
-        "target pod {target_ip} on {NODE} ({}), pod {peer_pod_ip} on {PEER}, instances {node_ip} and {peer_ip}",
-        if own_rule {
-            "a secondary-ENI pod: it has its own from-pod rule"
-        } else {
-            "a primary-ENI pod: no from-pod rule, so its packets to instance2 walk every other pod's from-rule before `main`"
-        }
-    ));
-
-    let mut pods: Vec<Pod> = Vec::new();
-    let level = |n_pods: usize, res: &mut Results| -> Result<()> {
-        eprintln!("perf: level {n_pods} pods");
-        let mut l = Level {
-            pods: n_pods,
-            ip_rules: ip_rules(NODE)?,
-            rss_kib: agent_rss_kib()?,
-            udp_pps_from_pod: vec![],
-            udp_pps_to_pod: vec![],
-            agent_start_ms: vec![],
-        };
-        for _ in 0..opts.reps {
-            l.udp_pps_from_pod.push(udp_pps(
-                &ns::instance_ns(PEER),
-                target_ip,
-                true,
-                opts.seconds,
-            )?);
-            l.udp_pps_to_pod.push(udp_pps(
-                &ns::instance_ns(PEER),
-                target_ip,
-                false,
-                opts.seconds,
-            )?);
-        }
-        for _ in 0..opts.reps {
-            l.agent_start_ms.push(agent_restart_ms()?);
-        }
-        res.levels.push(l);
-        Ok(())
-    };
-    level(1, res)?;
-
-    // 2. Concurrent ADDs: vpc-cni (the pods stay, for the next level), then ptp (deleted).
-    wait_available(NODE, opts.concurrent as u64, Duration::from_secs(240))?;
-    eprintln!("perf: {} concurrent ADDs each", opts.concurrent);
-    let (c, new) = concurrent(&vpc, opts.concurrent, "cv")?;
-    res.concurrent.push(c);
-    pods.extend(new);
-    let (c, ptp_pods) = concurrent(&ptp, opts.concurrent, "cp")?;
-    res.concurrent.push(c);
-    for p in &ptp_pods {
-        del_pod(&ptp, p)?;
-    }
-
-    let mut levels: Vec<usize> = opts.pods.iter().copied().filter(|&n| n > 1).collect();
-    levels.sort_unstable();
-    for want in levels {
-        let n = want.min(limits);
-        if n < want {
-            res.notes.push(format!(
-                "{} allows {limits} pods: level {want} measured at {n}",
-                opts.instance_type
-            ));
-        }
-        let mut k = 0;
-        while pods.len() + 1 < n {
-            let (p, _) = add_pod(&vpc, &format!("fill-{n}-{k}"), true)?;
-            k += 1;
-            pods.push(p);
-        }
-        level(pods.len() + 1, res)?;
-    }
-    drop(servers);
-    Ok(())
+    Ok(cyc)
 }
 
 /// A pod on another instance, through the lab's own `vpc-lab pod add` (not timed).
