@@ -50,10 +50,11 @@ def main():
         for key, label in [
             ("udp_pps_from_pod", "pod → instance2"),
             ("udp_pps_to_pod", "instance2 → pod"),
+            ("udp_pps_control", "control: instance2 → vpc-host (fabric only)"),
         ]:
             xs, ys = [], []
             for l in lv:
-                for v in l[key]:
+                for v in l.get(key, []):
                     xs.append(l["pods"])
                     ys.append(v / 1e3)
             ax.plot(xs, ys, "o", label=label)

@@ -25,6 +25,7 @@ use crate::{ctl, ns, procs};
 
 const NODE: &str = "instance1";
 const PEER: &str = "instance2";
+const HOST: &str = "vpc-host";
 const DEBIAN_CNI: &str = "/usr/lib/cni";
 const PTP_SUBNET: &str = "10.99.0.0/16";
 
@@ -499,6 +500,10 @@ struct Results {
     concurrent: Vec<ConcResult>,
     levels: Vec<Level>,
     throughput: Option<Throughput>,
+    /// `ip link del` of a fresh veth pair in instance1 (ms), and `ip link show lo` (the exec
+    /// cost of `ip` alone).
+    veth_del_ms: Vec<f64>,
+    ip_exec_ms: Vec<f64>,
     notes: Vec<String>,
 }
 
@@ -531,6 +536,8 @@ struct Level {
     udp_pps_from_pod: Vec<f64>,
     /// instance2 → pod.
     udp_pps_to_pod: Vec<f64>,
+    /// Control: instance2 → vpc-host, through the lab's fabric only (not instance1).
+    udp_pps_control: Vec<f64>,
     agent_start_ms: Vec<f64>,
 }
 
@@ -598,6 +605,11 @@ fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
         .and_then(|i| i.primary_eni())
         .context("no instance1")?
         .primary_ip;
+    let host_ip = world
+        .instance(HOST)
+        .and_then(|i| i.primary_eni())
+        .context("no vpc-host")?
+        .primary_ip;
     let limits = cloud_api_limits(&world.instance(NODE).unwrap().instance_type)?;
     res.max_pods = limits;
     eprintln!("perf: {} allows {limits} pods", opts.instance_type);
@@ -615,6 +627,7 @@ fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
         rss_kib: agent_rss_kib()?,
         udp_pps_from_pod: vec![],
         udp_pps_to_pod: vec![],
+        udp_pps_control: vec![],
         agent_start_ms: vec![],
     };
     for _ in 0..opts.reps {
@@ -623,6 +636,8 @@ fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
         }
     }
     res.levels.push(level0);
+    let v = veth_probe(res);
+    soft(res, "veth deletion probe", v);
 
     // 1. ADD+DEL cycles, the two plugins interleaved (order alternating) after a warm-up.
     eprintln!("perf: {} ADD+DEL cycles each", opts.cycles);
@@ -644,6 +659,7 @@ fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
     servers.start(&target.ns_name)?;
     servers.start(&peer_pod.ns_name)?;
     servers.start(&ns::instance_ns(PEER))?;
+    servers.start(&ns::instance_ns(HOST))?;
     let rules = ns::command(&ns::instance_ns(NODE), "ip")?
         .args(["-4", "rule", "show"])
         .output()?;
@@ -688,6 +704,7 @@ fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
                 rss_kib: agent_rss_kib()?,
                 udp_pps_from_pod: vec![],
                 udp_pps_to_pod: vec![],
+                udp_pps_control: vec![],
                 agent_start_ms: vec![],
             };
             for _ in 0..opts.reps {
@@ -700,6 +717,12 @@ fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
                 l.udp_pps_to_pod.push(udp_pps(
                     &ns::instance_ns(PEER),
                     target_ip,
+                    false,
+                    opts.seconds,
+                )?);
+                l.udp_pps_control.push(udp_pps(
+                    &ns::instance_ns(PEER),
+                    host_ip,
                     false,
                     opts.seconds,
                 )?);
@@ -757,6 +780,29 @@ fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
         level(pods.len() + 1, res);
     }
     drop(servers);
+    Ok(())
+}
+
+/// What deleting a veth pair costs the kernel, apart from any plugin.
+fn veth_probe(res: &mut Results) -> Result<()> {
+    let ins = ns::instance_ns(NODE);
+    let ip = |args: &[&str]| -> Result<f64> {
+        let t = Instant::now();
+        let o = ns::command(&ins, "ip")?.args(args).output()?;
+        if !o.status.success() {
+            bail!("ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(ms(t))
+    };
+    for _ in 0..20 {
+        ip(&[
+            "link", "add", "pfv0", "type", "veth", "peer", "name", "pfv1",
+        ])?;
+        ip(&["link", "set", "pfv0", "up"])?;
+        ip(&["link", "set", "pfv1", "up"])?;
+        res.veth_del_ms.push(ip(&["link", "del", "pfv0"])?);
+        res.ip_exec_ms.push(ip(&["link", "show", "lo"])?);
+    }
     Ok(())
 }
 
@@ -956,13 +1002,14 @@ fn report(res: &Results, secs: f64) {
     if !res.levels.is_empty() {
         println!("### Against the number of pods on instance1\n");
         println!(
-            "| pods | ip rules | agent VmRSS (MiB) | agent start → ready (ms, median [min–max]) | UDP 64 B pod→instance2 (kpps, median [min–max]) | UDP 64 B instance2→pod (kpps) |"
+            "| pods | ip rules | agent VmRSS (MiB) | agent start → ready (ms, median [min–max]) | UDP 64 B pod→instance2 (kpps, median [min–max]) | UDP 64 B instance2→pod (kpps) | control: instance2→vpc-host, fabric only (kpps) |"
         );
-        println!("|---:|---:|---:|---|---|---|");
+        println!("|---:|---:|---:|---|---|---|---|");
         for l in &res.levels {
             let st = summary(&l.agent_start_ms);
             let f = summary(&l.udp_pps_from_pod);
             let t = summary(&l.udp_pps_to_pod);
+            let c = summary(&l.udp_pps_control);
             let udp = |s: &Summary| {
                 if s.n == 0 {
                     "–".to_string()
@@ -976,7 +1023,7 @@ fn report(res: &Results, secs: f64) {
                 }
             };
             println!(
-                "| {} | {} | {:.1} | {:.0} [{:.0}–{:.0}] | {} | {} |",
+                "| {} | {} | {:.1} | {:.0} [{:.0}–{:.0}] | {} | {} | {} |",
                 l.pods,
                 l.ip_rules,
                 l.rss_kib as f64 / 1024.0,
@@ -984,7 +1031,8 @@ fn report(res: &Results, secs: f64) {
                 st.min,
                 st.max,
                 udp(&f),
-                udp(&t)
+                udp(&t),
+                udp(&c)
             );
         }
         println!();
@@ -1008,6 +1056,13 @@ fn report(res: &Results, secs: f64) {
         println!(
             "\nratio pod/instance (medians): **{:.2}×** (goal ≥ 0.95×)\n",
             p.median / i.median
+        );
+    }
+    if !res.veth_del_ms.is_empty() {
+        println!(
+            "`ip link del` of an up veth pair in instance1: {}; `ip link show lo` (exec alone): {}\n",
+            fmt_s(&summary(&res.veth_del_ms), "ms", 1),
+            fmt_s(&summary(&res.ip_exec_ms), "ms", 1)
         );
     }
     for n in &res.notes {
