@@ -144,6 +144,7 @@ impl State {
             .iter()
             .map(|e| (e.id.clone(), e.created_ms))
             .collect();
+        self.instance_limits = cp.instance_limits.clone();
         warnings
     }
 
@@ -474,12 +475,28 @@ mod tests {
         let warnings = again.restore(&checkpoint::load(&dir.path().join("ipam.json")).unwrap());
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(ip_of(&again.handle(Request::Check { key: key("a") })), a);
+        assert_eq!(again.instance_limits, None);
         // b's address is still cooling down after the restart, so c cannot have it.
         let r = again.handle(add("c"));
         assert!(
             matches!(&r, Response::Error { code: 11, message } if message.contains("1 in cooldown") && message.contains("attach more IPs")),
             "{r:?} (b was {b})"
         );
+    }
+
+    #[test]
+    fn instance_limits_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir);
+        s.instance_limits = Some(crate::checkpoint::InstanceLimitsRecord {
+            instance_type: "m5.large".into(),
+            max_enis: 3,
+            ipv4_per_eni: 10,
+        });
+        s.save().unwrap();
+        let mut again = state(&dir);
+        again.restore(&checkpoint::load(&dir.path().join("ipam.json")).unwrap());
+        assert_eq!(again.instance_limits, s.instance_limits);
     }
 
     #[test]
