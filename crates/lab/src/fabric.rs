@@ -35,6 +35,8 @@ pub const INTERNET_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const UPLINK: &str = "up0";
 /// MTU of every ENI, like EC2 in a VPC.
 const MTU: &str = "9001";
+/// The ebtables nat chain holding the ARP responder's `arpreply` rules.
+const ARP_CHAIN: &str = "ARP_REQUEST";
 /// The source/destination check table (bridge family) in the fabric namespace.
 pub const CHECK_TABLE: &str = "vpclab";
 /// The internet gateway table (ip family) in the fabric namespace.
@@ -157,27 +159,31 @@ impl Plan {
         })
     }
 
-    /// The `ebtables-restore` input of the fabric's ARP responder.
+    /// The `ebtables-restore` input of the fabric's ARP responder. The `arpreply` rules (one
+    /// per address) live in their own chain that only ARP requests enter, so every other frame
+    /// passes one rule, however many addresses the VPC holds.
     pub fn ebtables(&self) -> String {
-        let mut s = String::from("*nat\n:PREROUTING ACCEPT\n:OUTPUT ACCEPT\n:POSTROUTING ACCEPT\n");
-        for (_, gw, mac) in &self.bridges {
+        let mut s = format!(
+            "*nat\n:PREROUTING ACCEPT\n:OUTPUT ACCEPT\n:POSTROUTING ACCEPT\n:{ARP_CHAIN} RETURN\n\
+             -A PREROUTING -p ARP --arp-op Request -j {ARP_CHAIN}\n"
+        );
+        let answers = self
+            .bridges
+            .iter()
+            .map(|(_, gw, mac)| (gw.addr(), mac))
+            .chain(
+                self.ports
+                    .iter()
+                    .flat_map(|p| p.addrs.iter().map(move |a| (*a, &p.mac))),
+            );
+        for (addr, mac) in answers {
             let _ = writeln!(
                 s,
-                "-A PREROUTING -p ARP --arp-op Request --arp-ip-dst {} -j arpreply --arpreply-mac {mac}",
-                gw.addr()
+                "-A {ARP_CHAIN} -p ARP --arp-op Request --arp-ip-dst {addr} -j arpreply --arpreply-mac {mac}"
             );
         }
-        for p in &self.ports {
-            for a in &p.addrs {
-                let _ = writeln!(
-                    s,
-                    "-A PREROUTING -p ARP --arp-op Request --arp-ip-dst {a} -j arpreply --arpreply-mac {}",
-                    p.mac
-                );
-            }
-        }
         // Instances never see each other's ARP requests, nor the router's.
-        s.push_str("-A PREROUTING -p ARP --arp-op Request -j DROP\n");
+        let _ = writeln!(s, "-A {ARP_CHAIN} -j DROP");
         s.push_str("-A OUTPUT -p ARP --arp-op Request -j DROP\n");
         s.push_str("COMMIT\n");
         s
@@ -685,9 +691,17 @@ mod tests {
             eb.contains("--arp-ip-dst 172.31.0.1 -j arpreply --arpreply-mac 02:fa:ac:1f:00:00")
         );
         let lines: Vec<&str> = eb.lines().collect();
+        // frames other than ARP requests pass one rule
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.starts_with("-A PREROUTING"))
+                .collect::<Vec<_>>(),
+            vec![&"-A PREROUTING -p ARP --arp-op Request -j ARP_REQUEST"]
+        );
         let drop = lines
             .iter()
-            .position(|l| *l == "-A PREROUTING -p ARP --arp-op Request -j DROP")
+            .position(|l| *l == "-A ARP_REQUEST -j DROP")
             .expect("catch-all drop");
         assert!(
             lines[..drop]
