@@ -209,7 +209,16 @@ pub fn from_env(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
     let node_port_support = env.boolean("AWS_VPC_CNI_NODE_PORT_SUPPORT", true)?;
     let connmark = match env.get("AWS_VPC_K8S_CNI_CONNMARK") {
         None => 0x80,
-        Some(v) => parse_mark("AWS_VPC_K8S_CNI_CONNMARK", v)?,
+        Some(v) => match parse_mark("AWS_VPC_K8S_CNI_CONNMARK", v)? {
+            m if m & dataplane::ENI_MARK_MASK != 0 => {
+                return Err(err(
+                    "AWS_VPC_K8S_CNI_CONNMARK",
+                    v,
+                    "the mark bits 0x3f00 select pods' ENIs; choose a mark outside them, such as 0x80",
+                ));
+            }
+            m => m,
+        },
     };
 
     let eni_mtu = match env.get("AWS_VPC_ENI_MTU") {
@@ -381,6 +390,7 @@ mod tests {
             ("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "10.0.0.0/33"),
             ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "sometimes"),
             ("AWS_VPC_K8S_CNI_CONNMARK", "0"),
+            ("AWS_VPC_K8S_CNI_CONNMARK", "0x200"),
             ("AWS_VPC_ENI_MTU", "70000"),
             ("AWS_VPC_K8S_CNI_VETHPREFIX", "toolong"),
             ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "maybe"),

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::Config;
@@ -54,6 +54,40 @@ fn init_logging(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often the agent deletes the pod veths that DEL retired.
+const VETH_REAP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The plugin's DEL leaves the pod's veth pair down in `dataplane::RETIRED_LINK_GROUP`
+/// (deleting it would make the runtime wait ~20 ms for the kernel); this thread deletes that
+/// group in one batch every [`VETH_REAP_INTERVAL`], starting now (leftovers of a previous run).
+fn spawn_veth_reaper() -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("veth-reaper".into())
+        .stack_size(64 * 1024)
+        .spawn(|| {
+            let mut last_error = None;
+            loop {
+                match dataplane::reap_retired_links() {
+                    Ok(deleted) => {
+                        if deleted {
+                            debug!("deleted the retired pod veths");
+                        }
+                        last_error = None;
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        if last_error.as_ref() != Some(&msg) {
+                            warn!("deleting retired pod veths: {msg}; retrying every second");
+                        }
+                        last_error = Some(msg);
+                    }
+                }
+                std::thread::sleep(VETH_REAP_INTERVAL);
+            }
+        })
+        .map(|_| ())
+}
+
 async fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     let vars: HashMap<String, String> = std::env::vars().collect();
@@ -83,6 +117,7 @@ async fn run() -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || host::setup(&cfg, &md, &enis)).await??
     };
     info!(primary = %node.primary_ifname, vpc_cidrs = ?node.vpc_cidrs, "host network set up");
+    spawn_veth_reaper().context("starting the veth reaper thread")?;
 
     let hint = if cfg.provisioning {
         "more addresses have been requested from EC2; the runtime retries the pod".to_string()
@@ -214,9 +249,18 @@ async fn provisioner(
         });
         st.save()?;
     }
-    let max_enis = cfg
+    let mut max_enis = cfg
         .max_eni
         .map_or(limits.max_enis, |m| m.min(limits.max_enis));
+    // Device numbers 0..=63: the ENI mark bits of the data path express 63 secondary ENIs.
+    let expressible = dataplane::MAX_ENI_DEVICE + 1;
+    if max_enis > expressible {
+        warn!(
+            max_enis,
+            "using only {expressible} ENIs: the data path's ENI mark bits (0x3f00) name at most 63 secondary ENIs"
+        );
+        max_enis = expressible;
+    }
     let ips_per_eni = limits.ipv4_per_eni.saturating_sub(1);
     let primary = md
         .primary_eni()

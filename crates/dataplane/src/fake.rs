@@ -70,6 +70,7 @@ impl FakeWorld {
                     up: false,
                     kind: None,
                     peer_index: None,
+                    group: 0,
                 },
             );
             w.namespaces.insert((*n).to_string(), ns);
@@ -91,6 +92,7 @@ impl FakeWorld {
                 up: false,
                 kind: kind.map(str::to_string),
                 peer_index: None,
+                group: 0,
             },
         );
         index
@@ -229,8 +231,10 @@ impl NetOps for FakeNet {
             up: false,
             kind: Some("veth".into()),
             peer_index: Some(peer),
+            group: 0,
         };
-        let here = link(a, &req.name, req.mac, b);
+        let mut here = link(a, &req.name, req.mac, b);
+        here.group = req.group;
         let there = link(b, &req.peer_name, Mac::random_local(), a);
         w.ns_mut(&self.ns).links.insert(a, here);
         w.ns_mut(&peer.ns).links.insert(b, there);
@@ -261,6 +265,56 @@ impl NetOps for FakeNet {
         self.need_link(index, &op)?;
         self.world.borrow_mut().remove_link(&self.ns, index);
         Ok(())
+    }
+
+    fn retire_link(&mut self, index: u32, group: u32) -> Result<(), NetError> {
+        let op = format!("set link #{index} down, group {group}");
+        self.mutate(op.clone())?;
+        self.need_link(index, &op)?;
+        self.with(|n| {
+            n.links.get_mut(&index).map(|l| {
+                l.up = false;
+                l.group = group;
+            })
+        })?;
+        Ok(())
+    }
+
+    fn rename_link(&mut self, index: u32, name: &str) -> Result<(), NetError> {
+        let op = format!("rename link #{index} to {name}");
+        self.mutate(op.clone())?;
+        self.need_link(index, &op)?;
+        let (taken, up) = self.with(|n| {
+            (
+                n.links.values().any(|l| l.name == name && l.index != index),
+                n.links.get(&index).is_some_and(|l| l.up),
+            )
+        })?;
+        if taken {
+            return Err(NetError::kernel(op, Errno::EEXIST));
+        }
+        if up {
+            return Err(NetError::kernel(op, Errno::EBUSY));
+        }
+        self.with(|n| n.links.get_mut(&index).map(|l| l.name = name.to_string()))?;
+        Ok(())
+    }
+
+    fn delete_link_group(&mut self, group: u32) -> Result<bool, NetError> {
+        let op = format!("delete link group {group}");
+        self.mutate(op)?;
+        let idx: Vec<u32> = self.with(|n| {
+            n.links
+                .values()
+                .filter(|l| l.group == group)
+                .map(|l| l.index)
+                .collect()
+        })?;
+        let mut w = self.world.borrow_mut();
+        for i in &idx {
+            w.remove_link(&self.ns, *i);
+        }
+        Ok(!idx.is_empty())
     }
 
     fn add_address(&mut self, a: &Address) -> Result<(), NetError> {

@@ -10,8 +10,9 @@ use crate::netlink::Netlink;
 use crate::ops::{Address, Mac, NetOps, Route, Rule, Scope};
 use crate::pod::{ensure_rule, tolerate_missing};
 use crate::{
-    DataplaneError, ENI_PRIMARY_RULE_PRIORITY, FWMARK_RULE_PRIORITY, MAIN_TABLE,
-    TO_POD_RULE_PRIORITY, TO_POD_TABLE, TeardownError,
+    DataplaneError, ENI_MARK_MASK, ENI_PRIMARY_RULE_PRIORITY, FROM_POD_RULE_PRIORITY,
+    FWMARK_RULE_PRIORITY, MAIN_TABLE, MAX_ENI_DEVICE, TO_POD_RULE_PRIORITY, TO_POD_TABLE,
+    TeardownError, eni_mark,
 };
 
 /// Node-wide settings applied by [`setup_host`].
@@ -34,10 +35,10 @@ pub fn setup_host(h: &HostSetup) -> Result<(), DataplaneError> {
 
 /// [`setup_host`] over an explicit handle.
 pub fn setup_host_with<N: NetOps>(n: &mut N, h: &HostSetup) -> Result<(), DataplaneError> {
-    if h.connmark == 0 {
+    if h.connmark == 0 || h.connmark & ENI_MARK_MASK != 0 {
         return Err(DataplaneError::Invalid {
-            what: "connmark",
-            value: "0".into(),
+            what: "connmark (non-zero, and clear of the ENI mark bits 0x3f00)",
+            value: format!("{:#x}", h.connmark),
         });
     }
     n.write_sysctl("net/ipv4/ip_forward", "1")?;
@@ -71,20 +72,30 @@ pub struct EniSetup {
 }
 
 fn eni_table(device_number: u32) -> Result<u32, DataplaneError> {
-    if device_number == 0 || device_number >= 100_000 {
+    if device_number == 0 || device_number > MAX_ENI_DEVICE {
         return Err(DataplaneError::Invalid {
-            what: "ENI device number (the primary ENI, 0, is not set up here)",
+            what: "ENI device number (1..=63: the primary ENI, 0, is not set up here, and the \
+                   ENI mark bits 0x3f00 hold at most 63)",
             value: device_number.to_string(),
         });
     }
     Ok(device_number + 1)
 }
 
+/// `fwmark <eni mark>/0x3f00 lookup <device + 1> pref 1536`: pod egress marked for this ENI
+/// (by the nftables table, from the host veth's device group) uses the ENI's table.
+pub(crate) fn eni_rule(device_number: u32) -> Rule {
+    Rule::new(FROM_POD_RULE_PRIORITY, device_number + 1)
+        .fwmark(eni_mark(device_number), ENI_MARK_MASK)
+}
+
 /// Configures a secondary ENI: finds the link by MAC, sets MTU and up, replaces its IPv4
 /// addresses with `primary_ip/<subnet prefix>`, fills table `device_number + 1` with
 /// `<gw>/32 dev ethN scope link` and `default via <gw> dev ethN`, deletes the kernel's
-/// main-table subnet route for ethN, and ensures `from <primary_ip>/32 lookup <table> pref
-/// 32765` (other tables' rules for that source at 32765 are removed). Idempotent. Returns the
+/// main-table subnet route for ethN, sets its `rp_filter` to 2 (loose: replies to the ENI's
+/// pods are routed by packet mark, which the reverse-path check does not see), and ensures
+/// `from <primary_ip>/32 lookup <table> pref 32765` (other tables' rules for that source at
+/// 32765 are removed) and the ENI's pod rule ([`eni_rule`]). Idempotent. Returns the
 /// interface name. A missing link is an error (the caller retries: hot-plug may lag).
 pub fn setup_eni(e: &EniSetup) -> Result<String, DataplaneError> {
     let mut n = Netlink::new()?;
@@ -163,11 +174,13 @@ pub fn setup_eni_with<N: NetOps>(n: &mut N, e: &EniSetup) -> Result<String, Data
         }
     }
     ensure_rule(n, &rule)?;
+    n.write_sysctl(&format!("net/ipv4/conf/{name}/rp_filter"), "2")?;
+    ensure_rule(n, &eni_rule(e.device_number))?;
     Ok(name)
 }
 
-/// Undoes [`setup_eni`]: deletes every rule with source `primary_ip/32` and every route in
-/// table `device_number + 1`. Missing things are not errors; all errors are collected.
+/// Undoes [`setup_eni`]: deletes every rule with source `primary_ip/32`, the ENI's pod rule
+/// and every route in table `device_number + 1`. Missing things are not errors; all errors are collected.
 pub fn teardown_eni(device_number: u32, primary_ip: Ipv4Addr) -> Result<(), TeardownError> {
     let mut n = match Netlink::new() {
         Ok(n) => n,
@@ -190,7 +203,8 @@ pub fn teardown_eni_with<N: NetOps>(
     let src = Ipv4Net::new(primary_ip, 32).expect("/32");
     match n.rules() {
         Ok(rules) => {
-            for r in rules.iter().filter(|r| r.src == Some(src)) {
+            let pods = eni_rule(device_number);
+            for r in rules.iter().filter(|r| r.src == Some(src) || **r == pods) {
                 if let Err(e) = tolerate_missing(n.del_rule(r)) {
                     errors.push(e.into());
                 }

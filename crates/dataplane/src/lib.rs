@@ -32,8 +32,9 @@ pub use host::{
 pub use netns::{NetNs, NetnsError};
 pub use ops::{NetError, NetOps};
 pub use pod::{
-    PodLinks, PodSpec, PodTeardown, check_pod, check_pod_with, setup_pod, setup_pod_with,
-    teardown_pod, teardown_pod_with, wired_pod_ips, wired_pod_ips_with,
+    PodLinks, PodSpec, PodTeardown, check_pod, check_pod_with, reap_retired_links,
+    reap_retired_links_with, setup_pod, setup_pod_with, teardown_pod, teardown_pod_with,
+    wired_pod_ips, wired_pod_ips_with,
 };
 pub use snat::{NFT_TABLE, Randomize, SnatConfig, apply_snat, remove_snat, snat_ruleset};
 
@@ -44,14 +45,41 @@ pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 pub const TO_POD_TABLE: u32 = 512;
 /// Priority of `from all lookup 512` (and of the reference's per-pod `to <ip> lookup main`).
 pub const TO_POD_RULE_PRIORITY: u32 = 512;
-/// Priority of `from <pod ip> lookup <eni table>`.
+/// Priority of the per-ENI rule `fwmark <eni mark>/<mask> lookup <eni table>` (and of the
+/// reference's per-pod `from <pod ip> lookup <eni table>`, which DEL still removes).
 pub const FROM_POD_RULE_PRIORITY: u32 = 1536;
+/// Packet-mark bits that select a secondary ENI's routing table for pod egress (device
+/// numbers 1..=63). Clear of the connmark bit (0x80) and of kube-proxy's 0x4000/0x8000.
+pub const ENI_MARK_MASK: u32 = 0x3f00;
+/// Highest device number [`ENI_MARK_MASK`] can express.
+pub const MAX_ENI_DEVICE: u32 = ENI_MARK_MASK >> ENI_MARK_SHIFT;
+const ENI_MARK_SHIFT: u32 = 8;
+/// Device group of a host veth whose pod holds an address of the secondary ENI with device
+/// number `d`: this base + `d`. The nftables table marks the pod's packets by this group.
+pub const POD_GROUP_BASE: u32 = 0x7663_0000;
+
+/// The packet mark of pod egress through the ENI with device number `device` (1..=63).
+pub fn eni_mark(device: u32) -> u32 {
+    (device << ENI_MARK_SHIFT) & ENI_MARK_MASK
+}
+
+/// The host-veth device group of pods on the ENI with device number `device` (1..=63).
+pub fn pod_group(device: u32) -> u32 {
+    POD_GROUP_BASE + device
+}
 /// Priority of `from <eni primary ip> lookup <eni table>`.
 pub const ENI_PRIMARY_RULE_PRIORITY: u32 = 32765;
 /// Priority of `fwmark <connmark>/<connmark> lookup main`.
 pub const FWMARK_RULE_PRIORITY: u32 = 1024;
 /// The main routing table.
 pub const MAIN_TABLE: u32 = ops::MAIN_TABLE;
+/// Device group of pod veths that DEL has torn down (down, no routes or rules) but not yet
+/// deleted: "vcni" in ASCII. Deleting a veth costs the caller a kernel RCU grace period
+/// (~20 ms); [`reap_retired_links`] deletes the whole group in one batch off the runtime's
+/// path (the agent does it every second and at start).
+pub const RETIRED_LINK_GROUP: u32 = 0x7663_6e69;
+/// Retired links are renamed to this prefix + their ifindex.
+pub const RETIRED_NAME_PREFIX: &str = "vcr";
 
 /// Host veth name: `prefix` + the first 11 hex characters of SHA-1(`"<ns>.<name>"`), as the
 /// reference (`pkg/networkutils/names.go`) computes it.

@@ -252,6 +252,7 @@ fn parse_link(m: &LinkMessage) -> Link {
         up: m.header.flags.contains(LinkFlags::Up),
         kind: None,
         peer_index: None,
+        group: 0,
     };
     for a in &m.attributes {
         match a {
@@ -259,6 +260,7 @@ fn parse_link(m: &LinkMessage) -> Link {
             LinkAttribute::Address(b) => l.mac = Mac::from_slice(b),
             LinkAttribute::Mtu(v) => l.mtu = *v,
             LinkAttribute::Link(v) => l.peer_index = Some(*v),
+            LinkAttribute::Group(g) => l.group = *g,
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     if let LinkInfo::Kind(k) = i {
@@ -496,15 +498,19 @@ impl NetOps for Netlink {
         m.attributes
             .push(LinkAttribute::Address(req.mac.0.to_vec()));
         m.attributes.push(LinkAttribute::Mtu(req.mtu));
+        if req.group != 0 {
+            m.attributes.push(LinkAttribute::Group(req.group));
+        }
         m.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg))),
         ]));
         let op = format!(
-            "create veth {} (mac {}, mtu {}) with peer {} in {}",
+            "create veth {} (mac {}, mtu {}, group {}) with peer {} in {}",
             req.name,
             req.mac,
             req.mtu,
+            req.group,
             req.peer_name,
             peer.ns.path().display()
         );
@@ -546,6 +552,46 @@ impl NetOps for Netlink {
             0,
             &format!("delete link #{index}"),
         )
+    }
+
+    fn retire_link(&mut self, index: u32, group: u32) -> Result<(), NetError> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        m.header.flags = LinkFlags::empty();
+        m.header.change_mask = LinkFlags::Up;
+        m.attributes.push(LinkAttribute::Group(group));
+        self.request(
+            RouteNetlinkMessage::SetLink(m),
+            0,
+            &format!("set link #{index} down, group {group}"),
+        )
+    }
+
+    fn rename_link(&mut self, index: u32, name: &str) -> Result<(), NetError> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        self.request(
+            RouteNetlinkMessage::SetLink(m),
+            0,
+            &format!("rename link #{index} to {name}"),
+        )
+    }
+
+    fn delete_link_group(&mut self, group: u32) -> Result<bool, NetError> {
+        // One request: the kernel deletes the group's links in one unregister batch (one RCU
+        // grace period for all of them) and answers ENODEV when the group is empty.
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::Group(group));
+        match self.request(
+            RouteNetlinkMessage::DelLink(m),
+            0,
+            &format!("delete link group {group}"),
+        ) {
+            Ok(()) => Ok(true),
+            Err(e) if e.errno() == Some(nix::errno::Errno::ENODEV) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn add_address(&mut self, a: &Address) -> Result<(), NetError> {

@@ -136,6 +136,8 @@ pub struct Link {
     pub kind: Option<String>,
     /// `IFLA_LINK`: for a veth, the peer's index (in the peer's namespace).
     pub peer_index: Option<u32>,
+    /// `IFLA_GROUP` (0 unless set; [`crate::RETIRED_LINK_GROUP`] marks a torn-down veth).
+    pub group: u32,
 }
 
 /// Route scope (the subset we use).
@@ -305,6 +307,8 @@ pub struct VethRequest {
     pub mac: Mac,
     pub peer_name: String,
     pub mtu: u32,
+    /// Device group of the named (host) end; 0 is the default group.
+    pub group: u32,
 }
 
 /// Network operations on one network namespace. Creating operations fail with EEXIST when
@@ -323,6 +327,13 @@ pub trait NetOps {
     fn set_link_up(&mut self, index: u32) -> Result<(), NetError>;
     fn set_link_mtu(&mut self, index: u32, mtu: u32) -> Result<(), NetError>;
     fn delete_link(&mut self, index: u32) -> Result<(), NetError>;
+    /// Sets the link down and moves it into device group `group`; cheap, unlike deleting it.
+    fn retire_link(&mut self, index: u32, group: u32) -> Result<(), NetError>;
+    /// Renames a link (the kernel refuses while it is up).
+    fn rename_link(&mut self, index: u32, name: &str) -> Result<(), NetError>;
+    /// Deletes every link of device group `group` in one kernel batch. Returns whether there
+    /// were any (none is not an error).
+    fn delete_link_group(&mut self, group: u32) -> Result<bool, NetError>;
 
     fn add_address(&mut self, addr: &Address) -> Result<(), NetError>;
     fn del_address(&mut self, addr: &Address) -> Result<(), NetError>;

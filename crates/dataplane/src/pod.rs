@@ -6,13 +6,15 @@ use std::path::Path;
 use ipnet::Ipv4Net;
 use tracing::{debug, warn};
 
+use crate::host::eni_rule;
 use crate::netlink::Netlink;
 use crate::ops::{
     Address, Link, Mac, NUD_PERMANENT, Neighbour, NetError, NetOps, Route, Rule, Scope, VethRequest,
 };
 use crate::{
-    DataplaneError, FROM_POD_RULE_PRIORITY, MAIN_TABLE, NetNs, POD_GATEWAY, TO_POD_RULE_PRIORITY,
-    TO_POD_TABLE, TeardownError, open_ns_opt,
+    DataplaneError, FROM_POD_RULE_PRIORITY, MAIN_TABLE, MAX_ENI_DEVICE, NetNs, POD_GATEWAY,
+    RETIRED_LINK_GROUP, RETIRED_NAME_PREFIX, TO_POD_RULE_PRIORITY, TO_POD_TABLE, TeardownError,
+    open_ns_opt,
 };
 
 /// What `setup_pod` builds for one pod.
@@ -29,7 +31,8 @@ pub struct PodSpec<'a> {
     /// MTU of both veth ends.
     pub mtu: u32,
     /// Routing table of the ENI owning `ip`: 254 (main) for the primary ENI, else
-    /// device number + 1 (a `from <ip>/32 lookup <table> pref 1536` rule is added).
+    /// device number + 1 (the host veth joins the ENI's device group, [`crate::pod_group`], by
+    /// which the node marks the pod's packets for the ENI's `fwmark` rule).
     pub route_table: u32,
 }
 
@@ -80,25 +83,35 @@ fn validate(spec: &PodSpec) -> Result<(), DataplaneError> {
             value: spec.mtu.to_string(),
         });
     }
-    if spec.route_table == 0 || spec.route_table == TO_POD_TABLE || spec.route_table == 255 {
+    if spec.route_table != MAIN_TABLE && !(2..=MAX_ENI_DEVICE + 1).contains(&spec.route_table) {
         return Err(DataplaneError::Invalid {
-            what: "route table",
+            what: "route table (254 for the primary ENI, else ENI device number + 1 in 2..=64)",
             value: spec.route_table.to_string(),
         });
     }
     Ok(())
 }
 
+/// The host veth's device group for a pod routed through `route_table`.
+fn veth_group(route_table: u32) -> u32 {
+    if route_table == MAIN_TABLE {
+        0
+    } else {
+        crate::pod_group(route_table - 1)
+    }
+}
+
 /// Things to undo if a later step fails.
 enum Undo {
     Link { index: u32, name: String },
     Route(Route),
-    Rule(Rule),
 }
 
 /// Wires a pod: veth (host end in the caller's netns with a pinned random MAC, pod end born
 /// in the pod netns), pod addresses/routes/neighbour, host routes (main and table 512),
-/// the shared `lookup 512` rule and, for secondary-ENI pods, the from-pod rule.
+/// the shared `lookup 512` rule. A secondary-ENI pod's host veth is created in the ENI's
+/// device group; no per-pod rule (the ENI's `fwmark` rule and the nftables mark serve all of
+/// the ENI's pods).
 ///
 /// Fails if `ifname` already exists in the pod netns; a stale host link named `host_veth`
 /// is deleted first. On any failure everything created so far is removed again (the shared
@@ -118,11 +131,19 @@ pub fn setup_pod_with<N: NetOps>(
     spec: &PodSpec,
 ) -> Result<PodLinks, DataplaneError> {
     validate(spec)?;
-    if pod.link_by_name(spec.ifname)?.is_some() {
-        return Err(DataplaneError::InterfaceExists {
-            ifname: spec.ifname.into(),
-            netns: spec.netns.display().to_string(),
-        });
+    if let Some(l) = pod.link_by_name(spec.ifname)? {
+        if l.group != RETIRED_LINK_GROUP {
+            return Err(DataplaneError::InterfaceExists {
+                ifname: spec.ifname.into(),
+                netns: spec.netns.display().to_string(),
+            });
+        }
+        // A previous DEL in this same netns retired it; not reaped yet.
+        debug!(
+            ifname = spec.ifname,
+            "deleting the retired interface of an earlier DEL"
+        );
+        tolerate_missing(pod.delete_link(l.index))?;
     }
     if let Some(stale) = host.link_by_name(spec.host_veth)? {
         debug!(veth = spec.host_veth, "deleting stale host link");
@@ -135,6 +156,7 @@ pub fn setup_pod_with<N: NetOps>(
             mac,
             peer_name: spec.ifname.into(),
             mtu: spec.mtu,
+            group: veth_group(spec.route_table),
         },
         pod,
     )?;
@@ -148,13 +170,11 @@ pub fn setup_pod_with<N: NetOps>(
                 let r = match &u {
                     Undo::Link { index, .. } => host.delete_link(*index),
                     Undo::Route(r) => host.del_route(r),
-                    Undo::Rule(r) => host.del_rule(r),
                 };
                 if let Err(ue) = tolerate_missing(r) {
                     let what = match &u {
                         Undo::Link { name, .. } => format!("link {name}"),
                         Undo::Route(r) => format!("route {r}"),
-                        Undo::Rule(r) => format!("rule {r}"),
                     };
                     warn!(error = %ue, "rollback of {what} failed");
                 }
@@ -248,12 +268,6 @@ fn setup_after_veth<N: NetOps>(
         undo.push(Undo::Route(r));
     }
     ensure_rule(host, &Rule::new(TO_POD_RULE_PRIORITY, TO_POD_TABLE))?;
-    if spec.route_table != MAIN_TABLE {
-        let r = Rule::new(FROM_POD_RULE_PRIORITY, spec.route_table).from(host32(spec.ip));
-        if ensure_rule(host, &r)? {
-            undo.push(Undo::Rule(r));
-        }
-    }
     Ok(PodLinks {
         host_veth: spec.host_veth.into(),
         host_mac: mac.to_string(),
@@ -385,10 +399,19 @@ pub fn check_pod_with<N: NetOps>(
     if !rules.contains(&to_pod) {
         p.push(format!("rule {to_pod} missing"));
     }
+    if let Some(h) = &hlink {
+        let group = veth_group(spec.route_table);
+        if h.group != group {
+            p.push(format!(
+                "host veth {} is in device group {} instead of {group} (route table {})",
+                spec.host_veth, h.group, spec.route_table
+            ));
+        }
+    }
     if spec.route_table != MAIN_TABLE {
-        let from = Rule::new(FROM_POD_RULE_PRIORITY, spec.route_table).from(ip32);
-        if !rules.contains(&from) {
-            p.push(format!("rule {from} missing"));
+        let eni = eni_rule(spec.route_table - 1);
+        if !rules.contains(&eni) {
+            p.push(format!("rule {eni} missing"));
         }
     }
     if p.is_empty() {
@@ -535,20 +558,61 @@ pub fn teardown_pod_with<N: NetOps>(
         push(host.del_route(&del));
     }
 
-    // 4. host veth (its peer goes with it)
-    if let Some(v) = &veth {
-        push(host.delete_link(v.index));
+    // 4. host veth: down and into the retired group; [`reap_retired_links`] deletes it (and
+    //    its peer) later. Deleting it here would cost this DEL a kernel RCU grace period.
+    if let Some(v) = &veth
+        && !is_retired(v)
+    {
+        push(retire(host, v));
     }
 
-    // 5. container interface, if the pod netns still exists
+    // 5. container interface, if the pod netns still exists: the retired veth's peer is
+    //    retired too (so an ADD into this netns may replace it); anything else is deleted.
     if let Some(pod) = pod {
         match pod.link_by_name(t.ifname) {
-            Ok(Some(l)) => push(pod.delete_link(l.index)),
+            Ok(Some(l)) => {
+                let peer_retired = veth.as_ref().is_some_and(|v| {
+                    l.kind.as_deref() == Some("veth") && l.peer_index == Some(v.index)
+                });
+                if peer_retired {
+                    if !is_retired(&l) {
+                        push(retire(pod, &l));
+                    }
+                } else {
+                    push(pod.delete_link(l.index));
+                }
+            }
             Ok(None) => {}
             Err(e) => push(Err(e)),
         }
     }
     TeardownError::from_vec(errors)
+}
+
+fn is_retired(l: &Link) -> bool {
+    l.group == RETIRED_LINK_GROUP && !l.up
+}
+
+/// Down, into [`RETIRED_LINK_GROUP`], and renamed `vcr<index>` so that an ADD of the same pod
+/// (same host veth name) or into the same netns (same ifname) finds its name free. A failed
+/// rename is only logged: ADD deletes a retired link that is in its way.
+fn retire<N: NetOps>(n: &mut N, l: &Link) -> Result<(), NetError> {
+    n.retire_link(l.index, RETIRED_LINK_GROUP)?;
+    let name = format!("{RETIRED_NAME_PREFIX}{}", l.index);
+    if let Err(e) = n.rename_link(l.index, &name) {
+        warn!(link = %l.name, error = %e, "retired link keeps its name");
+    }
+    Ok(())
+}
+
+/// Deletes the veths that DEL retired ([`RETIRED_LINK_GROUP`]) in this namespace, in one
+/// kernel batch; returns whether there were any.
+pub fn reap_retired_links() -> Result<bool, DataplaneError> {
+    reap_retired_links_with(&mut Netlink::new()?)
+}
+
+pub fn reap_retired_links_with<N: NetOps>(n: &mut N) -> Result<bool, DataplaneError> {
+    Ok(n.delete_link_group(RETIRED_LINK_GROUP)?)
 }
 
 #[cfg(test)]

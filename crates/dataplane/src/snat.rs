@@ -3,6 +3,11 @@
 //!
 //! ```text
 //! table ip vpc-cni {
+//!   chain eni-mark {                 # pod egress via a secondary ENI: its mark, by veth group
+//!     type filter hook prerouting priority mangle; policy accept;
+//!     iifname "<prefix>*" meta iifgroup vmap { 0x76630001 : jump eni-1, … : jump eni-63 }
+//!   }
+//!   chain eni-<d> { meta mark set meta mark | <d << 8> }   # d = 1..=63, for `fwmark` rules
 //!   chain mark-nodeport {            # before kube-proxy DNAT (-100): daddr is still local
 //!     type filter hook prerouting priority mangle; policy accept;
 //!     iifname "<primary>" fib daddr . iif type local ct mark set ct mark | M   # node_port_support
@@ -31,7 +36,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 
-use crate::DataplaneError;
+use crate::{DataplaneError, ENI_MARK_MASK, MAX_ENI_DEVICE, eni_mark, pod_group};
 
 /// Name of our table (family `ip`).
 pub const NFT_TABLE: &str = "vpc-cni";
@@ -117,8 +122,11 @@ fn daddr_set(op: &str, nets: &[Ipv4Net]) -> Value {
 /// delete and recreate the whole table in one transaction.
 pub fn snat_ruleset(c: &SnatConfig) -> Result<Value, DataplaneError> {
     let invalid = |what: &'static str, value: String| DataplaneError::Invalid { what, value };
-    if c.connmark == 0 {
-        return Err(invalid("connmark", "0".into()));
+    if c.connmark == 0 || c.connmark & ENI_MARK_MASK != 0 {
+        return Err(invalid(
+            "connmark (non-zero, and clear of the ENI mark bits 0x3f00)",
+            format!("{:#x}", c.connmark),
+        ));
     }
     if c.veth_prefix.is_empty() || c.veth_prefix.len() > 4 || c.veth_prefix.contains('"') {
         return Err(invalid("veth prefix", c.veth_prefix.clone()));
@@ -140,11 +148,33 @@ pub fn snat_ruleset(c: &SnatConfig) -> Result<Value, DataplaneError> {
         json!({"add": table_obj()}),
         json!({"delete": table_obj()}),
         json!({"add": table_obj()}),
+        chain("eni-mark", Some(("filter", "prerouting", -150))),
         chain("mark-nodeport", Some(("filter", "prerouting", -150))),
         chain("prerouting", Some(("filter", "prerouting", -90))),
         chain("snat-mark", None),
         chain("postrouting", Some(("nat", "postrouting", 100))),
     ];
+    // Pod egress through a secondary ENI: the host veth's device group names the ENI; one
+    // verdict-map lookup jumps to the ENI's chain, which sets its mark bits for the ENI's
+    // `fwmark` rule. Every secondary ENI the mark bits can express is listed, so the table
+    // does not change when ENIs come and go.
+    let mut vmap = Vec::new();
+    for d in 1..=MAX_ENI_DEVICE {
+        let name = format!("eni-{d}");
+        cmds.push(chain(&name, None));
+        cmds.push(rule(
+            &name,
+            vec![or_mark(json!({"meta": {"key": "mark"}}), eni_mark(d))],
+        ));
+        vmap.push(json!([pod_group(d), {"jump": {"target": name}}]));
+    }
+    cmds.push(rule(
+        "eni-mark",
+        vec![
+            iifname(&pods),
+            json!({"vmap": {"key": {"meta": {"key": "iifgroup"}}, "data": {"set": vmap}}}),
+        ],
+    ));
     if c.node_port_support {
         cmds.push(rule(
             "mark-nodeport",
@@ -277,17 +307,62 @@ mod tests {
         let _: nftables::schema::Nftables = serde_json::from_value(v).unwrap();
     }
 
+    /// The rules of `chain`, as JSON text.
+    fn rules_of(v: &Value, chain: &str) -> String {
+        v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["add"]["rule"]["chain"] == chain)
+            .map(Value::to_string)
+            .collect()
+    }
+
+    /// The SNAT and connmark chains (not the ENI marks, which are always there).
+    fn snat_rules(v: &Value) -> String {
+        ["mark-nodeport", "prerouting", "snat-mark", "postrouting"]
+            .iter()
+            .map(|c| rules_of(v, c))
+            .collect()
+    }
+
     #[test]
     fn external_snat_drops_snat_and_egress_mark_keeps_nodeport() {
         let mut c = cfg();
         c.external_snat = true;
-        let s = text(&snat_ruleset(&c).unwrap());
+        let s = snat_rules(&snat_ruleset(&c).unwrap());
         assert!(!s.contains("\"snat\":{"), "{s}");
         assert!(!s.contains("\"jump\""), "{s}");
         assert!(s.contains("\"iif\""), "node-port mark missing: {s}");
         c.node_port_support = false;
-        let s = text(&snat_ruleset(&c).unwrap());
-        assert!(!s.contains("\"mangle\""), "{s}");
+        let v = snat_ruleset(&c).unwrap();
+        assert!(!snat_rules(&v).contains("\"mangle\""), "{v}");
+        assert!(!rules_of(&v, "eni-mark").is_empty(), "ENI marks stay");
+    }
+
+    #[test]
+    fn pod_egress_is_marked_for_its_eni_by_the_veth_group() {
+        let v = snat_ruleset(&cfg()).unwrap();
+        let m = rules_of(&v, "eni-mark");
+        assert!(m.contains(r#""right":"eni*""#), "{m}");
+        assert!(m.contains(r#""iifgroup""#), "{m}");
+        // device 3: group 0x76630003 jumps to eni-3, which ORs 0x300 into the mark
+        assert!(
+            m.contains(&format!(
+                r#"[{},{{"jump":{{"target":"eni-3"}}}}]"#,
+                0x7663_0003u32
+            )),
+            "{m}"
+        );
+        assert!(rules_of(&v, "eni-3").contains(r#"{"|":[{"meta":{"key":"mark"}},768]}"#));
+        assert!(!rules_of(&v, "eni-63").is_empty());
+        assert!(rules_of(&v, "eni-64").is_empty());
+        let _: nftables::schema::Nftables = serde_json::from_value(v).unwrap();
+        // a connmark inside the ENI bits is refused, naming it
+        let mut c = cfg();
+        c.connmark = 0x100;
+        let e = snat_ruleset(&c).unwrap_err().to_string();
+        assert!(e.contains("0x100"), "{e}");
     }
 
     #[test]
@@ -316,7 +391,7 @@ mod tests {
         let mut c = cfg();
         c.vpc_cidrs.clear();
         c.exclude_cidrs.clear();
-        let s = text(&snat_ruleset(&c).unwrap());
+        let s = snat_rules(&snat_ruleset(&c).unwrap());
         assert!(!s.contains("\"set\""), "{s}");
         assert!(s.contains("\"snat\""));
     }

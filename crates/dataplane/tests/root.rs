@@ -8,9 +8,9 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dataplane::{
-    DataplaneError, EniSetup, HostSetup, MAIN_TABLE, NetNs, PodSpec, PodTeardown, Randomize,
-    SnatConfig, apply_snat, check_pod, link_name_by_mac, remove_snat, setup_eni, setup_host,
-    setup_pod, teardown_eni, teardown_pod,
+    DataplaneError, EniSetup, HostSetup, MAIN_TABLE, NetNs, PodSpec, PodTeardown,
+    RETIRED_LINK_GROUP, Randomize, SnatConfig, apply_snat, check_pod, link_name_by_mac, pod_group,
+    reap_retired_links, remove_snat, setup_eni, setup_host, setup_pod, teardown_eni, teardown_pod,
 };
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -222,9 +222,33 @@ fn root_pod_setup_ping_check_teardown() {
         ip: Some(POD_IP),
     };
     node.run(|| teardown_pod(&td)).unwrap().unwrap();
+    // DEL retires the pair (down, retired group); the reaper deletes it later
+    let retired = t
+        .node
+        .ip(&format!("-o link show group {RETIRED_LINK_GROUP}"));
+    assert!(
+        retired.contains(": vcr") && !retired.contains("UP"),
+        "{retired}"
+    );
+    assert!(
+        !t.node.ip("-o link").contains("enitest0"),
+        "the name is free"
+    );
+    let pod_side = t
+        .pod
+        .ip(&format!("-o link show group {RETIRED_LINK_GROUP}"));
+    assert!(pod_side.contains(": vcr"), "{pod_side}");
+    assert!(!t.pod.ip("-o link").contains("eth0"), "the name is free");
+    assert!(!t.node.ip("route show table all").contains("10.77.0.50"));
+    // an ADD into the same netns before the reaper ran replaces the retired pair
+    node.run(|| setup_pod(&spec)).unwrap().unwrap();
+    node.run(|| check_pod(&spec)).unwrap().unwrap();
+    assert!(t.node.ping("10.77.0.50"), "node -> re-added pod failed");
+    node.run(|| teardown_pod(&td)).unwrap().unwrap();
+    assert!(node.run(reap_retired_links).unwrap().unwrap());
     assert!(!t.node.ip("-o link").contains("enitest0"));
     assert!(!t.pod.ip("-o link").contains("eth0"));
-    assert!(!t.node.ip("route show table all").contains("10.77.0.50"));
+    assert!(!node.run(reap_retired_links).unwrap().unwrap());
     let rules = t.node.ip("rule");
     assert!(!rules.contains("10.77.0.50"), "{rules}");
     assert!(
@@ -245,9 +269,20 @@ fn root_secondary_eni_pod_and_teardown_with_netns_gone() {
     let pod_path = t.pod.path();
     let spec = pod_spec(&pod_path, 3);
     node.run(|| setup_pod(&spec)).unwrap().unwrap();
+    // CHECK wants the ENI's fwmark rule (setup_eni adds it; the pod adds no rule of its own)
+    let e = node.run(|| check_pod(&spec)).unwrap().unwrap_err();
+    assert!(e.to_string().contains("fwmark 0x200/0x3f00"), "{e}");
+    t.node.ip(ENI2_RULE);
     node.run(|| check_pod(&spec)).unwrap().unwrap();
     let rules = t.node.ip("rule");
-    assert!(rules.contains("1536:\tfrom 10.77.0.50 lookup 3"), "{rules}");
+    assert!(!rules.contains("10.77.0.50"), "no per-pod rule: {rules}");
+    let group = t.node.ip(&format!("-o link show group {}", pod_group(2)));
+    assert!(
+        group.contains("enitest0"),
+        "the host veth is in ENI 2's group: {group}"
+    );
+    // a legacy per-pod from-rule of the reference, to be removed by DEL too
+    t.node.ip("rule add from 10.77.0.50 lookup 3 pref 1536");
     // a legacy per-pod rule of the reference, to be removed by DEL too
     t.node.ip("rule add to 10.77.0.50/32 lookup main pref 512");
 
@@ -262,6 +297,8 @@ fn root_secondary_eni_pod_and_teardown_with_netns_gone() {
     let rules = t.node.ip("rule");
     assert!(!rules.contains("10.77.0.50"), "{rules}");
     assert!(!t.node.ip("route show table all").contains("10.77.0.50"));
+    // gone with the netns, or retired (the kernel cleans up a deleted netns asynchronously)
+    node.run(reap_retired_links).unwrap().unwrap();
     assert!(!t.node.ip("-o link").contains("enitest0"));
     node.run(|| teardown_pod(&td)).unwrap().unwrap();
 }
@@ -284,9 +321,10 @@ fn root_teardown_finds_veth_by_route_when_name_unknown() {
     };
     node.run(|| teardown_pod(&td)).unwrap().unwrap();
     assert!(
-        !t.node.ip("-o link").contains("enitest0"),
+        node.run(reap_retired_links).unwrap().unwrap(),
         "veth not found via route"
     );
+    assert!(!t.node.ip("-o link").contains("enitest0"));
     assert!(!t.pod.ip("-o link").contains("eth0"), "peer survived");
     assert!(
         t.node.ip("-o link").contains("eth0"),
@@ -378,6 +416,13 @@ fn root_host_and_eni_setup() {
         "{rules}"
     );
     assert_eq!(
+        rules
+            .matches("1536:\tfrom all fwmark 0x200/0x3f00 lookup 3")
+            .count(),
+        1,
+        "{rules}"
+    );
+    assert_eq!(
         n.run(|| link_name_by_mac("02:aa:bb:cc:dd:01"))
             .unwrap()
             .unwrap(),
@@ -397,8 +442,16 @@ fn root_host_and_eni_setup() {
         .unwrap()
         .unwrap();
     assert!(node.ip("route show table 3").trim().is_empty());
-    assert!(!node.ip("rule").contains("172.31.3.173"));
+    let rules = node.ip("rule");
+    assert!(!rules.contains("172.31.3.173"), "{rules}");
+    assert!(
+        !rules.contains("lookup 3"),
+        "the ENI's pod rule stays: {rules}"
+    );
 }
+
+/// What `setup_eni` adds for device 2 (table 3): pod egress marked for that ENI uses its table.
+const ENI2_RULE: &str = "rule add fwmark 0x200/0x3f00 lookup 3 pref 1536";
 
 fn snat_cfg(external: bool) -> SnatConfig {
     SnatConfig {
@@ -429,6 +482,7 @@ fn root_snat_and_connmark_egress() {
     t.node.ip("link add eth1 type veth peer name eth1p");
     t.node.ip("link set eth1 up");
     t.node.ip("route add default dev eth1 scope link table 3");
+    t.node.ip(ENI2_RULE);
     let spec = pod_spec(&pod_path, 3);
     let h = HostSetup {
         primary_ifname: "eth0".into(),
@@ -538,6 +592,7 @@ fn root_nodeport_return_path_uses_connmark() {
     t.node.ip("link add eth1 type veth peer name eth1p");
     t.node.ip("link set eth1 up");
     t.node.ip("route add default dev eth1 scope link table 3");
+    t.node.ip(ENI2_RULE);
     let h = HostSetup {
         primary_ifname: "eth0".into(),
         connmark: 0x80,
@@ -667,6 +722,11 @@ fn root_parallel_pods_share_one_to_pod_rule() {
     // table 2 (a secondary ENI) has a default route out of eth0: without the to-pod table,
     // pod1's replies to pod0 would leave the node
     node.ip("route add default dev eth0 scope link table 2");
+    // device 1's pod rule (setup_eni adds it) and the nft table that marks its pods' packets
+    node.ip("rule add fwmark 0x100/0x3f00 lookup 2 pref 1536");
+    let mut snat = snat_cfg(true);
+    snat.veth_prefix = "enip".into();
+    n.run(|| apply_snat(&snat)).unwrap().unwrap();
     let spec = |i: usize| PodSpec {
         netns: &paths[i],
         host_veth: &names[i],
@@ -688,7 +748,13 @@ fn root_parallel_pods_share_one_to_pod_rule() {
         1,
         "{rules}"
     );
-    assert_eq!(rules.matches("lookup 2").count(), 3, "{rules}");
+    assert_eq!(
+        rules.matches("lookup 2").count(),
+        1,
+        "no per-pod rule: {rules}"
+    );
+    let group = node.ip(&format!("-o link show group {}", pod_group(1)));
+    assert_eq!(group.matches("enipar").count(), 3, "{group}");
     for i in 0..6 {
         n.run(|| check_pod(&spec(i))).unwrap().unwrap();
     }
@@ -721,6 +787,7 @@ fn root_parallel_pods_share_one_to_pod_rule() {
             });
         }
     });
+    assert!(n.run(reap_retired_links).unwrap().unwrap());
     assert!(!node.ip("-o link").contains("enipar"));
     assert!(!node.ip("route show table all").contains("10.77.1."));
     assert!(!node.ip("rule").contains("10.77.1."));

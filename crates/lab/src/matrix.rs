@@ -87,6 +87,10 @@ struct Rule {
     srclen: Option<u8>,
     #[serde(default)]
     table: Option<String>,
+    #[serde(default)]
+    fwmark: Option<String>,
+    #[serde(default)]
+    fwmask: Option<String>,
 }
 
 fn rules(instance_ns: &str) -> Result<Vec<Rule>> {
@@ -100,6 +104,13 @@ fn rule_args(r: &Rule) -> Vec<String> {
         (Some(s), Some(l)) if s != "all" => a.extend(["from".to_string(), format!("{s}/{l}")]),
         (Some(s), None) if s != "all" => a.extend(["from".to_string(), s.clone()]),
         _ => a.extend(["from".to_string(), "all".to_string()]),
+    }
+    if let Some(m) = &r.fwmark {
+        a.push("fwmark".to_string());
+        a.push(match &r.fwmask {
+            Some(k) => format!("{m}/{k}"),
+            None => m.clone(),
+        });
     }
     a.extend([
         "lookup".to_string(),
@@ -116,6 +127,16 @@ fn ip_rule(instance_ns: &str, verb: &str, r: &Rule) -> Result<()> {
     v.extend(args.iter().map(String::as_str));
     ns::run(instance_ns, &v)?;
     Ok(())
+}
+
+/// Packets `dev` has sent in namespace `ns_name`.
+fn tx_packets(ns_name: &str, dev: &str) -> Result<u64> {
+    let out = ns::run(ns_name, &["ip", "-s", "-j", "link", "show", dev])?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).context("parsing `ip -s -j link show`")?;
+    v[0]["stats64"]["tx"]["packets"]
+        .as_u64()
+        .with_context(|| format!("no tx packet count for {dev} in {ns_name}: {out}"))
 }
 
 fn pod_desc(p: &PodRecord, ip: Ipv4Addr) -> String {
@@ -212,17 +233,16 @@ pub fn run(negative: bool) -> Result<bool> {
     if negative {
         println!("== negative controls (one piece removed at a time, then restored)");
         let port0 = fabric::port_name(NODE, 0);
-        // 1. The from-pod rule: the pod's traffic leaves eth0 with eth1's address.
+        // 1. The secondary ENI's pod rule (`fwmark <eni mark> lookup <eni table> pref 1536`):
+        //    without it the pod's traffic leaves eth0 with eth1's address.
         let from_rules: Vec<Rule> = rules(&i1)?
             .into_iter()
-            .filter(|r| {
-                r.priority == 1536 && r.src.as_deref() == Some(&POD_ON_SECONDARY_ENI.to_string())
-            })
+            .filter(|r| r.priority == 1536 && r.fwmark.is_some())
             .collect();
         if from_rules.is_empty() {
             rep.row(
                 false,
-                &format!("from-pod rule `from {POD_ON_SECONDARY_ENI} pref 1536` exists in {NODE}"),
+                &format!("the secondary ENI's pod rule `fwmark … pref 1536` exists in {NODE}"),
                 "not found",
             );
         } else {
@@ -245,7 +265,7 @@ pub fn run(negative: bool) -> Result<bool> {
                 &format!("ping {}, src-check drops on {port0} {before} -> {after}", if ok { "succeeded" } else { "failed" }),
             );
             if let Some(e) = restore_err {
-                return Err(e.context("restoring the from-pod rule"));
+                return Err(e.context("restoring the ENI's pod rule"));
             }
             rep.row(
                 ping(&xs, i2_ip, 3),
@@ -253,7 +273,9 @@ pub fn run(negative: bool) -> Result<bool> {
                 "",
             );
         }
-        // 2. The to-pod rule: pod-to-pod on the node hairpins through the fabric and loops.
+        // 2. The to-pod rule: without it, pod-to-pod on the node follows the secondary-ENI
+        //    pod's ENI table out of eth1 and comes back through the fabric (a hairpin via the
+        //    VPC, as EC2 would deliver it), instead of staying on the node.
         let to_rules: Vec<Rule> = rules(&i1)?
             .into_iter()
             .filter(|r| r.priority == 512 && r.table.as_deref() == Some("512"))
@@ -265,28 +287,36 @@ pub fn run(negative: bool) -> Result<bool> {
                 "not found",
             );
         } else {
+            const PINGS: u64 = 3;
+            let pings = |n: u64| -> Result<(bool, u64)> {
+                let before = tx_packets(&i1, "eth1")?;
+                let ok = (0..n).all(|_| ping(&xs, POD_ON_PRIMARY_ENI, 2));
+                Ok((ok, tx_packets(&i1, "eth1")? - before))
+            };
             for r in &to_rules {
                 ip_rule(&i1, "del", r)?;
             }
-            let ok = ping(&xs, POD_ON_PRIMARY_ENI, 1);
+            let without = pings(PINGS);
             let mut restore_err = None;
             for r in &to_rules {
                 if let Err(e) = ip_rule(&i1, "add", r) {
                     restore_err = Some(e);
                 }
             }
+            let (ok, tx) = without?;
             rep.row(
-                !ok,
-                &format!("without `from all lookup 512 pref 512`: {xd} -> {yd} fails (hairpin loop via the fabric)"),
-                &format!("ping {}", if ok { "succeeded" } else { "failed" }),
+                tx >= PINGS,
+                &format!("without `from all lookup 512 pref 512`: {xd} -> {yd} leaves {NODE} through eth1 (hairpin via the fabric)"),
+                &format!("ping {}, eth1 sent {tx} packets for {PINGS} pings", if ok { "succeeded" } else { "failed" }),
             );
             if let Some(e) = restore_err {
                 return Err(e.context("restoring the to-pod rule"));
             }
+            let (ok, tx) = pings(PINGS)?;
             rep.row(
-                ping(&xs, POD_ON_PRIMARY_ENI, 3),
-                &format!("restored: {xd} -> {yd}"),
-                "",
+                ok && tx < PINGS,
+                &format!("restored: {xd} -> {yd} stays on {NODE}"),
+                &format!("eth1 sent {tx} packets for {PINGS} pings"),
             );
         }
         // 3. The SNAT: the internet gateway has no mapping for a pod address.
@@ -299,14 +329,18 @@ pub fn run(negative: bool) -> Result<bool> {
             Ok(saved) => {
                 let file = ctl::run_dir().join("matrix-vpc-cni.nft");
                 std::fs::write(&file, &saved)?;
-                ns::run(&i1, &["nft", "delete", "table", "ip", "vpc-cni"])?;
+                // the SNAT and its connmark; the ENI marks (chain eni-mark) stay
+                for chain in ["prerouting", "postrouting"] {
+                    ns::run(&i1, &["nft", "flush", "chain", "ip", "vpc-cni", chain])?;
+                }
                 let before = fabric::igw_drops()?;
                 let r = whoami(&xs);
                 let after = fabric::igw_drops()?;
-                let restored = ns::run(&i1, &["nft", "-f", &file.display().to_string()]);
+                let restored = ns::run(&i1, &["nft", "delete", "table", "ip", "vpc-cni"])
+                    .and_then(|_| ns::run(&i1, &["nft", "-f", &file.display().to_string()]));
                 rep.row(
                     r.is_err() && after > before,
-                    &format!("without the SNAT (table ip vpc-cni): {xd} -> internet fails, the IGW has no mapping for {POD_ON_SECONDARY_ENI}"),
+                    &format!("without the SNAT (chains prerouting, postrouting of table ip vpc-cni): {xd} -> internet fails, the IGW has no mapping for {POD_ON_SECONDARY_ENI}"),
                     &format!(
                         "{}, IGW drops {before} -> {after}",
                         match &r {

@@ -511,6 +511,7 @@ fn churn_with_agent_killed_leaks_nothing() {
     );
 
     // No veth, route or rule left for a deleted pod.
+    wait_reaped("instance1");
     let (veths, routing) = host_state("instance1");
     assert_eq!(
         veths.len(),

@@ -209,6 +209,7 @@ fn runtime_edge_cases_against_the_real_agent() {
         assert_eq!(pod.run("DEL", v, Some(&result)).code, 0, "DEL {v}");
         assert_eq!(pod.run("DEL", v, Some(&result)).code, 0, "DEL twice {v}");
         assert_clean(&ip);
+        wait_reaped(INSTANCE); // DEL retires the veth pair; the agent deletes it
         pod.remove_netns();
     }
     // STATUS and GC exist from 1.1.0.
@@ -243,7 +244,12 @@ fn runtime_edge_cases_against_the_real_agent() {
         request("1.1.0", None).to_string().as_bytes(),
     );
     assert_eq!(status.json()["code"], 50, "STATUS with the agent down");
+    assert!(
+        !retired_links(INSTANCE).trim().is_empty(),
+        "DEL retired the veth pair, which waits for the agent"
+    );
     lab_ok(&["agent", "start", INSTANCE]);
+    wait_reaped(INSTANCE); // DEL retires the veth pair; the agent deletes it
     assert_eq!(pod.run("DEL", "1.0.0", Some(&result)).code, 0);
     pod.remove_netns();
 

@@ -187,17 +187,44 @@ fn assert_wired(
             .any(|r| r["priority"] == 512 && r["src"] == "all" && r["table"] == "512"),
         "{rules:?}"
     );
-    let table_s = table.to_string();
-    let from_rule = rules
-        .iter()
-        .any(|r| r["priority"] == 1536 && r["src"] == ip && r["table"] == table_s.as_str());
-    assert_eq!(from_rule, table != 254, "{rules:?}");
+    // no per-pod rule; a secondary-ENI pod's host veth is in its ENI's device group
+    assert!(!rules.iter().any(|r| r["src"] == ip), "{rules:?}");
+    let group = if table == 254 {
+        "default".to_string()
+    } else {
+        dataplane::pod_group(table - 1).to_string()
+    };
+    assert_eq!(hl[0]["group"], group.as_str(), "{hl}");
+}
+
+/// The agent's ENI setup for the ENI whose table is `table`: its pod rule (CHECK wants it).
+fn add_eni_rule(node: &TestNetns, table: u32) {
+    let mark = format!(
+        "{:#x}/{:#x}",
+        dataplane::eni_mark(table - 1),
+        dataplane::ENI_MARK_MASK
+    );
+    let table = table.to_string();
+    node.ip(&[
+        "rule", "add", "fwmark", &mark, "lookup", &table, "pref", "1536",
+    ]);
 }
 
 /// Nothing of any pod is left in the node namespace: only `lo`, no route or rule that
 /// mentions a pod address.
 fn assert_node_clean(node: &TestNetns) {
-    assert_eq!(node.link_names(), vec!["lo".to_string()], "leftover links");
+    assert_eq!(
+        node.live_link_names(),
+        vec!["lo".to_string()],
+        "leftover links"
+    );
+    // what DEL retired, the agent deletes (here: the same kernel call, by hand)
+    node.reap_retired();
+    assert_eq!(
+        node.link_names(),
+        vec!["lo".to_string()],
+        "retired links survived"
+    );
     let routes = node.ip_json(&["-4", "route", "show", "table", "all"]);
     for r in routes.as_array().unwrap() {
         assert!(!r.to_string().contains("10.99."), "leftover route {r}");
@@ -210,7 +237,7 @@ fn assert_node_clean(node: &TestNetns) {
 
 fn pod_has_no_eth0(pod_ns: &TestNetns) {
     assert!(
-        !pod_ns.link_names().contains(&"eth0".to_string()),
+        !pod_ns.live_link_names().contains(&"eth0".to_string()),
         "eth0 left in {}",
         pod_ns.name
     );
@@ -220,6 +247,7 @@ fn pod_has_no_eth0(pod_ns: &TestNetns) {
 fn add_check_del_del_in_every_version() {
     require_root!("add_check_del_del_in_every_version");
     let node = TestNetns::new("life-node");
+    add_eni_rule(&node, 3);
     let agent = FakeAgent::start(2, 20, 254);
     for (i, v) in VERSIONS.iter().enumerate() {
         // alternate primary-ENI (main) and secondary-ENI (table 3) addresses
@@ -371,6 +399,7 @@ fn add_with_an_existing_ifname_fails_and_leaks_nothing() {
 fn status_and_gc() {
     require_root!("status_and_gc");
     let node = TestNetns::new("gc-node");
+    add_eni_rule(&node, 3);
     let agent = FakeAgent::start(70, 79, 3);
     let cfg = |extra: Value| conf("1.1.0", &agent, extra);
     let status = |stdin: &[u8]| run_plugin(&[("CNI_COMMAND", "STATUS")], stdin, Some(&node.path()));
@@ -407,7 +436,7 @@ fn status_and_gc() {
     gc(json!([{"containerID": "gca", "ifname": "eth0"}])).ok_empty();
     assert_eq!(agent.assigned(), 1);
     // b's host side is gone (veth, /32 routes, from-rule); a is intact
-    let links = node.link_names();
+    let links = node.live_link_names();
     assert!(!links.contains(&b.host_veth()), "{links:?}");
     assert!(links.contains(&a.host_veth()), "{links:?}");
     let all = node

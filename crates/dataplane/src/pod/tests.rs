@@ -70,9 +70,28 @@ fn setup_builds_everything_in_order() {
         "host: replace route 172.31.13.130/32 dev scope link table 254",
         "host: replace route 172.31.13.130/32 dev scope link table 512",
         "host: add rule from all lookup 512 pref 512",
-        "host: add rule from 172.31.13.130/32 lookup 3 pref 1536",
     ];
     assert_eq!(log, expected);
+    // the secondary-ENI pod's host veth is in its ENI's group (device 2: table 3)
+    assert_eq!(
+        w.borrow()
+            .ns("host")
+            .links
+            .values()
+            .find(|l| l.name == "enia1b2c3d4e5f")
+            .unwrap()
+            .group,
+        crate::pod_group(2)
+    );
+    // CHECK wants the ENI's fwmark rule, which the agent's ENI setup adds
+    let e = check_pod_with(&mut h, &mut p, &spec(3))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("fwmark 0x200/0x3f00 lookup 3 pref 1536 missing"),
+        "{e}"
+    );
+    w.borrow_mut().ns_mut("host").rules.push(eni_rule(2));
 
     let wb = w.borrow();
     let hv = wb
@@ -282,7 +301,17 @@ fn teardown_removes_everything_including_legacy_rules_and_is_idempotent() {
     {
         let wb = w.borrow();
         let host = wb.ns("host");
-        assert_eq!(host.links.len(), 1, "{:?}", host.links);
+        // the veth pair is retired (down, in the retired group), not deleted
+        let retired: Vec<&Link> = host.links.values().filter(|l| l.index != 1).collect();
+        assert_eq!(retired.len(), 1, "{:?}", host.links);
+        assert!(retired[0].group == RETIRED_LINK_GROUP && !retired[0].up);
+        let pod_eth0: Vec<&Link> = wb
+            .ns("pod")
+            .links
+            .values()
+            .filter(|l| l.index != 1)
+            .collect();
+        assert!(pod_eth0[0].group == RETIRED_LINK_GROUP && !pod_eth0[0].up);
         assert!(host.routes.is_empty(), "{:?}", host.routes);
         assert_eq!(
             host.rules,
@@ -291,12 +320,80 @@ fn teardown_removes_everything_including_legacy_rules_and_is_idempotent() {
                 Rule::new(1536, 3).from(ip32(Ipv4Addr::new(172, 31, 13, 131)))
             ]
         );
-        assert_eq!(wb.ns("pod").links.len(), 1);
     }
     // twice: still fine, and nothing mutated
     let before = w.borrow().mutations;
     teardown_pod_with(&mut h, Some(&mut p), &td(Some("enia1b2c3d4e5f"))).unwrap();
     assert_eq!(w.borrow().mutations, before);
+    // the reaper deletes the pair
+    assert!(reap_retired_links_with(&mut h).unwrap());
+    assert_eq!(w.borrow().ns("host").links.len(), 1);
+    assert_eq!(w.borrow().ns("pod").links.len(), 1);
+    assert!(!reap_retired_links_with(&mut h).unwrap());
+}
+
+#[test]
+fn del_renames_the_retired_pair_so_the_same_pod_can_be_added_again_at_once() {
+    let (w, mut h, mut p) = world();
+    setup_pod_with(&mut h, &mut p, &spec(3)).unwrap();
+    teardown_pod_with(&mut h, Some(&mut p), &td(Some("enia1b2c3d4e5f"))).unwrap();
+    {
+        let wb = w.borrow();
+        for ns in ["host", "pod"] {
+            let l: Vec<&Link> = wb.ns(ns).links.values().filter(|l| l.index != 1).collect();
+            assert_eq!(l.len(), 1);
+            assert_eq!(l[0].name, format!("vcr{}", l[0].index), "{ns}: {l:?}");
+        }
+    }
+    // same pod, same netns: no deletion needed, both names are free
+    let before = w.borrow().log.len();
+    let links = setup_pod_with(&mut h, &mut p, &spec(3)).unwrap();
+    assert!(
+        !w.borrow().log[before..]
+            .iter()
+            .any(|l| l.contains("delete")),
+        "{:?}",
+        &w.borrow().log[before..]
+    );
+    let wb = w.borrow();
+    let live: Vec<&Link> = wb
+        .ns("host")
+        .links
+        .values()
+        .filter(|l| l.index != 1 && l.group != RETIRED_LINK_GROUP)
+        .collect();
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert_eq!(live[0].mac.unwrap().to_string(), links.host_mac);
+    drop(wb);
+    // a live (not retired) eth0 is still refused
+    let e = setup_pod_with(&mut h, &mut p, &spec(3)).unwrap_err();
+    assert!(matches!(e, DataplaneError::InterfaceExists { .. }), "{e}");
+}
+
+#[test]
+fn add_deletes_a_retired_interface_that_kept_its_name() {
+    let (w, mut h, mut p) = world();
+    setup_pod_with(&mut h, &mut p, &spec(3)).unwrap();
+    w.borrow_mut().fail_matching = vec![("rename".into(), Errno::EEXIST)];
+    teardown_pod_with(&mut h, Some(&mut p), &td(Some("enia1b2c3d4e5f"))).unwrap();
+    w.borrow_mut().fail_matching.clear();
+    assert!(
+        w.borrow()
+            .ns("pod")
+            .links
+            .values()
+            .any(|l| l.name == "eth0")
+    );
+    setup_pod_with(&mut h, &mut p, &spec(3)).unwrap();
+    let wb = w.borrow();
+    let host: Vec<&Link> = wb
+        .ns("host")
+        .links
+        .values()
+        .filter(|l| l.index != 1)
+        .collect();
+    assert_eq!(host.len(), 1, "the retired pair was deleted: {host:?}");
+    assert!(host[0].up && host[0].group == crate::pod_group(2));
 }
 
 #[test]
@@ -315,10 +412,14 @@ fn teardown_finds_veth_via_route_when_name_unknown() {
     let (w, mut h, mut p) = world();
     setup_pod_with(&mut h, &mut p, &spec(3)).unwrap();
     teardown_pod_with(&mut h, None, &td(None)).unwrap();
+    assert!(w.borrow().ns("host").routes.is_empty());
+    assert!(
+        reap_retired_links_with(&mut h).unwrap(),
+        "host veth not retired"
+    );
     let wb = w.borrow();
-    assert_eq!(wb.ns("host").links.len(), 1, "host veth not deleted");
+    assert_eq!(wb.ns("host").links.len(), 1);
     assert_eq!(wb.ns("pod").links.len(), 1, "peer not deleted");
-    assert!(wb.ns("host").routes.is_empty());
 }
 
 #[test]
@@ -340,10 +441,13 @@ fn teardown_via_route_never_deletes_a_non_veth_link() {
 fn teardown_continues_after_errors_and_reports_all() {
     let (w, mut h, mut p) = world();
     setup_pod_with(&mut h, &mut p, &spec(3)).unwrap();
-    w.borrow_mut()
-        .ns_mut("host")
-        .rules
-        .push(Rule::new(512, MAIN_TABLE).to(ip32(IP)));
+    {
+        // the reference's per-pod rules (a node migrated from aws-vpc-cni)
+        let mut wb = w.borrow_mut();
+        let rules = &mut wb.ns_mut("host").rules;
+        rules.push(Rule::new(512, MAIN_TABLE).to(ip32(IP)));
+        rules.push(Rule::new(1536, 3).from(ip32(IP)));
+    }
     w.borrow_mut().fail_matching = vec![
         ("host: delete rule".into(), Errno::EPERM),
         ("table 512".into(), Errno::EBUSY),
@@ -355,13 +459,13 @@ fn teardown_continues_after_errors_and_reports_all() {
     assert!(s.contains("lookup 3 pref 1536"), "{s}");
     assert!(s.contains("to 172.31.13.130/32 lookup 254 pref 512"), "{s}");
     assert!(s.contains("table 512"), "{s}");
-    // later steps still ran: the veth (and so the main route) is gone
+    // later steps still ran: the main route is gone and the veth retired
     let wb = w.borrow();
     assert!(
-        !wb.ns("host")
+        wb.ns("host")
             .links
             .values()
-            .any(|l| l.name == "enia1b2c3d4e5f")
+            .any(|l| l.kind.as_deref() == Some("veth") && l.group == RETIRED_LINK_GROUP && !l.up)
     );
     assert!(!wb.ns("host").routes.iter().any(|r| r.table == MAIN_TABLE));
 }
@@ -448,7 +552,15 @@ fn eni_setup_builds_table_and_rule_idempotently() {
     );
     assert_eq!(
         ns.rules,
-        vec![Rule::new(32765, 3).from(ip32(Ipv4Addr::new(172, 31, 3, 173)))]
+        vec![
+            Rule::new(32765, 3).from(ip32(Ipv4Addr::new(172, 31, 3, 173))),
+            Rule::new(1536, 3).fwmark(0x200, 0x3f00),
+        ]
+    );
+    assert_eq!(
+        ns.sysctls["net/ipv4/conf/eth1/rp_filter"], "2",
+        "{:?}",
+        ns.sysctls
     );
     drop(wb);
 
@@ -474,6 +586,9 @@ fn eni_setup_errors_name_the_problem() {
     assert!(s.contains("02:11:22:33:44:55"), "{s}");
     e.device_number = 0;
     assert!(setup_eni_with(&mut n, &e).is_err());
+    e.device_number = 64;
+    let s = setup_eni_with(&mut n, &e).unwrap_err().to_string();
+    assert!(s.contains("64") && s.contains("0x3f00"), "{s}");
     e.device_number = 1;
     e.mac = "zz".into();
     assert!(

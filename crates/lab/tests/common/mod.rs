@@ -382,6 +382,27 @@ impl Ec2 {
 
 /// Polls `f` every 250 ms until it returns `Some`, or panics after `timeout` with `what` and the
 /// last value `describe` gives.
+/// The pod veths that DEL retired in `target` (`ip -o link` lines) and the agent has not
+/// deleted yet.
+pub fn retired_links(target: &str) -> String {
+    let out = sh(
+        target,
+        &format!("ip -o link show group {}", dataplane::RETIRED_LINK_GROUP),
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until the agent of `target` has deleted every veth that DEL retired (it reaps them
+/// every second).
+pub fn wait_reaped(target: &str) {
+    wait_for(
+        std::time::Duration::from_secs(10),
+        &format!("the agent of {target} to delete the retired pod veths"),
+        || retired_links(target).trim().is_empty().then_some(()),
+        || retired_links(target),
+    );
+}
+
 pub fn wait_for<T>(
     timeout: std::time::Duration,
     what: &str,

@@ -166,6 +166,34 @@ impl TestNetns {
             .map(|l| l["ifname"].as_str().unwrap().to_string())
             .collect()
     }
+
+    /// Links that DEL has not retired. DEL leaves a pod's veth pair down in
+    /// `dataplane::RETIRED_LINK_GROUP` for the agent to delete; a retired link that is still
+    /// up is counted as live.
+    pub fn live_link_names(&self) -> Vec<String> {
+        let group = dataplane::RETIRED_LINK_GROUP.to_string();
+        self.ip_json(&["link", "show"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| {
+                l["group"].as_str() != Some(group.as_str())
+                    || l["flags"]
+                        .as_array()
+                        .is_some_and(|f| f.iter().any(|x| x == "UP"))
+            })
+            .map(|l| l["ifname"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// What the agent's reaper does: deletes the retired links of this namespace.
+    pub fn reap_retired(&self) {
+        let group = dataplane::RETIRED_LINK_GROUP.to_string();
+        // ENODEV is fine: the kernel may have deleted them with a pod netns meanwhile
+        let _ = Command::new("ip")
+            .args(["-n", &self.name, "link", "del", "group", &group])
+            .output();
+    }
 }
 
 impl Drop for TestNetns {
