@@ -219,4 +219,83 @@ fn containerd_and_cnitool_drive_vpc_cni() {
     assert!(cnitool("del").0, "cnitool del");
     assert!(cnitool("del").0, "cnitool del again");
     let _ = Command::new("ip").args(["netns", "del", pod_ns]).status();
+
+    // The conformance matrix, libcni's part: cnitool (Debian's libcni 1.1 speaks spec versions
+    // up to 1.0.0) runs ADD, CHECK, DEL, DEL from a conflist of each version. libcni itself
+    // refuses CHECK below 0.4.0. 1.1.0 (and STATUS, GC) is runtime_edges.rs, our harness.
+    let installed: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{confdir}/10-vpc-cni.conflist")).unwrap(),
+    )
+    .unwrap();
+    let assigned = || agent_state(INSTANCE).unwrap()["stats"]["assigned"].clone();
+    let before = assigned();
+    for (i, v) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0"].into_iter().enumerate() {
+        let dir = format!("/run/vpc-lab/{INSTANCE}/cnitool-{v}");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut list = installed.clone();
+        list["cniVersion"] = v.into();
+        list.as_object_mut().unwrap().remove("cniVersions");
+        std::fs::write(format!("{dir}/10-vpc-cni.conflist"), list.to_string()).unwrap();
+        let pod_ns = format!("vpclab-pod-cniv{i}");
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", &pod_ns])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let args = format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME=cniv{i}");
+        let run = |verb: &str| {
+            conf(&[
+                "cnitool",
+                verb,
+                "--netns",
+                "vpclab-instance1",
+                "--net",
+                "vpc-cni",
+                "--pod-netns",
+                &pod_ns,
+                "--conf-dir",
+                &dir,
+                "--cni-bin",
+                &bin,
+                "--cni-args",
+                &args,
+            ])
+        };
+        let (ok, added) = run("add");
+        assert!(ok, "cnitool add, conflist {v}");
+        assert_eq!(added["result"]["cniVersion"], v, "{added}");
+        let ip: std::net::Ipv4Addr = added["ips"][0]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            unreachable("instance2", &[ip]).is_empty(),
+            "instance2 reaches the cnitool pod ({v})"
+        );
+        let check = run("check").0;
+        assert_eq!(
+            check,
+            v != "0.3.0" && v != "0.3.1",
+            "cnitool check, conflist {v}"
+        );
+        assert!(run("del").0, "cnitool del, conflist {v}");
+        assert!(run("del").0, "cnitool del again, conflist {v}");
+        eprintln!(
+            "matrix: cnitool, conflist {v}: ADD ok ({ip}), CHECK {}, DEL ok, DEL again ok",
+            if check {
+                "ok"
+            } else {
+                "refused by libcni (< 0.4.0)"
+            }
+        );
+        let _ = Command::new("ip").args(["netns", "del", &pod_ns]).status();
+    }
+    assert_eq!(assigned(), before, "every cnitool pod's address released");
+    wait_reaped(INSTANCE);
 }
