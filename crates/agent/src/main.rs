@@ -56,16 +56,20 @@ fn init_logging(cfg: &Config) -> anyhow::Result<()> {
 
 /// How often the agent deletes the pod veths that DEL retired.
 const VETH_REAP_INTERVAL: Duration = Duration::from_secs(1);
+/// Every this many reaps, free malloc memory goes back to the kernel.
+const TRIM_EVERY: u32 = 10;
 
 /// The plugin's DEL leaves the pod's veth pair down in `dataplane::RETIRED_LINK_GROUP`
 /// (deleting it would make the runtime wait ~20 ms for the kernel); this thread deletes that
-/// group in one batch every [`VETH_REAP_INTERVAL`], starting now (leftovers of a previous run).
-fn spawn_veth_reaper() -> std::io::Result<()> {
+/// group in one batch every [`VETH_REAP_INTERVAL`], starting now (leftovers of a previous run),
+/// and trims the malloc arenas every [`TRIM_EVERY`] rounds.
+fn spawn_housekeeping() -> std::io::Result<()> {
     std::thread::Builder::new()
-        .name("veth-reaper".into())
+        .name("housekeeping".into())
         .stack_size(64 * 1024)
         .spawn(|| {
             let mut last_error = None;
+            let mut round: u32 = 0;
             loop {
                 match dataplane::reap_retired_links() {
                     Ok(deleted) => {
@@ -82,6 +86,10 @@ fn spawn_veth_reaper() -> std::io::Result<()> {
                         last_error = Some(msg);
                     }
                 }
+                if round.is_multiple_of(TRIM_EVERY) {
+                    trim_malloc();
+                }
+                round = round.wrapping_add(1);
                 std::thread::sleep(VETH_REAP_INTERVAL);
             }
         })
@@ -117,7 +125,7 @@ async fn run() -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || host::setup(&cfg, &md, &enis)).await??
     };
     info!(primary = %node.primary_ifname, vpc_cidrs = ?node.vpc_cidrs, "host network set up");
-    spawn_veth_reaper().context("starting the veth reaper thread")?;
+    spawn_housekeeping().context("starting the housekeeping thread")?;
 
     let hint = if cfg.provisioning {
         "more addresses have been requested from EC2; the runtime retries the pod".to_string()
@@ -308,23 +316,37 @@ async fn provisioner(
 /// (stack and malloc arena) per request.
 const MAX_BLOCKING_THREADS: usize = 8;
 
-/// glibc malloc arenas. By default glibc gives each thread that allocates concurrently its
-/// own arena (up to 8 per core), each holding freed memory; the agent's allocations are small
-/// and mostly serialised by the state's lock, so two arenas cost nothing in speed and keep the
-/// resident set small.
+/// glibc malloc tuning. By default glibc gives each thread that allocates concurrently its own
+/// arena (up to 8 per core), each keeping what is freed in it; the agent's allocations are
+/// small and mostly serialised by the state's lock, so two arenas cost nothing in speed.
+/// Blocks of 64 KiB and more (the checkpoint's JSON grows with the pods) are mmapped, so
+/// freeing them returns them to the kernel.
 #[cfg(target_env = "gnu")]
-fn limit_malloc_arenas() {
-    // SAFETY: mallopt only sets an allocator parameter; called before any thread exists.
+fn tune_malloc() {
+    // SAFETY: mallopt only sets allocator parameters; called before any thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
+    }
+}
+
+/// Returns the free memory of the malloc arenas to the kernel.
+#[cfg(target_env = "gnu")]
+fn trim_malloc() {
+    // SAFETY: malloc_trim is thread-safe and only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
 #[cfg(not(target_env = "gnu"))]
-fn limit_malloc_arenas() {}
+fn tune_malloc() {}
+
+#[cfg(not(target_env = "gnu"))]
+fn trim_malloc() {}
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
+    tune_malloc();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(MAX_BLOCKING_THREADS)
