@@ -355,6 +355,29 @@ fn agent_state(instance: &str) -> Option<Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
+/// Waits until `instance`'s agent has stopped provisioning: its pool statistics unchanged for
+/// `quiet` (EC2 calls go to moto, which competes for the same two CPUs as the measurement).
+fn wait_settled(instance: &str, quiet: Duration, timeout: Duration) -> Result<()> {
+    let t = Instant::now();
+    let mut last = None;
+    let mut since = Instant::now();
+    loop {
+        let stats = agent_state(instance).map(|s| s["stats"].clone());
+        if stats.is_some() && stats == last {
+            if since.elapsed() >= quiet {
+                return Ok(());
+            }
+        } else {
+            last = stats;
+            since = Instant::now();
+        }
+        if t.elapsed() > timeout {
+            bail!("{instance}'s agent was still provisioning after {timeout:?}: {last:?}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 fn wait_available(instance: &str, n: u64, timeout: Duration) -> Result<u64> {
     let t = Instant::now();
     loop {
@@ -378,13 +401,18 @@ fn agent_pid() -> Result<i32> {
 }
 
 /// VmRSS of the agent of instance1, in KiB.
-fn agent_rss_kib() -> Result<u64> {
+/// The agent's (VmRSS, RssAnon) in KiB: all of its resident memory, and the part that is not
+/// pages of files (its binary and libraries, shared with every process mapping them).
+fn agent_rss_kib() -> Result<(u64, u64)> {
     let pid = agent_pid()?;
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
+    let field = |name: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("RssAnon:")?))
 }
 
 /// Stops the agent (SIGTERM) and starts it again; the time from the spawn until its socket
@@ -532,7 +560,8 @@ struct Level {
     pods: usize,
     ip_rules: usize,
     rss_kib: u64,
-    /// pod → instance2, through instance1 (walks the from-pod rules).
+    rss_anon_kib: u64,
+    /// pod → instance2, forwarded by instance1.
     udp_pps_from_pod: Vec<f64>,
     /// instance2 → pod.
     udp_pps_to_pod: Vec<f64>,
@@ -621,10 +650,12 @@ fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
     wait_available(NODE, need, Duration::from_secs(240))?;
     wait_available(PEER, 1, Duration::from_secs(240))?;
 
+    let rss = agent_rss_kib()?;
     let mut level0 = Level {
         pods: 0,
         ip_rules: ip_rules(NODE)?,
-        rss_kib: agent_rss_kib()?,
+        rss_kib: rss.0,
+        rss_anon_kib: rss.1,
         udp_pps_from_pod: vec![],
         udp_pps_to_pod: vec![],
         udp_pps_control: vec![],
@@ -660,19 +691,8 @@ fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
     servers.start(&peer_pod.ns_name)?;
     servers.start(&ns::instance_ns(PEER))?;
     servers.start(&ns::instance_ns(HOST))?;
-    let rules = ns::command(&ns::instance_ns(NODE), "ip")?
-        .args(["-4", "rule", "show"])
-        .output()?;
-    let own_rule = String::from_utf8_lossy(&rules.stdout)
-        .lines()
-        .any(|l| l.contains(&format!("from {target_ip} ")));
     res.notes.push(format!(
-        "target pod {target_ip} on {NODE} ({}), pod {peer_pod_ip} on {PEER}, instances {node_ip} and {peer_ip}",
-        if own_rule {
-            "a secondary-ENI pod: it has its own from-pod rule"
-        } else {
-            "a primary-ENI pod: no from-pod rule, so its packets to instance2 walk every other pod's from-rule before `main`"
-        }
+        "target pod {target_ip} on {NODE}, pod {peer_pod_ip} on {PEER}, instances {node_ip} and {peer_ip}"
     ));
 
     // 6. Throughput, pod↔pod and instance↔instance alternating.
@@ -698,10 +718,13 @@ fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
     let level = |n_pods: usize, res: &mut Results| {
         eprintln!("perf: level {n_pods} pods");
         let l = (|| -> Result<Level> {
+            wait_settled(NODE, Duration::from_secs(5), Duration::from_secs(180))?;
+            let rss = agent_rss_kib()?;
             let mut l = Level {
                 pods: n_pods,
                 ip_rules: ip_rules(NODE)?,
-                rss_kib: agent_rss_kib()?,
+                rss_kib: rss.0,
+                rss_anon_kib: rss.1,
                 udp_pps_from_pod: vec![],
                 udp_pps_to_pod: vec![],
                 udp_pps_control: vec![],
@@ -1002,7 +1025,7 @@ fn report(res: &Results, secs: f64) {
     if !res.levels.is_empty() {
         println!("### Against the number of pods on instance1\n");
         println!(
-            "| pods | ip rules | agent VmRSS (MiB) | agent start → ready (ms, median [min–max]) | UDP 64 B pod→instance2 (kpps, median [min–max]) | UDP 64 B instance2→pod (kpps) | control: instance2→vpc-host, fabric only (kpps) |"
+            "| pods | ip rules | agent VmRSS (RssAnon) MiB | agent start → ready (ms, median [min–max]) | UDP 64 B pod→instance2 (kpps, median [min–max]) | UDP 64 B instance2→pod (kpps) | control: instance2→vpc-host, fabric only (kpps) |"
         );
         println!("|---:|---:|---:|---|---|---|---|");
         for l in &res.levels {
@@ -1023,10 +1046,11 @@ fn report(res: &Results, secs: f64) {
                 }
             };
             println!(
-                "| {} | {} | {:.1} | {:.0} [{:.0}–{:.0}] | {} | {} | {} |",
+                "| {} | {} | {:.1} ({:.1}) | {:.0} [{:.0}–{:.0}] | {} | {} | {} |",
                 l.pods,
                 l.ip_rules,
                 l.rss_kib as f64 / 1024.0,
+                l.rss_anon_kib as f64 / 1024.0,
                 st.median,
                 st.min,
                 st.max,
