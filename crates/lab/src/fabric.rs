@@ -240,29 +240,38 @@ impl Plan {
             s,
             "  chain noipv6 {{\n    type filter hook prerouting priority -1; policy accept;\n    ether type ip6 counter drop comment \"IPv4-only VPC\"\n  }}"
         );
-        let _ = writeln!(
-            s,
-            "  chain srccheck {{\n    type filter hook prerouting priority 0; policy accept;"
-        );
+        // One chain per port with its counter; the base chains dispatch on the port with one
+        // map lookup, so a frame's cost does not grow with the number of ENIs.
         for p in &self.ports {
             let _ = writeln!(
                 s,
-                "    iifname \"{0}\" ip saddr != @a_{0} counter drop comment \"src-check {1} {2} eth{3}\"",
+                "  chain src_{0} {{\n    ip saddr != @a_{0} counter drop comment \"src-check {1} {2} eth{3}\"\n  }}",
+                p.port, p.eni_id, p.instance, p.device
+            );
+            let _ = writeln!(
+                s,
+                "  chain dst_{0} {{\n    ip daddr != @a_{0} counter drop comment \"dst-check {1} {2} eth{3}\"\n  }}",
                 p.port, p.eni_id, p.instance, p.device
             );
         }
-        let _ = writeln!(s, "  }}");
-        for (chain, hook) in [("dstcheck", "forward"), ("dstcheck_local", "output")] {
+        let dispatch = |dir: &str| -> String {
+            self.ports
+                .iter()
+                .map(|p| format!("\"{0}\" : jump {dir}_{0}", p.port))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for (chain, hook, key, dir) in [
+            ("srccheck", "prerouting", "iifname", "src"),
+            ("dstcheck", "forward", "oifname", "dst"),
+            ("dstcheck_local", "output", "oifname", "dst"),
+        ] {
             let _ = writeln!(
                 s,
                 "  chain {chain} {{\n    type filter hook {hook} priority 0; policy accept;"
             );
-            for p in &self.ports {
-                let _ = writeln!(
-                    s,
-                    "    oifname \"{0}\" ip daddr != @a_{0} counter drop comment \"dst-check {1} {2} eth{3}\"",
-                    p.port, p.eni_id, p.instance, p.device
-                );
+            if !self.ports.is_empty() {
+                let _ = writeln!(s, "    {key} vmap {{ {} }}", dispatch(dir));
             }
             let _ = writeln!(s, "  }}");
         }
@@ -591,31 +600,32 @@ pub fn apply(world: &World, applied: &mut Applied) -> Result<()> {
 
 /// Sum of the packets dropped by the source check (optionally only on one ENI port).
 pub fn src_check_drops(port: Option<&str>) -> Result<u64> {
-    counter_sum("bridge", CHECK_TABLE, "srccheck", port)
+    counter_sum("bridge", CHECK_TABLE, |chain| match port {
+        Some(p) => chain == format!("src_{p}"),
+        None => chain.starts_with("src_"),
+    })
 }
 
 /// Packets the internet gateway dropped (no mapping).
 pub fn igw_drops() -> Result<u64> {
-    counter_sum("ip", IGW_TABLE, "forward", None)
+    counter_sum("ip", IGW_TABLE, |chain| chain == "forward")
 }
 
-fn counter_sum(family: &str, table: &str, chain: &str, port: Option<&str>) -> Result<u64> {
-    let out = ns::run(
-        FABRIC,
-        &["nft", "-j", "list", "chain", family, table, chain],
-    )?;
+/// The sum of the packet counters of the rules in the chains of `table` that `chains` selects.
+fn counter_sum(family: &str, table: &str, chains: impl Fn(&str) -> bool) -> Result<u64> {
+    let out = ns::run(FABRIC, &["nft", "-j", "list", "table", family, table])?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
-    let mut sum = 0;
     let Some(items) = v.get("nftables").and_then(|x| x.as_array()) else {
         bail!("unexpected `nft -j` output: {out}");
     };
-    for it in items {
-        let Some(rule) = it.get("rule") else { continue };
-        if let Some(port) = port {
-            let text = rule.to_string();
-            if !text.contains(&format!("\"{port}\"")) {
-                continue;
-            }
+    let mut sum = 0;
+    for rule in items.iter().filter_map(|it| it.get("rule")) {
+        if !rule
+            .get("chain")
+            .and_then(|c| c.as_str())
+            .is_some_and(&chains)
+        {
+            continue;
         }
         for e in rule
             .get("expr")
@@ -726,8 +736,11 @@ mod tests {
         assert_ne!(a.nft_sets(), b.nft_sets());
         assert!(b.nft_sets().contains("172.31.9.9"));
         let full = b.nft_full();
-        assert!(full.contains("iifname \"i1e1\" ip saddr != @a_i1e1 counter drop"));
-        assert!(full.contains("oifname \"i1e0\" ip daddr != @a_i1e0 counter drop"));
+        assert!(full.contains("chain src_i1e1 {\n    ip saddr != @a_i1e1 counter drop"));
+        assert!(full.contains("chain dst_i1e0 {\n    ip daddr != @a_i1e0 counter drop"));
+        // one map lookup per frame and hook, whatever the number of ports
+        assert!(full.contains("iifname vmap { \"i1e0\" : jump src_i1e0, \"i1e1\" : jump src_i1e1"));
+        assert_eq!(full.matches("oifname vmap {").count(), 2, "{full}");
         assert!(full.contains("oifname \"up0\" ip saddr != @mapped counter drop"));
         // Detaching an ENI changes the shape: the rules are rebuilt.
         let mut w3 = w.clone();

@@ -34,12 +34,12 @@ fn stdout(o: &std::process::Output) -> String {
 
 fn src_drops_i1e0() -> u64 {
     let o = lab(&[
-        "exec", "fabric", "--", "nft", "list", "chain", "bridge", "vpclab", "srccheck",
+        "exec", "fabric", "--", "nft", "list", "chain", "bridge", "vpclab", "src_i1e0",
     ]);
     let s = stdout(&o);
     let line = s
         .lines()
-        .find(|l| l.contains("\"i1e0\""))
+        .find(|l| l.contains("counter packets"))
         .expect("src-check rule for i1e0");
     let n = line
         .split("counter packets ")
