@@ -56,20 +56,17 @@ fn init_logging(cfg: &Config) -> anyhow::Result<()> {
 
 /// How often the agent deletes the pod veths that DEL retired.
 const VETH_REAP_INTERVAL: Duration = Duration::from_secs(1);
-/// Every this many reaps, free malloc memory goes back to the kernel.
-const TRIM_EVERY: u32 = 10;
 
 /// The plugin's DEL leaves the pod's veth pair down in `dataplane::RETIRED_LINK_GROUP`
 /// (deleting it would make the runtime wait ~20 ms for the kernel); this thread deletes that
 /// group in one batch every [`VETH_REAP_INTERVAL`], starting now (leftovers of a previous run),
-/// and trims the malloc arenas every [`TRIM_EVERY`] rounds.
+/// and then returns free malloc memory to the kernel.
 fn spawn_housekeeping() -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("housekeeping".into())
         .stack_size(64 * 1024)
         .spawn(|| {
             let mut last_error = None;
-            let mut round: u32 = 0;
             loop {
                 match dataplane::reap_retired_links() {
                     Ok(deleted) => {
@@ -86,10 +83,7 @@ fn spawn_housekeeping() -> std::io::Result<()> {
                         last_error = Some(msg);
                     }
                 }
-                if round.is_multiple_of(TRIM_EVERY) {
-                    trim_malloc();
-                }
-                round = round.wrapping_add(1);
+                trim_malloc();
                 std::thread::sleep(VETH_REAP_INTERVAL);
             }
         })
