@@ -2,7 +2,9 @@
 """Plots of `vpc-lab perf` samples: docs/perf-add-del.png, docs/perf-concurrent.png,
 docs/perf-pods.png.
 
-usage: .venv/bin/python scripts/bench/plot.py perf.json [outdir=docs]
+usage: .venv/bin/python scripts/bench/plot.py perf.json [outdir=docs] [before.json]
+With before.json (a run of an earlier commit), also docs/perf-before-after.png: forwarding
+against the pod count, before and after.
 (matplotlib: .venv/bin/pip install matplotlib)
 """
 import json
@@ -65,6 +67,27 @@ def main():
         ax.legend()
         fig.tight_layout()
         fig.savefig(f"{out}/perf-pods.png", dpi=100)
+
+    if len(sys.argv) > 3:
+        before = json.load(open(sys.argv[3]))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for run, name, style in [(before, "before", "x--"), (r, "after", "o-")]:
+            lv = [l for l in run.get("levels", []) if l["udp_pps_from_pod"]]
+            for key, label in [
+                ("udp_pps_from_pod", "pod → instance2"),
+                ("udp_pps_control", "control (fabric only)"),
+            ]:
+                xs = [l["pods"] for l in lv]
+                ys = [sorted(l[key])[len(l[key]) // 2] / 1e3 for l in lv]
+                rules = "/".join(str(l["ip_rules"]) for l in lv)
+                ax.plot(xs, ys, style, label=f"{name}: {label} (ip rules {rules})")
+        ax.set_xlabel("pods on instance1")
+        ax.set_ylabel("64-byte UDP received, median (kpps)")
+        ax.set_ylim(bottom=0)
+        ax.set_title("Forwarding vs pods: from-rule per pod (before), fwmark rule per ENI (after)", fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(f"{out}/perf-before-after.png", dpi=100)
 
 
 if __name__ == "__main__":

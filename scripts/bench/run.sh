@@ -4,8 +4,9 @@
 #   scripts/bench/run.sh [vpc-lab perf options…]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build --workspace --bins
+# Release binaries, as a node runs them (vpc-lab runs the agent and plugin next to itself).
+cargo build --release --workspace --bins
 mkdir -p target/perf
-target/debug/vpc-lab perf --out target/perf/perf.json "$@" | tee target/perf/perf.md
+target/release/vpc-lab perf --out target/perf/perf.json "$@" | tee target/perf/perf.md
 .venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q matplotlib
 .venv/bin/python scripts/bench/plot.py target/perf/perf.json docs
