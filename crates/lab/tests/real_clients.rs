@@ -174,68 +174,31 @@ fn containerd_and_cnitool_drive_vpc_cni() {
         "all released"
     );
 
-    // cnitool against the installed conflist: add, check, del.
-    let pod_ns = "vpclab-pod-cnitool";
-    assert!(
-        Command::new("ip")
-            .args(["netns", "add", pod_ns])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let cnitool = |verb: &str| {
-        conf(&[
-            "cnitool",
-            verb,
-            "--netns",
-            "vpclab-instance1",
-            "--net",
-            "vpc-cni",
-            "--pod-netns",
-            pod_ns,
-            "--conf-dir",
-            &confdir,
-            "--cni-bin",
-            &bin,
-            "--cni-args",
-            "K8S_POD_NAMESPACE=default;K8S_POD_NAME=cnitool",
-        ])
-    };
-    let (ok, added) = cnitool("add");
-    assert!(ok, "cnitool add");
-    let ip: std::net::Ipv4Addr = added["ips"][0]
-        .as_str()
-        .expect("cnitool ADD ip")
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        unreachable("instance2", &[ip]).is_empty(),
-        "instance2 reaches the cnitool pod"
-    );
-    assert!(cnitool("check").0, "cnitool check");
-    assert!(cnitool("del").0, "cnitool del");
-    assert!(cnitool("del").0, "cnitool del again");
-    let _ = Command::new("ip").args(["netns", "del", pod_ns]).status();
-
-    // The conformance matrix, libcni's part: cnitool (Debian's libcni 1.1 speaks spec versions
-    // up to 1.0.0) runs ADD, CHECK, DEL, DEL from a conflist of each version. libcni itself
-    // refuses CHECK below 0.4.0. 1.1.0 (and STATUS, GC) is runtime_edges.rs, our harness.
+    // cnitool (Debian's libcni 1.1) against the installed conflist, then the conformance
+    // matrix's libcni column: ADD, CHECK, DEL, DEL from a conflist of each version libcni
+    // speaks (0.3.0–1.0.0). libcni itself refuses CHECK below 0.4.0. 1.1.0 (and STATUS, GC) is
+    // runtime_edges.rs, our harness.
     let installed: Value = serde_json::from_str(
         &std::fs::read_to_string(format!("{confdir}/10-vpc-cni.conflist")).unwrap(),
     )
     .unwrap();
-    let assigned = || agent_state(INSTANCE).unwrap()["stats"]["assigned"].clone();
-    let before = assigned();
-    for (i, v) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0"].into_iter().enumerate() {
+    let mut runs = vec![(
+        "installed".to_string(),
+        confdir.clone(),
+        installed["cniVersion"].clone(),
+    )];
+    for v in ["0.3.0", "0.3.1", "0.4.0", "1.0.0"] {
         let dir = format!("/run/vpc-lab/{INSTANCE}/cnitool-{v}");
         std::fs::create_dir_all(&dir).unwrap();
         let mut list = installed.clone();
         list["cniVersion"] = v.into();
         list.as_object_mut().unwrap().remove("cniVersions");
         std::fs::write(format!("{dir}/10-vpc-cni.conflist"), list.to_string()).unwrap();
+        runs.push((v.to_string(), dir, v.into()));
+    }
+    let assigned = || agent_state(INSTANCE).unwrap()["stats"]["assigned"].clone();
+    let before = assigned();
+    for (i, (label, dir, version)) in runs.iter().enumerate() {
         let pod_ns = format!("vpclab-pod-cniv{i}");
         assert!(
             Command::new("ip")
@@ -256,7 +219,7 @@ fn containerd_and_cnitool_drive_vpc_cni() {
                 "--pod-netns",
                 &pod_ns,
                 "--conf-dir",
-                &dir,
+                dir,
                 "--cni-bin",
                 &bin,
                 "--cni-args",
@@ -264,11 +227,11 @@ fn containerd_and_cnitool_drive_vpc_cni() {
             ])
         };
         let (ok, added) = run("add");
-        assert!(ok, "cnitool add, conflist {v}");
-        assert_eq!(added["result"]["cniVersion"], v, "{added}");
+        assert!(ok, "cnitool add, conflist {label}");
+        assert_eq!(&added["result"]["cniVersion"], version, "{added}");
         let ip: std::net::Ipv4Addr = added["ips"][0]
             .as_str()
-            .unwrap()
+            .expect("cnitool ADD ip")
             .split('/')
             .next()
             .unwrap()
@@ -276,18 +239,15 @@ fn containerd_and_cnitool_drive_vpc_cni() {
             .unwrap();
         assert!(
             unreachable("instance2", &[ip]).is_empty(),
-            "instance2 reaches the cnitool pod ({v})"
+            "instance2 reaches the cnitool pod ({label})"
         );
+        let pre_check = version == "0.3.0" || version == "0.3.1";
         let check = run("check").0;
-        assert_eq!(
-            check,
-            v != "0.3.0" && v != "0.3.1",
-            "cnitool check, conflist {v}"
-        );
-        assert!(run("del").0, "cnitool del, conflist {v}");
-        assert!(run("del").0, "cnitool del again, conflist {v}");
+        assert_eq!(check, !pre_check, "cnitool check, conflist {label}");
+        assert!(run("del").0, "cnitool del, conflist {label}");
+        assert!(run("del").0, "cnitool del again, conflist {label}");
         eprintln!(
-            "matrix: cnitool, conflist {v}: ADD ok ({ip}), CHECK {}, DEL ok, DEL again ok",
+            "matrix: cnitool, conflist {label} ({version}): ADD ok ({ip}), CHECK {}, DEL ok, DEL again ok",
             if check {
                 "ok"
             } else {
