@@ -23,7 +23,8 @@ fn lab(args: &[&str]) -> Result<Output> {
         .with_context(|| format!("running vpc-lab {}", args.join(" ")))
 }
 
-fn lab_ok(args: &[&str]) -> Result<String> {
+/// Runs this `vpc-lab` with `args`; its stdout, or an error with its stderr.
+pub(crate) fn lab_ok(args: &[&str]) -> Result<String> {
     let o = lab(args)?;
     if !o.status.success() {
         bail!(

@@ -13,7 +13,7 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,6 +21,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
+use crate::bench::lab_ok;
 use crate::{ctl, ns, procs};
 
 const NODE: &str = "instance1";
@@ -322,25 +323,6 @@ fn ms(t: Instant) -> f64 {
 
 // ---------------------------------------------------------------------------------------------
 // Lab helpers.
-
-fn me() -> Result<PathBuf> {
-    std::env::current_exe().context("locating vpc-lab")
-}
-
-fn lab_ok(args: &[&str]) -> Result<String> {
-    let o = Command::new(me()?)
-        .args(args)
-        .output()
-        .with_context(|| format!("running vpc-lab {}", args.join(" ")))?;
-    if !o.status.success() {
-        bail!(
-            "vpc-lab {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-}
 
 /// The agent's introspection state (`/v1/state` on 127.0.0.1:61679 inside the instance).
 fn agent_state(instance: &str) -> Option<Value> {
