@@ -107,6 +107,16 @@ impl Proxy {
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// An AttachNetworkInterface of `eni` did not happen: forget when it started.
+    fn attach_failed(&self, eni: Option<&str>) {
+        if let Some(eni) = eni {
+            self.attached_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(eni);
+        }
+    }
+
     fn count(&self, instance: &str, action: &str, f: impl FnOnce(&mut CallCount)) {
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         f(s.entry(instance.to_string())
@@ -620,13 +630,7 @@ async fn handle(
         Err(e) => {
             tracing::warn!(%instance, %action, "forwarding to moto: {e:#}");
             proxy.count(&instance, &action, |c| c.failed += 1);
-            if let Some(eni) = &attaching {
-                proxy
-                    .attached_at
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(eni);
-            }
+            proxy.attach_failed(attaching.as_deref());
             return error_response(&Ec2Error::internal());
         }
     };
@@ -640,13 +644,7 @@ async fn handle(
         }
     } else {
         proxy.count(&instance, &action, |c| c.failed += 1);
-        if let Some(eni) = &attaching {
-            proxy
-                .attached_at
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(eni);
-        }
+        proxy.attach_failed(attaching.as_deref());
     }
     let mut resp = Response::new(axum::body::Body::from(out));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
