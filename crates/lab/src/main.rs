@@ -98,29 +98,7 @@ enum Cmd {
     /// against ptp+host-local, forwarding rate, agent memory and start time against the number
     /// of pods, pod vs instance TCP throughput). Brings up its own lab, takes it down; prints
     /// Markdown and writes the samples as JSON.
-    Perf {
-        /// Instance type of the nodes.
-        #[arg(long, default_value = "m5.16xlarge")]
-        instance_type: String,
-        /// ADD+DEL cycles per plugin.
-        #[arg(long, default_value_t = 200)]
-        cycles: usize,
-        /// Pods added concurrently.
-        #[arg(long, default_value_t = 100)]
-        concurrent: usize,
-        /// Pod counts on instance1 for forwarding, memory and agent start (1 is always measured).
-        #[arg(long, value_delimiter = ',', default_value = "100,250")]
-        pods: Vec<usize>,
-        /// Seconds per iperf3 run.
-        #[arg(long, default_value_t = 3)]
-        seconds: u32,
-        /// Repetitions of each iperf3 run and agent restart.
-        #[arg(long, default_value_t = 3)]
-        reps: usize,
-        /// Where the raw samples go (JSON).
-        #[arg(long, default_value = "perf.json")]
-        out: std::path::PathBuf,
-    },
+    Perf(perf::Opts),
     /// Remove every namespace, process and file of the lab.
     Down,
     /// Instances, ENIs, their IPs and which pod holds which IP.
@@ -293,23 +271,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&k)?);
         }
         Cmd::Bench { churn } => bench::run(churn)?,
-        Cmd::Perf {
-            instance_type,
-            cycles,
-            concurrent,
-            pods,
-            seconds,
-            reps,
-            out,
-        } => perf::run(&perf::Opts {
-            instance_type,
-            cycles,
-            concurrent,
-            pods,
-            seconds,
-            reps,
-            out,
-        })?,
+        Cmd::Perf(opts) => perf::run(&opts)?,
         Cmd::Ec2Stats => {
             ctl::State::load()?;
             println!(

@@ -31,14 +31,29 @@ const DEBIAN_CNI: &str = "/usr/lib/cni";
 const PTP_SUBNET: &str = "10.99.0.0/16";
 
 /// What `vpc-lab perf` is asked to do.
+#[derive(Debug, clap::Args)]
 pub struct Opts {
+    /// Instance type of the nodes.
+    #[arg(long, default_value = "m5.16xlarge")]
     pub instance_type: String,
+    /// ADD+DEL cycles per plugin.
+    #[arg(long, default_value_t = 200)]
     pub cycles: usize,
+    /// Pods added concurrently.
+    #[arg(long, default_value_t = 100)]
     pub concurrent: usize,
+    /// Pod counts on instance1 for forwarding, memory and agent start (1 is always measured).
+    #[arg(long, value_delimiter = ',', default_value = "100,250")]
     pub pods: Vec<usize>,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 3)]
     pub seconds: u32,
+    /// Repetitions of each iperf3 run and agent restart.
+    #[arg(long, default_value_t = 3)]
     pub reps: usize,
-    pub out: PathBuf,
+    /// Where the raw samples go (JSON).
+    #[arg(long, default_value = "perf.json")]
+    pub out: std::path::PathBuf,
 }
 
 /// A CNI network as a runtime sees it: the conflist and where its plugins are.
