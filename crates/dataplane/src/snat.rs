@@ -3,30 +3,36 @@
 //!
 //! ```text
 //! table ip vpc-cni {
-//!   chain eni-mark {                 # pod egress via a secondary ENI: its mark, by veth group
+//!   chain marks {                    # before kube-proxy DNAT (-100): daddr is still local
 //!     type filter hook prerouting priority mangle; policy accept;
-//!     iifname "<prefix>*" meta iifgroup vmap { 0x76630001 : jump eni-1, … : jump eni-63 }
+//!     iifname "<prefix>*" jump from-pod
+//!     iifname "<primary>" ct state new fib daddr . iif type local ct mark set ct mark | M  # node_port_support
+//!   }
+//!   chain from-pod {
+//!     ct mark & M == M meta mark set meta mark | M      # restore (node_port_support or SNAT)
+//!     meta iifgroup vmap { 0x76630001 : jump eni-1, … : jump eni-63 }   # secondary-ENI pods
 //!   }
 //!   chain eni-<d> { meta mark set meta mark | <d << 8> }   # d = 1..=63, for `fwmark` rules
-//!   chain mark-nodeport {            # before kube-proxy DNAT (-100): daddr is still local
-//!     type filter hook prerouting priority mangle; policy accept;
-//!     iifname "<primary>" fib daddr . iif type local ct mark set ct mark | M   # node_port_support
-//!   }
 //!   chain prerouting {               # after DNAT, so ClusterIP traffic is judged by its pod
 //!     type filter hook prerouting priority dstnat + 10; policy accept;
 //!     iifname "<prefix>*" ct state new jump snat-mark                         # !external_snat
-//!     iifname "<prefix>*" ct mark & M == M meta mark set meta mark | M        # restore
 //!   }
 //!   chain snat-mark {
 //!     fib daddr type local return
 //!     ip daddr { <vpc cidrs>, <excluded cidrs> } return
 //!     ct mark set ct mark | M
+//!     meta mark set meta mark | M    # the first packet; later ones get it in from-pod
 //!   }
 //!   chain postrouting {
 //!     type nat hook postrouting priority srcnat; policy accept;
 //!     ip daddr != { <vpc>, <excluded> } fib daddr type != local snat to <primary ip> fully-random
 //!   }
 //! }
+//! ```
+//! Per packet of an established connection this is one base chain for a pod's packet (the
+//! `ct state new` test of `prerouting` fails at once) and no FIB lookup for the primary
+//! interface's: the reference marks NodePort connections on every packet, here on the first
+//! (the ct mark stays with the connection).
 //! ```
 //! The packet mark then sends marked pod traffic through `fwmark M lookup main pref 1024`
 //! (out of the primary interface, whose address it is SNATed to).
@@ -148,12 +154,38 @@ pub fn snat_ruleset(c: &SnatConfig) -> Result<Value, DataplaneError> {
         json!({"add": table_obj()}),
         json!({"delete": table_obj()}),
         json!({"add": table_obj()}),
-        chain("eni-mark", Some(("filter", "prerouting", -150))),
-        chain("mark-nodeport", Some(("filter", "prerouting", -150))),
+        chain("marks", Some(("filter", "prerouting", -150))),
+        chain("from-pod", None),
         chain("prerouting", Some(("filter", "prerouting", -90))),
         chain("snat-mark", None),
         chain("postrouting", Some(("nat", "postrouting", 100))),
     ];
+    let ct_new = json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}});
+    let meta_mark = || json!({"meta": {"key": "mark"}});
+    cmds.push(rule(
+        "marks",
+        vec![iifname(&pods), json!({"jump": {"target": "from-pod"}})],
+    ));
+    if c.node_port_support {
+        cmds.push(rule(
+            "marks",
+            vec![
+                iifname(&c.primary_ifname),
+                ct_new.clone(),
+                fib_type(&["daddr", "iif"], "=="),
+                or_mark(ct_mark(), m),
+            ],
+        ));
+    }
+    if c.node_port_support || !c.external_snat {
+        cmds.push(rule(
+            "from-pod",
+            vec![
+                json!({"match": {"op": "==", "left": {"&": [ct_mark(), m]}, "right": m}}),
+                or_mark(meta_mark(), m),
+            ],
+        ));
+    }
     // Pod egress through a secondary ENI: the host veth's device group names the ENI; one
     // verdict-map lookup jumps to the ENI's chain, which sets its mark bits for the ENI's
     // `fwmark` rule. Every secondary ENI the mark bits can express is listed, so the table
@@ -162,35 +194,19 @@ pub fn snat_ruleset(c: &SnatConfig) -> Result<Value, DataplaneError> {
     for d in 1..=MAX_ENI_DEVICE {
         let name = format!("eni-{d}");
         cmds.push(chain(&name, None));
-        cmds.push(rule(
-            &name,
-            vec![or_mark(json!({"meta": {"key": "mark"}}), eni_mark(d))],
-        ));
+        cmds.push(rule(&name, vec![or_mark(meta_mark(), eni_mark(d))]));
         vmap.push(json!([pod_group(d), {"jump": {"target": name}}]));
     }
     cmds.push(rule(
-        "eni-mark",
-        vec![
-            iifname(&pods),
-            json!({"vmap": {"key": {"meta": {"key": "iifgroup"}}, "data": {"set": vmap}}}),
-        ],
+        "from-pod",
+        vec![json!({"vmap": {"key": {"meta": {"key": "iifgroup"}}, "data": {"set": vmap}}})],
     ));
-    if c.node_port_support {
-        cmds.push(rule(
-            "mark-nodeport",
-            vec![
-                iifname(&c.primary_ifname),
-                fib_type(&["daddr", "iif"], "=="),
-                or_mark(ct_mark(), m),
-            ],
-        ));
-    }
     if !c.external_snat {
         cmds.push(rule(
             "prerouting",
             vec![
                 iifname(&pods),
-                json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}),
+                ct_new,
                 json!({"jump": {"target": "snat-mark"}}),
             ],
         ));
@@ -205,16 +221,7 @@ pub fn snat_ruleset(c: &SnatConfig) -> Result<Value, DataplaneError> {
             ));
         }
         cmds.push(rule("snat-mark", vec![or_mark(ct_mark(), m)]));
-    }
-    if c.node_port_support || !c.external_snat {
-        cmds.push(rule(
-            "prerouting",
-            vec![
-                iifname(&pods),
-                json!({"match": {"op": "==", "left": {"&": [ct_mark(), m]}, "right": m}}),
-                or_mark(json!({"meta": {"key": "mark"}}), m),
-            ],
-        ));
+        cmds.push(rule("snat-mark", vec![or_mark(meta_mark(), m)]));
     }
     if !c.external_snat {
         let mut snat = json!({"addr": c.primary_ip.to_string()});
@@ -318,12 +325,44 @@ mod tests {
             .collect()
     }
 
-    /// The SNAT and connmark chains (not the ENI marks, which are always there).
+    /// The SNAT and connmark rules (not the jump to `from-pod` nor the ENI marks, which are
+    /// always there).
     fn snat_rules(v: &Value) -> String {
-        ["mark-nodeport", "prerouting", "snat-mark", "postrouting"]
+        let marks = rules_of(v, "marks").replace(r#"{"jump":{"target":"from-pod"}}"#, "");
+        let from_pod = rules_of(v, "from-pod");
+        let restore: String = from_pod.split("\"vmap\"").next().unwrap().into();
+        ["prerouting", "snat-mark", "postrouting"]
             .iter()
             .map(|c| rules_of(v, c))
+            .chain([marks, restore])
             .collect()
+    }
+
+    #[test]
+    fn established_packets_skip_the_new_connection_work() {
+        let v = snat_ruleset(&cfg()).unwrap();
+        // NodePort connections are marked on their first packet, before any FIB lookup
+        let marks = rules_of(&v, "marks");
+        let (new, fib) = (marks.find(r#""right":"new""#), marks.find(r#""fib""#));
+        assert!(new.is_some() && new < fib, "{marks}");
+        // the first packet of a SNATed connection gets the packet mark with the ct mark
+        let snat_mark = rules_of(&v, "snat-mark");
+        assert!(
+            snat_mark.contains(r#"{"|":[{"meta":{"key":"mark"}},128]}"#),
+            "{snat_mark}"
+        );
+        // established pod packets: the restore and the ENI vmap, in one chain
+        let from_pod = rules_of(&v, "from-pod");
+        assert!(
+            from_pod.contains(r#"{"&":[{"ct":{"key":"mark"}},128]}"#),
+            "{from_pod}"
+        );
+        assert!(from_pod.contains(r#""iifgroup""#), "{from_pod}");
+        assert_eq!(
+            rules_of(&v, "prerouting").matches("\"rule\"").count(),
+            1,
+            "prerouting only judges new connections"
+        );
     }
 
     #[test]
@@ -337,14 +376,17 @@ mod tests {
         c.node_port_support = false;
         let v = snat_ruleset(&c).unwrap();
         assert!(!snat_rules(&v).contains("\"mangle\""), "{v}");
-        assert!(!rules_of(&v, "eni-mark").is_empty(), "ENI marks stay");
+        assert!(
+            rules_of(&v, "from-pod").contains("iifgroup"),
+            "ENI marks stay"
+        );
     }
 
     #[test]
     fn pod_egress_is_marked_for_its_eni_by_the_veth_group() {
         let v = snat_ruleset(&cfg()).unwrap();
-        let m = rules_of(&v, "eni-mark");
-        assert!(m.contains(r#""right":"eni*""#), "{m}");
+        assert!(rules_of(&v, "marks").contains(r#""right":"eni*""#));
+        let m = rules_of(&v, "from-pod");
         assert!(m.contains(r#""iifgroup""#), "{m}");
         // device 3: group 0x76630003 jumps to eni-3, which ORs 0x300 into the mark
         assert!(

@@ -68,6 +68,11 @@ impl TestNs {
             .status
             .success()
     }
+    /// Three echo requests of one ICMP flow (one conntrack entry): every one answered.
+    fn ping_flow(&self, dst: &str) -> bool {
+        let o = self.exec(&["ping", "-c3", "-i0.2", "-W2", "-q", dst]);
+        String::from_utf8_lossy(&o.stdout).contains("3 received")
+    }
     fn delete(&mut self) {
         if std::env::var_os("VPCCNI_KEEP_NS").is_some() && std::thread::panicking() {
             eprintln!("keeping netns {} (VPCCNI_KEEP_NS)", self.name);
@@ -504,6 +509,12 @@ fn root_snat_and_connmark_egress() {
         "pod -> outside failed with SNAT\n{}",
         t.node.dump()
     );
+    // the first packet takes the mark in snat-mark, the later ones from the ct mark (from-pod)
+    assert!(
+        t.pod.ping_flow(OUTSIDE_IP),
+        "later packets of a SNATed flow were lost\n{}",
+        t.node.dump()
+    );
     // the outside saw the node's primary IP: conntrack in the node shows the translation
     let ct = t.node.exec(&["conntrack", "-L", "-p", "icmp"]);
     if ct.status.success() {
@@ -533,6 +544,41 @@ fn root_snat_and_connmark_egress() {
     );
     node.run(|| setup_host(&h)).unwrap().unwrap();
     assert!(t.pod.ping(OUTSIDE_IP));
+
+    // NodePort: a connection arriving on eth0 for the node's address, DNATed to the pod (as
+    // kube-proxy would), is connmarked on its first packet; the pod's replies get the mark
+    // back and leave by eth0, not by the pod's ENI (whose wire is unplugged)
+    let kube_proxy = [
+        "add table ip kp",
+        "add chain ip kp pre { type nat hook prerouting priority dstnat; }",
+        &format!("add rule ip kp pre ip daddr {NODE_IP} icmp type echo-request dnat to {POD_IP}"),
+    ];
+    for cmd in kube_proxy {
+        let args: Vec<&str> = std::iter::once("nft").chain(cmd.split(' ')).collect();
+        assert!(t.node.exec(&args).status.success(), "nft {cmd}");
+    }
+    assert!(
+        t.outside.ping_flow(NODE_IP),
+        "NodePort flow to the pod not answered\n{}",
+        t.node.dump()
+    );
+    let no_node_port = SnatConfig {
+        node_port_support: false,
+        ..snat_cfg(false)
+    };
+    node.run(|| apply_snat(&no_node_port)).unwrap().unwrap();
+    let _ = t.node.exec(&["conntrack", "-F"]);
+    assert!(
+        !t.outside.ping_flow(NODE_IP),
+        "NodePort replies found their way without the connmark?"
+    );
+    node.run(|| apply_snat(&snat_cfg(false))).unwrap().unwrap();
+    assert!(
+        t.node
+            .exec(&["nft", "delete", "table", "ip", "kp"])
+            .status
+            .success()
+    );
 
     // a second pod, on the primary ENI (main table): its only obstacle is the missing
     // route back from the outside, so this isolates SNAT itself
