@@ -320,24 +320,21 @@ pub fn run(negative: bool) -> Result<bool> {
             );
         }
         // 3. The SNAT: the internet gateway has no mapping for a pod address.
-        match ns::run(&i1, &["nft", "list", "table", "ip", "vpc-cni"]) {
+        match save_nft_table(&i1) {
             Err(e) => rep.row(
                 false,
                 &format!("nft table `ip vpc-cni` exists in {NODE}"),
                 &format!("{e:#}"),
             ),
             Ok(saved) => {
-                let file = ctl::run_dir().join("matrix-vpc-cni.nft");
-                std::fs::write(&file, &saved)?;
-                // the SNAT and its connmark; the ENI marks (chain eni-mark) stay
+                // the SNAT and its connmark; the ENI marks (chain from-pod) stay
                 for chain in ["prerouting", "postrouting"] {
                     ns::run(&i1, &["nft", "flush", "chain", "ip", "vpc-cni", chain])?;
                 }
                 let before = fabric::igw_drops()?;
                 let r = whoami(&xs);
                 let after = fabric::igw_drops()?;
-                let restored = ns::run(&i1, &["nft", "delete", "table", "ip", "vpc-cni"])
-                    .and_then(|_| ns::run(&i1, &["nft", "-f", &file.display().to_string()]));
+                let restored = restore_nft_table(&i1, &saved);
                 rep.row(
                     r.is_err() && after > before,
                     &format!("without the SNAT (chains prerouting, postrouting of table ip vpc-cni): {xd} -> internet fails, the IGW has no mapping for {POD_ON_SECONDARY_ENI}"),
@@ -349,8 +346,7 @@ pub fn run(negative: bool) -> Result<bool> {
                         }
                     ),
                 );
-                restored.context("restoring table ip vpc-cni")?;
-                let _ = std::fs::remove_file(&file);
+                restored?;
                 match whoami(&xs) {
                     Ok(seen) => rep.row(
                         seen == i1_ip.to_string(),
@@ -460,4 +456,22 @@ pub fn demo() -> Result<bool> {
         }
     }
     result
+}
+
+/// vpc-cni's nftables table `ip vpc-cni` in a namespace, as `nft list` prints it.
+pub(crate) fn save_nft_table(ns_name: &str) -> Result<String> {
+    ns::run(ns_name, &["nft", "list", "table", "ip", "vpc-cni"])
+}
+
+/// Deletes vpc-cni's nftables table in a namespace.
+pub(crate) fn delete_nft_table(ns_name: &str) -> Result<()> {
+    ns::run(ns_name, &["nft", "delete", "table", "ip", "vpc-cni"]).map(drop)
+}
+
+/// Puts back a table [`save_nft_table`] printed, replacing whatever is there now.
+pub(crate) fn restore_nft_table(ns_name: &str, saved: &str) -> Result<()> {
+    let _ = delete_nft_table(ns_name);
+    ns::run_stdin(ns_name, &["nft", "-f", "-"], Some(saved))
+        .with_context(|| format!("restoring table ip vpc-cni in {ns_name}"))?;
+    Ok(())
 }

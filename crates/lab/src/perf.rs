@@ -22,6 +22,7 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use crate::bench::lab_ok;
+use crate::matrix::{delete_nft_table, restore_nft_table, save_nft_table};
 use crate::{ctl, ns, procs};
 
 const NODE: &str = "instance1";
@@ -525,6 +526,7 @@ struct Results {
     concurrent: Vec<ConcResult>,
     levels: Vec<Level>,
     throughput: Option<Throughput>,
+    throughput_without_nft: Option<Throughput>,
     /// `ip link del` of a fresh veth pair in instance1 (ms), and `ip link show lo` (the exec
     /// cost of `ip` alone).
     veth_del_ms: Vec<f64>,
@@ -571,6 +573,52 @@ struct Level {
 struct Throughput {
     pod_to_pod_gbps: Vec<f64>,
     instance_to_instance_gbps: Vec<f64>,
+}
+
+/// Pod→pod and instance→instance TCP, alternating, `reps` times each.
+fn throughput(
+    pod_ns: &str,
+    pod_ip: Ipv4Addr,
+    instance_ip: Ipv4Addr,
+    opts: &Opts,
+) -> Result<Throughput> {
+    let mut tp = Throughput {
+        pod_to_pod_gbps: vec![],
+        instance_to_instance_gbps: vec![],
+    };
+    for _ in 0..opts.reps {
+        tp.pod_to_pod_gbps
+            .push(tcp_gbps(pod_ns, pod_ip, opts.seconds)?);
+        tp.instance_to_instance_gbps.push(tcp_gbps(
+            &ns::instance_ns(NODE),
+            instance_ip,
+            opts.seconds,
+        )?);
+    }
+    Ok(tp)
+}
+
+/// Runs `f` with vpc-cni's nftables table taken out of both nodes (so no rule and no connection
+/// tracking touches a packet), then puts the very same table back, whatever `f` returned.
+fn without_nft_table<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let nodes = [ns::instance_ns(NODE), ns::instance_ns(PEER)];
+    let saved = nodes
+        .iter()
+        .map(|n| save_nft_table(n))
+        .collect::<Result<Vec<_>>>()?;
+    let r = (|| {
+        for n in &nodes {
+            delete_nft_table(n)?;
+        }
+        f()
+    })();
+    let restored: Vec<Result<()>> = nodes
+        .iter()
+        .zip(&saved)
+        .map(|(n, text)| restore_nft_table(n, text))
+        .collect();
+    restored.into_iter().collect::<Result<()>>()?;
+    r
 }
 
 /// `vpc-lab perf`.
@@ -694,23 +742,13 @@ fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
 
     // 6. Throughput, pod↔pod and instance↔instance alternating.
     eprintln!("perf: TCP throughput");
-    let tp = (|| -> Result<Throughput> {
-        let mut tp = Throughput {
-            pod_to_pod_gbps: vec![],
-            instance_to_instance_gbps: vec![],
-        };
-        for _ in 0..opts.reps {
-            tp.pod_to_pod_gbps
-                .push(tcp_gbps(&target.ns_name, peer_pod_ip, opts.seconds)?);
-            tp.instance_to_instance_gbps.push(tcp_gbps(
-                &ns::instance_ns(NODE),
-                peer_ip,
-                opts.seconds,
-            )?);
-        }
-        Ok(tp)
-    })();
+    let tp = throughput(&target.ns_name, peer_pod_ip, peer_ip, opts);
     res.throughput = soft(res, "TCP throughput", tp);
+    // The same without any netfilter on either node: what a veth + routing data path can reach
+    // on this machine at all (the target pod is on the primary ENI, whose traffic needs no mark).
+    eprintln!("perf: TCP throughput without the nftables table");
+    let bare = without_nft_table(|| throughput(&target.ns_name, peer_pod_ip, peer_ip, opts));
+    res.throughput_without_nft = soft(res, "TCP throughput without nftables", bare);
 
     let level = |n_pods: usize, res: &mut Results| {
         eprintln!("perf: level {n_pods} pods");
@@ -1058,26 +1096,38 @@ fn report(res: &Results, secs: f64) {
         }
         println!();
     }
-    if let Some(tp) = &res.throughput {
+    if res.throughput.is_some() || res.throughput_without_nft.is_some() {
+        println!("### TCP throughput instance1 → instance2 (iperf3)\n");
+        println!(
+            "| nodes | pod → pod Gbit/s median [min–max] | instance → instance | ratio of medians |"
+        );
+        println!("|---|---|---|---|");
+    }
+    for (label, tp) in [
+        ("as installed", &res.throughput),
+        (
+            "vpc-cni's nftables table removed (no netfilter, no conntrack)",
+            &res.throughput_without_nft,
+        ),
+    ] {
+        let Some(tp) = tp else { continue };
         let (p, i) = (
             summary(&tp.pod_to_pod_gbps),
             summary(&tp.instance_to_instance_gbps),
         );
-        println!("### TCP throughput instance1 → instance2 (iperf3)\n");
-        println!("| path | Gbit/s median [min–max] |");
-        println!("|---|---|");
         println!(
-            "| pod → pod | {:.2} [{:.2}–{:.2}] |",
-            p.median, p.min, p.max
-        );
-        println!(
-            "| instance → instance | {:.2} [{:.2}–{:.2}] |",
-            i.median, i.min, i.max
-        );
-        println!(
-            "\nratio pod/instance (medians): **{:.2}×** (goal ≥ 0.95×)\n",
+            "| {label} | {:.2} [{:.2}–{:.2}] | {:.2} [{:.2}–{:.2}] | **{:.2}×** |",
+            p.median,
+            p.min,
+            p.max,
+            i.median,
+            i.min,
+            i.max,
             p.median / i.median
         );
+    }
+    if res.throughput.is_some() {
+        println!("\ngoal: pod → pod ≥ 0.95× instance → instance, as installed\n");
     }
     if !res.veth_del_ms.is_empty() {
         println!(
