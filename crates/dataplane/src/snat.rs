@@ -33,7 +33,7 @@
 //! `ct state new` test of `prerouting` fails at once) and no FIB lookup for the primary
 //! interface's: the reference marks NodePort connections on every packet, here on the first
 //! (the ct mark stays with the connection).
-//! ```
+//!
 //! The packet mark then sends marked pod traffic through `fwmark M lookup main pref 1024`
 //! (out of the primary interface, whose address it is SNATed to).
 
