@@ -180,6 +180,12 @@ fn require_root() -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Status | Cmd::Ec2Stats | Cmd::Fidelity { .. }) {
+        // Commands that only print: `vpc-lab status | head` ends quietly when `head` is done
+        // (Rust ignores SIGPIPE, and a print to a closed pipe would panic).
+        // SAFETY: restoring the default disposition of a signal, before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let default_level = match cli.cmd {
         Cmd::Daemon => "info",
         Cmd::Up { .. } | Cmd::Down => "vpc_lab=info,warn",
