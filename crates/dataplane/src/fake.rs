@@ -26,6 +26,13 @@ pub struct FakeNs {
     pub known_sysctls: Option<Vec<String>>,
 }
 
+impl FakeNs {
+    /// Every link but `lo` (index 1).
+    pub fn links_but_lo(&self) -> Vec<&Link> {
+        self.links.values().filter(|l| l.index != 1).collect()
+    }
+}
+
 /// All namespaces of the fake world plus failure injection and the call log.
 #[derive(Debug, Default)]
 pub struct FakeWorld {

@@ -302,15 +302,10 @@ fn teardown_removes_everything_including_legacy_rules_and_is_idempotent() {
         let wb = w.borrow();
         let host = wb.ns("host");
         // the veth pair is retired (down, in the retired group), not deleted
-        let retired: Vec<&Link> = host.links.values().filter(|l| l.index != 1).collect();
+        let retired = host.links_but_lo();
         assert_eq!(retired.len(), 1, "{:?}", host.links);
         assert!(retired[0].group == RETIRED_LINK_GROUP && !retired[0].up);
-        let pod_eth0: Vec<&Link> = wb
-            .ns("pod")
-            .links
-            .values()
-            .filter(|l| l.index != 1)
-            .collect();
+        let pod_eth0 = wb.ns("pod").links_but_lo();
         assert!(pod_eth0[0].group == RETIRED_LINK_GROUP && !pod_eth0[0].up);
         assert!(host.routes.is_empty(), "{:?}", host.routes);
         assert_eq!(
@@ -340,7 +335,7 @@ fn del_renames_the_retired_pair_so_the_same_pod_can_be_added_again_at_once() {
     {
         let wb = w.borrow();
         for ns in ["host", "pod"] {
-            let l: Vec<&Link> = wb.ns(ns).links.values().filter(|l| l.index != 1).collect();
+            let l = wb.ns(ns).links_but_lo();
             assert_eq!(l.len(), 1);
             assert_eq!(l[0].name, format!("vcr{}", l[0].index), "{ns}: {l:?}");
         }
@@ -358,9 +353,9 @@ fn del_renames_the_retired_pair_so_the_same_pod_can_be_added_again_at_once() {
     let wb = w.borrow();
     let live: Vec<&Link> = wb
         .ns("host")
-        .links
-        .values()
-        .filter(|l| l.index != 1 && l.group != RETIRED_LINK_GROUP)
+        .links_but_lo()
+        .into_iter()
+        .filter(|l| l.group != RETIRED_LINK_GROUP)
         .collect();
     assert_eq!(live.len(), 1, "{live:?}");
     assert_eq!(live[0].mac.unwrap().to_string(), links.host_mac);
@@ -386,12 +381,7 @@ fn add_deletes_a_retired_interface_that_kept_its_name() {
     );
     setup_pod_with(&mut h, &mut p, &spec(3)).unwrap();
     let wb = w.borrow();
-    let host: Vec<&Link> = wb
-        .ns("host")
-        .links
-        .values()
-        .filter(|l| l.index != 1)
-        .collect();
+    let host = wb.ns("host").links_but_lo();
     assert_eq!(host.len(), 1, "the retired pair was deleted: {host:?}");
     assert!(host[0].up && host[0].group == crate::pod_group(2));
 }
