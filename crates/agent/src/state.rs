@@ -238,7 +238,7 @@ impl State {
             ip: a.ip,
             eni_id: a.eni.id.clone(),
             device_number: a.eni.device_number,
-            route_table: proto::route_table_for_device(a.eni.device_number),
+            route_table: dataplane::route_table_for_device(a.eni.device_number),
             subnet: a.eni.subnet,
             vpc_cidrs: self.vpc_cidrs.clone(),
         }
@@ -457,7 +457,11 @@ mod tests {
             panic!("{r:?}")
         };
         assert_eq!(allocation.route_table, 2);
-        assert!(allocation.needs_from_rule());
+        assert_ne!(
+            allocation.route_table,
+            dataplane::MAIN_TABLE,
+            "needs a from rule"
+        );
         let again = s.handle(add("a"));
         assert_eq!(ip_of(&again), allocation.ip);
         assert!(matches!(again, Response::Added { existing: true, .. }));

@@ -64,6 +64,20 @@ impl FromStr for Command {
     }
 }
 
+/// Why `CNI_ARGS` could not be parsed (reported as an invalid `CNI_ARGS`, code 4).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CniArgsError {
+    /// An entry without `=`.
+    #[error("entry \"{entry}\" is not of the form KEY=VALUE")]
+    NotKeyValue { entry: String },
+    /// `IgnoreUnknown` with a value that is not a boolean.
+    #[error("IgnoreUnknown value \"{value}\" is not a boolean")]
+    IgnoreUnknownNotBool { value: String },
+    /// Keys we do not know, without `IgnoreUnknown`.
+    #[error("unknown key(s) {} (set IgnoreUnknown=1 to ignore them)", keys.join(", "))]
+    UnknownKeys { keys: Vec<String> },
+}
+
 /// `CNI_ARGS` as Kubernetes runtimes fill it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CniArgs {
@@ -79,7 +93,7 @@ pub struct CniArgs {
 impl CniArgs {
     /// Parse `K=V;K=V`. Unknown keys are an error unless `IgnoreUnknown` is true (anywhere in
     /// the list), as in libcni's `LoadArgs`.
-    pub fn parse(s: &str) -> Result<CniArgs, String> {
+    pub fn parse(s: &str) -> Result<CniArgs, CniArgsError> {
         let mut args = CniArgs::default();
         let mut unknown = Vec::new();
         for part in s.split(';') {
@@ -87,7 +101,9 @@ impl CniArgs {
                 continue;
             }
             let Some((k, v)) = part.split_once('=') else {
-                return Err(format!("entry \"{part}\" is not of the form KEY=VALUE"));
+                return Err(CniArgsError::NotKeyValue {
+                    entry: part.to_string(),
+                });
             };
             let value = Some(v.to_string());
             match k {
@@ -101,18 +117,20 @@ impl CniArgs {
                     args.ignore_unknown = match v.to_ascii_lowercase().as_str() {
                         "1" | "true" => true,
                         "0" | "false" | "" => false,
-                        _ => return Err(format!("IgnoreUnknown value \"{v}\" is not a boolean")),
+                        _ => {
+                            return Err(CniArgsError::IgnoreUnknownNotBool {
+                                value: v.to_string(),
+                            });
+                        }
                     }
                 }
                 _ => unknown.push((k.to_string(), v.to_string())),
             }
         }
         if !unknown.is_empty() && !args.ignore_unknown {
-            let keys: Vec<_> = unknown.iter().map(|(k, _)| k.as_str()).collect();
-            return Err(format!(
-                "unknown key(s) {} (set IgnoreUnknown=1 to ignore them)",
-                keys.join(", ")
-            ));
+            return Err(CniArgsError::UnknownKeys {
+                keys: unknown.into_iter().map(|(k, _)| k).collect(),
+            });
         }
         args.other = unknown;
         Ok(args)
@@ -227,7 +245,7 @@ impl Env {
         if let Some(a) = text("CNI_ARGS", &mut problems) {
             match CniArgs::parse(&a) {
                 Ok(args) => env.args = args,
-                Err(why) => problems.push(("CNI_ARGS", why)),
+                Err(why) => problems.push(("CNI_ARGS", why.to_string())),
             }
         }
         if let Some(p) = get("CNI_PATH") {
@@ -446,6 +464,27 @@ mod tests {
         assert!(e.details.contains("FOO"), "{e}");
         vars[4] = ("CNI_ARGS", "FOO=1;IgnoreUnknown=true;");
         assert!(parse(&vars).is_ok());
+    }
+
+    #[test]
+    fn cni_args_errors_are_typed() {
+        assert_eq!(
+            CniArgs::parse("K8S_POD_NAME=x;garbage"),
+            Err(CniArgsError::NotKeyValue {
+                entry: "garbage".into()
+            })
+        );
+        assert_eq!(
+            CniArgs::parse("IgnoreUnknown=maybe"),
+            Err(CniArgsError::IgnoreUnknownNotBool {
+                value: "maybe".into()
+            })
+        );
+        let e = CniArgs::parse("FOO=1;BAR=2").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown key(s) FOO, BAR (set IgnoreUnknown=1 to ignore them)"
+        );
     }
 
     #[test]

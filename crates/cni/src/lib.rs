@@ -11,7 +11,7 @@ pub mod result;
 pub mod version;
 
 pub use config::{Attachment, NetConf, peek_version};
-pub use env::{CniArgs, Command, Env, validate_container_id, validate_ifname};
+pub use env::{CniArgs, CniArgsError, Command, Env, validate_container_id, validate_ifname};
 pub use error::{CniError, code};
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};
 pub use version::{LATEST, SUPPORTED_VERSIONS, Version, version_info};

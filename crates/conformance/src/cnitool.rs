@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 use sha2::{Digest, Sha512};
+use testkit::stats::ms;
 
-use crate::util::{CNI_RESULTS_DIR, ms};
+use crate::util::CNI_RESULTS_DIR;
 
 /// The three verbs cnitool has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]

@@ -26,14 +26,15 @@ use anyhow::{Context, Result, anyhow, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use testkit::stats::ms;
 
 use crate::cri::{Cri, RuntimeStatus};
-use crate::util::{CNI_RESULTS_DIR, PAUSE_IMAGE, list_dir, ms};
+use crate::util::{CNI_RESULTS_DIR, PAUSE_IMAGE, list_dir};
 
 /// containerd 1.6 puts shim sockets here whatever its `state` is.
 pub const SHIM_SOCKET_DIR: &str = "/run/containerd/s";
 const RUN_CONTAINERD: &str = "/run/containerd";
-const STATE_FILE: &str = "conformance.json";
+const START_RECORD_FILE: &str = "conformance.json";
 
 /// How to start containerd.
 #[derive(Debug, Clone)]
@@ -64,7 +65,7 @@ pub struct StartOptions {
 
 /// What `start` leaves in `<dir>/conformance.json` for `stop`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct State {
+pub struct StartRecord {
     pub pid: i32,
     pub netns: PathBuf,
     pub dir: PathBuf,
@@ -80,13 +81,13 @@ pub struct State {
     pub cni_results_existed: bool,
 }
 
-impl State {
+impl StartRecord {
     pub fn path(dir: &Path) -> PathBuf {
-        dir.join(STATE_FILE)
+        dir.join(START_RECORD_FILE)
     }
 
-    pub fn load(dir: &Path) -> Result<State> {
-        let p = State::path(dir);
+    pub fn load(dir: &Path) -> Result<StartRecord> {
+        let p = StartRecord::path(dir);
         let s = fs::read_to_string(&p).with_context(|| {
             format!(
                 "cannot read {}: no containerd was started with --dir {} (or it was stopped already)",
@@ -95,7 +96,7 @@ impl State {
             )
         })?;
         serde_json::from_str(&s)
-            .with_context(|| format!("{} is not a valid state file", p.display()))
+            .with_context(|| format!("{} is not a valid start record", p.display()))
     }
 }
 
@@ -256,7 +257,7 @@ pub async fn start(opts: &StartOptions) -> Result<Started> {
             socket.display()
         );
     }
-    if let Ok(old) = State::load(&dir)
+    if let Ok(old) = StartRecord::load(&dir)
         && pid_runs(old.pid, &old.config.display().to_string())
     {
         bail!(
@@ -286,7 +287,7 @@ pub async fn start(opts: &StartOptions) -> Result<Started> {
     let var_lib_cni = Path::new(CNI_RESULTS_DIR)
         .parent()
         .unwrap_or(Path::new("/var/lib/cni"));
-    let mut state = State {
+    let mut record = StartRecord {
         pid: 0,
         netns: opts.netns.clone(),
         dir: dir.clone(),
@@ -322,24 +323,24 @@ pub async fn start(opts: &StartOptions) -> Result<Started> {
         .run(move || cmd.spawn())
         .map_err(|e| anyhow!("{e}"))?
         .with_context(|| format!("cannot start {}", containerd.display()))?;
-    state.pid = child.id() as i32;
+    record.pid = child.id() as i32;
     // Reap it if it dies while we wait (when we exit first, init adopts it).
     let reaper = std::thread::spawn(move || {
         let mut child = child;
         let _ = child.wait();
     });
     drop(reaper);
-    let sf = State::path(&dir);
-    fs::write(&sf, serde_json::to_vec_pretty(&state)?)
+    let sf = StartRecord::path(&dir);
+    fs::write(&sf, serde_json::to_vec_pretty(&record)?)
         .with_context(|| format!("cannot write {}", sf.display()))?;
 
     // Wait for the CRI to answer.
     let t0 = Instant::now();
     let status = loop {
-        if !pid_runs(state.pid, &config.display().to_string()) {
+        if !pid_runs(record.pid, &config.display().to_string()) {
             bail!(
                 "containerd (pid {}) exited during start-up; last lines of {}:\n{}",
-                state.pid,
+                record.pid,
                 log.display(),
                 log_tail(&log)
             );
@@ -358,7 +359,7 @@ pub async fn start(opts: &StartOptions) -> Result<Started> {
             bail!(
                 "containerd (pid {}) did not {} on {} within {:?}{}; it is still running (stop it with \
                  `vpc-cni-conformance containerd stop --dir {}`); last lines of {}:\n{}",
-                state.pid,
+                record.pid,
                 if last.is_some() {
                     "become ready"
                 } else {
@@ -381,7 +382,7 @@ pub async fn start(opts: &StartOptions) -> Result<Started> {
     import_image(&ctr, &socket, &opts.pause_tar)?;
     let import = t1.elapsed();
     Ok(Started {
-        pid: state.pid,
+        pid: record.pid,
         socket,
         dir,
         netns: opts.netns.clone(),
@@ -529,16 +530,16 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 /// `cri_timeout` bounds each CRI call (a hung containerd is then stopped by signal).
 pub async fn stop(dir: &Path, keep_log: bool, cri_timeout: Duration) -> Result<Stopped> {
     let t0 = Instant::now();
-    let state = State::load(dir)?;
+    let record = StartRecord::load(dir)?;
     let mut rep = Stopped::default();
-    let cfg = state.config.display().to_string();
+    let cfg = record.config.display().to_string();
 
     // 1. Sandboxes, through CRI (this runs the CNI DEL for each).
     let mut sandbox_ids: Vec<String> =
-        list_dir(&state.dir.join("root/io.containerd.grpc.v1.cri/sandboxes"))?;
+        list_dir(&record.dir.join("root/io.containerd.grpc.v1.cri/sandboxes"))?;
     let mut netns_paths: Vec<String> = Vec::new();
-    if pid_runs(state.pid, &cfg)
-        && let Ok(cri) = Cri::connect(&state.socket, cri_timeout).await
+    if pid_runs(record.pid, &cfg)
+        && let Ok(cri) = Cri::connect(&record.socket, cri_timeout).await
     {
         match cri.list().await {
             Ok(list) => {
@@ -562,14 +563,14 @@ pub async fn stop(dir: &Path, keep_log: bool, cri_timeout: Duration) -> Result<S
     }
 
     // 2. containerd itself, by PID.
-    match terminate(state.pid, &cfg, Duration::from_secs(10)) {
-        Ok(true) => rep.killed.push(state.pid),
+    match terminate(record.pid, &cfg, Duration::from_secs(10)) {
+        Ok(true) => rep.killed.push(record.pid),
         Ok(false) => {}
         Err(e) => rep.errors.push(format!("{e:#}")),
     }
 
     // 3. Shims it started (their command line names our socket) and their children.
-    let sock = state.socket.display().to_string();
+    let sock = record.socket.display().to_string();
     let mut sandbox_netns_inodes: Vec<u64> = Vec::new();
     for pid in all_pids() {
         if !pid_runs(pid, "containerd-shim") || !pid_runs(pid, &sock) {
@@ -593,7 +594,7 @@ pub async fn stop(dir: &Path, keep_log: bool, cri_timeout: Duration) -> Result<S
     }
 
     // 4. Mounts under dir (sandbox /dev/shm, rootfs overlays), deepest first.
-    for m in mounts_under(&state.dir) {
+    for m in mounts_under(&record.dir) {
         match nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
             Ok(()) => rep.unmounted.push(m.display().to_string()),
             Err(e) => rep.errors.push(format!("umount {}: {e}", m.display())),
@@ -633,11 +634,11 @@ pub async fn stop(dir: &Path, keep_log: bool, cri_timeout: Duration) -> Result<S
         }
     }
     let results = Path::new(CNI_RESULTS_DIR);
-    if !state.cni_results_existed && fs::remove_dir(results).is_ok() {
+    if !record.cni_results_existed && fs::remove_dir(results).is_ok() {
         rep.removed.push(CNI_RESULTS_DIR.into());
     }
     if let Some(vlc) = results.parent()
-        && !state.var_lib_cni_existed
+        && !record.var_lib_cni_existed
         && fs::remove_dir(vlc).is_ok()
     {
         rep.removed.push(vlc.display().to_string());
@@ -645,7 +646,7 @@ pub async fn stop(dir: &Path, keep_log: bool, cri_timeout: Duration) -> Result<S
 
     // 7. Shim sockets that appeared since start and nobody listens on any more.
     for f in list_dir(Path::new(SHIM_SOCKET_DIR))? {
-        if state.shim_sockets_before.contains(&f) {
+        if record.shim_sockets_before.contains(&f) {
             continue;
         }
         let p = Path::new(SHIM_SOCKET_DIR).join(&f);
@@ -656,7 +657,7 @@ pub async fn stop(dir: &Path, keep_log: bool, cri_timeout: Duration) -> Result<S
             }
         }
     }
-    if !state.run_containerd_existed {
+    if !record.run_containerd_existed {
         // Only empty directories: anything else belongs to someone else.
         let _ = fs::remove_dir(SHIM_SOCKET_DIR);
         if fs::remove_dir(RUN_CONTAINERD).is_ok() {
@@ -665,15 +666,15 @@ pub async fn stop(dir: &Path, keep_log: bool, cri_timeout: Duration) -> Result<S
     }
 
     // 8. Our files under dir.
-    let left = mounts_under(&state.dir);
+    let left = mounts_under(&record.dir);
     if !left.is_empty() {
         rep.errors.push(format!(
             "not removing {}: still mounted: {left:?}",
-            state.dir.display()
+            record.dir.display()
         ));
     } else {
         for sub in ["root", "state", "runc", "opt", "cni-bin"] {
-            let p = state.dir.join(sub);
+            let p = record.dir.join(sub);
             if p.exists() {
                 match fs::remove_dir_all(&p) {
                     Ok(()) => rep.removed.push(p.display().to_string()),
@@ -682,13 +683,13 @@ pub async fn stop(dir: &Path, keep_log: bool, cri_timeout: Duration) -> Result<S
             }
         }
         let mut files = vec![
-            state.config.clone(),
-            state.socket.clone(),
-            PathBuf::from(format!("{}.ttrpc", state.socket.display())),
-            State::path(&state.dir),
+            record.config.clone(),
+            record.socket.clone(),
+            PathBuf::from(format!("{}.ttrpc", record.socket.display())),
+            StartRecord::path(&record.dir),
         ];
         if !keep_log {
-            files.push(state.log.clone());
+            files.push(record.log.clone());
         }
         for f in files {
             if f.exists() {
@@ -698,8 +699,8 @@ pub async fn stop(dir: &Path, keep_log: bool, cri_timeout: Duration) -> Result<S
                 }
             }
         }
-        if fs::remove_dir(&state.dir).is_ok() {
-            rep.removed.push(state.dir.display().to_string());
+        if fs::remove_dir(&record.dir).is_ok() {
+            rep.removed.push(record.dir.display().to_string());
         }
     }
     rep.stop_ms = ms(t0.elapsed());

@@ -11,10 +11,11 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as api;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use serde::Serialize;
+use testkit::stats::ms;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::util::{Stats, ms};
+use crate::util::Stats;
 
 /// A connected CRI runtime service client. Cheap to clone: clones share one HTTP/2 connection
 /// and their calls run concurrently.

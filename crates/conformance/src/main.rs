@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use conformance::cnitool::{self, Verb};
 use conformance::containerd::{self, StartOptions};
 use conformance::cri::{Cri, SandboxSpec};
-use conformance::util::{find_cache_file, ms, netns_path};
+use conformance::util::{find_cache_file, netns_path};
+use testkit::stats::ms;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -180,7 +181,7 @@ fn print(v: &impl serde::Serialize) -> Result<()> {
 }
 
 fn require_root() -> Result<()> {
-    if !nix::unistd::geteuid().is_root() {
+    if !testkit::is_root() {
         bail!(
             "must run as root (it enters network namespaces and starts containerd); run it with sudo"
         );

@@ -1,10 +1,12 @@
-//! Small helpers shared by the modules: namespace paths, the repository's `.cache`, statistics.
+//! Small helpers shared by the modules: namespace paths, the repository's `.cache`, latency
+//! statistics (on `testkit::stats`, the one percentile definition).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
+use testkit::stats::Summary;
 
 /// Where `ip netns add NAME` puts a named network namespace.
 pub const NETNS_RUN_DIR: &str = "/run/netns";
@@ -35,33 +37,17 @@ pub fn netns_path(ns: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// Finds `<repo>/.cache/<rel>` for a file `scripts/setup-clients.sh` builds: first under
-/// `$VPC_CNI_REPO`, then the current directory and its parents, then the parents of this
-/// executable (`<repo>/target/debug/vpc-cni-conformance`).
+/// Finds `<repo>/.cache/<rel>` for a file `scripts/setup-clients.sh` builds, looking where
+/// [`testkit::repo::find`] looks: `$VPC_CNI_REPO`, the current directory and its parents, then
+/// the parents of this executable (`<repo>/target/debug/vpc-cni-conformance`).
 pub fn find_cache_file(rel: &str) -> Result<PathBuf> {
-    let mut roots: Vec<PathBuf> = Vec::new();
-    if let Some(r) = std::env::var_os("VPC_CNI_REPO") {
-        roots.push(PathBuf::from(r));
+    match testkit::repo::find(&format!(".cache/{rel}")) {
+        Some(p) => Ok(p),
+        None => bail!(
+            ".cache/{rel} not found under $VPC_CNI_REPO, the current directory, or this executable's parents; \
+             run `bash scripts/setup-clients.sh` (as root) in the repository, or pass its path explicitly"
+        ),
     }
-    if let Ok(cwd) = std::env::current_dir() {
-        roots.extend(cwd.ancestors().map(Path::to_path_buf));
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
-    }
-    if let Some(m) = option_env!("CARGO_MANIFEST_DIR") {
-        roots.extend(Path::new(m).ancestors().map(Path::to_path_buf));
-    }
-    for r in &roots {
-        let p = r.join(".cache").join(rel);
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    bail!(
-        ".cache/{rel} not found under $VPC_CNI_REPO, the current directory, or this executable's parents; \
-         run `bash scripts/setup-clients.sh` (as root) in the repository, or pass its path explicitly"
-    )
 }
 
 /// Lists the file names in a directory (empty when it does not exist).
@@ -80,7 +66,8 @@ pub fn list_dir(dir: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Latency statistics over a set of samples, in milliseconds.
+/// Latency statistics over a set of samples, in milliseconds rounded to microseconds (the
+/// JSON shape of `cri burst`'s report).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Stats {
     pub count: usize,
@@ -91,36 +78,30 @@ pub struct Stats {
     pub mean_ms: f64,
 }
 
-/// Nearest-rank percentile of sorted samples (`q` in 0..=1).
-fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
-    let n = sorted.len();
-    let rank = (q * n as f64).ceil() as usize;
-    sorted[rank.clamp(1, n) - 1]
-}
-
 impl Stats {
     /// Statistics of the samples; `None` when there are none.
     pub fn of(samples: &[Duration]) -> Option<Stats> {
         if samples.is_empty() {
             return None;
         }
-        let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-        ms.sort_by(f64::total_cmp);
-        let round = |x: f64| (x * 1000.0).round() / 1000.0;
-        Some(Stats {
-            count: ms.len(),
-            min_ms: round(ms[0]),
-            p50_ms: round(nearest_rank(&ms, 0.5)),
-            p99_ms: round(nearest_rank(&ms, 0.99)),
-            max_ms: round(ms[ms.len() - 1]),
-            mean_ms: round(ms.iter().sum::<f64>() / ms.len() as f64),
-        })
+        let ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        Some(Stats::from(&Summary::of(&ms)))
     }
 }
 
-/// Milliseconds of a duration, rounded to microseconds (for JSON output).
-pub fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
+impl From<&Summary> for Stats {
+    /// A summary of millisecond samples, rounded to microseconds.
+    fn from(s: &Summary) -> Stats {
+        let round = |x: f64| (x * 1000.0).round() / 1000.0;
+        Stats {
+            count: s.n,
+            min_ms: round(s.min),
+            p50_ms: round(s.median),
+            p99_ms: round(s.p99),
+            max_ms: round(s.max),
+            mean_ms: round(s.mean),
+        }
+    }
 }
 
 #[cfg(test)]

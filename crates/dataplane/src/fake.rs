@@ -340,7 +340,7 @@ impl NetOps for FakeNet {
             n.addresses.push(*a);
             // the kernel adds the prefix route for non-/32 addresses
             if a.addr.prefix_len() < 32 {
-                let mut r = Route::new(crate::ops::MAIN_TABLE, a.addr.trunc())
+                let mut r = Route::new(crate::MAIN_TABLE, a.addr.trunc())
                     .dev(a.index)
                     .scope(crate::ops::Scope::Link);
                 r.protocol = 2;

@@ -8,11 +8,10 @@ use tracing::debug;
 
 use crate::netlink::Netlink;
 use crate::ops::{Address, Mac, NetOps, Route, Rule, Scope};
-use crate::pod::{ensure_rule, tolerate_missing};
+use crate::rules::{eni_rule, eni_table, ensure_rule, tolerate_missing};
 use crate::{
-    DataplaneError, ENI_MARK_MASK, ENI_PRIMARY_RULE_PRIORITY, FROM_POD_RULE_PRIORITY,
-    FWMARK_RULE_PRIORITY, MAIN_TABLE, MAX_ENI_DEVICE, TO_POD_RULE_PRIORITY, TO_POD_TABLE,
-    TeardownError, eni_mark,
+    DataplaneError, ENI_MARK_MASK, ENI_PRIMARY_RULE_PRIORITY, FWMARK_RULE_PRIORITY, MAIN_TABLE,
+    TO_POD_RULE_PRIORITY, TO_POD_TABLE, TeardownError,
 };
 
 /// Node-wide settings applied by [`setup_host`].
@@ -69,24 +68,6 @@ pub struct EniSetup {
     /// The ENI's subnet (gateway = network + 1).
     pub subnet: Ipv4Net,
     pub mtu: u32,
-}
-
-fn eni_table(device_number: u32) -> Result<u32, DataplaneError> {
-    if device_number == 0 || device_number > MAX_ENI_DEVICE {
-        return Err(DataplaneError::Invalid {
-            what: "ENI device number (1..=63: the primary ENI, 0, is not set up here, and the \
-                   ENI mark bits 0x3f00 hold at most 63)",
-            value: device_number.to_string(),
-        });
-    }
-    Ok(device_number + 1)
-}
-
-/// `fwmark <eni mark>/0x3f00 lookup <device + 1> pref 1536`: pod egress marked for this ENI
-/// (by the nftables table, from the host veth's device group) uses the ENI's table.
-pub(crate) fn eni_rule(device_number: u32) -> Rule {
-    Rule::new(FROM_POD_RULE_PRIORITY, device_number + 1)
-        .fwmark(eni_mark(device_number), ENI_MARK_MASK)
 }
 
 /// Configures a secondary ENI: finds the link by MAC, sets MTU and up, replaces its IPv4

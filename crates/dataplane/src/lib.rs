@@ -19,6 +19,7 @@ mod host;
 pub mod netlink;
 pub mod ops;
 mod pod;
+mod rules;
 mod snat;
 
 use std::fmt;
@@ -37,6 +38,29 @@ pub use pod::{
     wired_pod_ips, wired_pod_ips_with,
 };
 pub use snat::{NFT_TABLE, Randomize, SnatConfig, apply_snat, remove_snat, snat_ruleset};
+
+/// The kernel's main routing table: the primary ENI's (device 0) table.
+pub const MAIN_TABLE: u32 = 254;
+
+/// The routing table of the ENI with device number `device` on network card 0, in the
+/// reference's numbering: [`MAIN_TABLE`] for the primary ENI (0), else `device + 1`.
+pub const fn route_table_for_device(device: u32) -> u32 {
+    if device == 0 { MAIN_TABLE } else { device + 1 }
+}
+
+/// The device number of the ENI whose routing table is `table` (the inverse of
+/// [`route_table_for_device`]): 0 for [`MAIN_TABLE`], `table - 1` for the secondary ENIs'
+/// tables 2..=64; `None` for any other table.
+pub const fn device_for_route_table(table: u32) -> Option<u32> {
+    match table {
+        MAIN_TABLE => Some(0),
+        2..=ENI_TABLE_MAX => Some(table - 1),
+        _ => None,
+    }
+}
+
+/// The highest secondary-ENI table: that of device [`MAX_ENI_DEVICE`].
+const ENI_TABLE_MAX: u32 = MAX_ENI_DEVICE + 1;
 
 /// The pod's default gateway (link-local; answered by the static neighbour entry).
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -71,8 +95,6 @@ pub fn pod_group(device: u32) -> u32 {
 pub const ENI_PRIMARY_RULE_PRIORITY: u32 = 32765;
 /// Priority of `fwmark <connmark>/<connmark> lookup main`.
 pub const FWMARK_RULE_PRIORITY: u32 = 1024;
-/// The main routing table.
-pub const MAIN_TABLE: u32 = ops::MAIN_TABLE;
 /// Device group of pod veths that DEL has torn down (down, no routes or rules) but not yet
 /// deleted: "vcni" in ASCII. Deleting a veth costs the caller a kernel RCU grace period
 /// (~20 ms); [`reap_retired_links`] deletes the whole group in one batch off the runtime's
@@ -157,6 +179,19 @@ pub(crate) fn open_ns_opt(path: &Path) -> Result<Option<NetNs>, NetnsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_tables_follow_the_reference() {
+        assert_eq!(route_table_for_device(0), 254);
+        assert_eq!(route_table_for_device(1), 2);
+        assert_eq!(route_table_for_device(7), 8);
+        for d in 0..=MAX_ENI_DEVICE {
+            assert_eq!(device_for_route_table(route_table_for_device(d)), Some(d));
+        }
+        for t in [0, 1, 65, 253, 255, TO_POD_TABLE] {
+            assert_eq!(device_for_route_table(t), None, "table {t}");
+        }
+    }
 
     #[test]
     fn veth_name_matches_reference() {

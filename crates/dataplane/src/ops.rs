@@ -12,9 +12,6 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use nix::errno::Errno;
 
-/// The main routing table.
-pub const MAIN_TABLE: u32 = 254;
-
 /// A failed network operation. `op` names the operation and its arguments (interface,
 /// address, table, ...), so the message alone says what went wrong.
 #[derive(Debug, thiserror::Error)]

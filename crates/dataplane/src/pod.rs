@@ -6,14 +6,14 @@ use std::path::Path;
 use ipnet::Ipv4Net;
 use tracing::{debug, warn};
 
-use crate::host::eni_rule;
 use crate::netlink::Netlink;
 use crate::ops::{
     Address, Link, Mac, NUD_PERMANENT, Neighbour, NetError, NetOps, Route, Rule, Scope, VethRequest,
 };
+use crate::rules::{eni_rule, ensure_rule, tolerate_missing};
 use crate::{
-    DataplaneError, FROM_POD_RULE_PRIORITY, MAIN_TABLE, MAX_ENI_DEVICE, NetNs, POD_GATEWAY,
-    RETIRED_LINK_GROUP, RETIRED_NAME_PREFIX, TO_POD_RULE_PRIORITY, TO_POD_TABLE, TeardownError,
+    DataplaneError, FROM_POD_RULE_PRIORITY, MAIN_TABLE, NetNs, POD_GATEWAY, RETIRED_LINK_GROUP,
+    RETIRED_NAME_PREFIX, TO_POD_RULE_PRIORITY, TO_POD_TABLE, TeardownError, device_for_route_table,
     open_ns_opt,
 };
 
@@ -83,7 +83,7 @@ fn validate(spec: &PodSpec) -> Result<(), DataplaneError> {
             value: spec.mtu.to_string(),
         });
     }
-    if spec.route_table != MAIN_TABLE && !(2..=MAX_ENI_DEVICE + 1).contains(&spec.route_table) {
+    if device_for_route_table(spec.route_table).is_none() {
         return Err(DataplaneError::Invalid {
             what: "route table (254 for the primary ENI, else ENI device number + 1 in 2..=64)",
             value: spec.route_table.to_string(),
@@ -92,12 +92,12 @@ fn validate(spec: &PodSpec) -> Result<(), DataplaneError> {
     Ok(())
 }
 
-/// The host veth's device group for a pod routed through `route_table`.
+/// The host veth's device group for a pod routed through `route_table` (validated): the
+/// default group 0 for the primary ENI, else the ENI's [`crate::pod_group`].
 fn veth_group(route_table: u32) -> u32 {
-    if route_table == MAIN_TABLE {
-        0
-    } else {
-        crate::pod_group(route_table - 1)
+    match device_for_route_table(route_table) {
+        Some(0) | None => 0,
+        Some(device) => crate::pod_group(device),
     }
 }
 
@@ -276,23 +276,6 @@ fn setup_after_veth<N: NetOps>(
     })
 }
 
-/// Adds a rule; EEXIST is fine. Returns whether this call created it.
-pub(crate) fn ensure_rule<N: NetOps>(n: &mut N, r: &Rule) -> Result<bool, NetError> {
-    match n.add_rule(r) {
-        Ok(()) => Ok(true),
-        Err(e) if e.is_exists() => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// Maps "does not exist" to success (for deletions).
-pub(crate) fn tolerate_missing(r: Result<(), NetError>) -> Result<(), NetError> {
-    match r {
-        Err(e) if e.is_not_found() => Ok(()),
-        r => r,
-    }
-}
-
 /// Verifies everything [`setup_pod`] builds. The error lists every missing or wrong item.
 pub fn check_pod(spec: &PodSpec) -> Result<(), DataplaneError> {
     validate(spec)?;
@@ -408,8 +391,8 @@ pub fn check_pod_with<N: NetOps>(
             ));
         }
     }
-    if spec.route_table != MAIN_TABLE {
-        let eni = eni_rule(spec.route_table - 1);
+    if let Some(device @ 1..) = device_for_route_table(spec.route_table) {
+        let eni = eni_rule(device);
         if !rules.contains(&eni) {
             p.push(format!("rule {eni} missing"));
         }

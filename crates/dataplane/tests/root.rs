@@ -1,131 +1,18 @@
-//! Real-kernel tests (root). Everything happens inside network namespaces these tests create
-//! (`vpccni-t-*`, deleted by a Drop guard); every dataplane call runs inside the test's
-//! "node" namespace via `NetNs::run`, never in the root namespace.
+//! Real-kernel tests (root; ignored without `--include-ignored`). Everything happens inside
+//! network namespaces these tests create (`testkit::TestNs`, `vpccni-t-*`, deleted on drop);
+//! every dataplane call runs inside the test's "node" namespace via `NetNs::run`, never in the
+//! root namespace.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::Command;
 
 use dataplane::{
-    DataplaneError, EniSetup, HostSetup, MAIN_TABLE, NetNs, PodSpec, PodTeardown,
-    RETIRED_LINK_GROUP, Randomize, SnatConfig, apply_snat, check_pod, link_name_by_mac, pod_group,
-    reap_retired_links, remove_snat, setup_eni, setup_host, setup_pod, teardown_eni, teardown_pod,
+    DataplaneError, EniSetup, HostSetup, MAIN_TABLE, PodSpec, PodTeardown, RETIRED_LINK_GROUP,
+    Randomize, SnatConfig, apply_snat, check_pod, link_name_by_mac, pod_group, reap_retired_links,
+    remove_snat, setup_eni, setup_host, setup_pod, teardown_eni, teardown_pod,
 };
-
-static SEQ: AtomicUsize = AtomicUsize::new(0);
-
-struct TestNs {
-    name: String,
-    deleted: bool,
-}
-
-impl TestNs {
-    fn new(tag: &str) -> TestNs {
-        let name = format!(
-            "vpccni-t-{}-{}-{tag}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        );
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "ip netns add {name}: {out:?}");
-        TestNs {
-            name,
-            deleted: false,
-        }
-    }
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
-    }
-    fn open(&self) -> NetNs {
-        NetNs::open(&self.path()).unwrap()
-    }
-    /// `ip -n <ns> args...`, must succeed; returns stdout.
-    fn ip(&self, args: &str) -> String {
-        let out = self.ip_raw(args);
-        assert!(out.status.success(), "ip -n {} {args}: {out:?}", self.name);
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-    fn ip_raw(&self, args: &str) -> Output {
-        Command::new("ip")
-            .args(["-n", &self.name])
-            .args(args.split_whitespace())
-            .output()
-            .unwrap()
-    }
-    fn exec(&self, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-    fn ping(&self, dst: &str) -> bool {
-        self.exec(&["ping", "-c1", "-W2", "-q", dst])
-            .status
-            .success()
-    }
-    /// Three echo requests of one ICMP flow (one conntrack entry): every one answered.
-    fn ping_flow(&self, dst: &str) -> bool {
-        let o = self.exec(&["ping", "-c3", "-i0.2", "-W2", "-q", dst]);
-        String::from_utf8_lossy(&o.stdout).contains("3 received")
-    }
-    fn delete(&mut self) {
-        if std::env::var_os("VPCCNI_KEEP_NS").is_some() && std::thread::panicking() {
-            eprintln!("keeping netns {} (VPCCNI_KEEP_NS)", self.name);
-            return;
-        }
-        if !self.deleted {
-            self.deleted = true;
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.name])
-                .status();
-        }
-    }
-    /// Diagnostics for a failed connectivity assertion.
-    fn dump(&self) -> String {
-        let mut s = String::new();
-        for cmd in [
-            &["nft", "list", "ruleset"][..],
-            &["ip", "rule"],
-            &["ip", "route", "show", "table", "all"],
-            &["conntrack", "-L"],
-            &[
-                "sh",
-                "-c",
-                "grep . /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv4/conf/*/rp_filter",
-            ],
-        ] {
-            let o = self.exec(cmd);
-            s.push_str(&format!(
-                "--- {} ({})\n{}{}",
-                cmd.join(" "),
-                self.name,
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ));
-        }
-        s
-    }
-}
-
-impl Drop for TestNs {
-    fn drop(&mut self) {
-        self.delete();
-    }
-}
-
-fn root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("SKIP: needs root (creates network namespaces)");
-        false
-    }
-}
+use testkit::{TestNs, require_root};
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 50);
 const NODE_IP: &str = "10.77.0.2";
@@ -146,7 +33,7 @@ impl Topo {
         let outside = TestNs::new(&format!("{tag}-out"));
         node.ip(&format!(
             "link add eth0 type veth peer name out0 netns {}",
-            outside.name
+            outside.name()
         ));
         node.ip("link set lo up");
         node.ip(&format!("addr add {NODE_IP}/24 dev eth0"));
@@ -172,10 +59,9 @@ fn pod_spec<'a>(netns: &'a std::path::Path, table: u32) -> PodSpec<'a> {
 }
 
 #[test]
+#[ignore = "root: creates network namespaces, veths, routes and rules"]
 fn root_pod_setup_ping_check_teardown() {
-    if !root() {
-        return;
-    }
+    require_root();
     let t = Topo::new("pod");
     let node = t.node.open();
     let pod_path = t.pod.path();
@@ -265,10 +151,9 @@ fn root_pod_setup_ping_check_teardown() {
 }
 
 #[test]
+#[ignore = "root: creates network namespaces, veths, routes and rules"]
 fn root_secondary_eni_pod_and_teardown_with_netns_gone() {
-    if !root() {
-        return;
-    }
+    require_root();
     let mut t = Topo::new("sec");
     let node = t.node.open();
     let pod_path = t.pod.path();
@@ -309,10 +194,9 @@ fn root_secondary_eni_pod_and_teardown_with_netns_gone() {
 }
 
 #[test]
+#[ignore = "root: creates network namespaces, veths and routes"]
 fn root_teardown_finds_veth_by_route_when_name_unknown() {
-    if !root() {
-        return;
-    }
+    require_root();
     let t = Topo::new("byroute");
     let node = t.node.open();
     let pod_path = t.pod.path();
@@ -338,10 +222,9 @@ fn root_teardown_finds_veth_by_route_when_name_unknown() {
 }
 
 #[test]
+#[ignore = "root: creates network namespaces and veths"]
 fn root_stale_host_veth_is_replaced() {
-    if !root() {
-        return;
-    }
+    require_root();
     let t = Topo::new("stale");
     t.node.ip("link add enitest0 type veth peer name stalepeer");
     let node = t.node.open();
@@ -353,10 +236,9 @@ fn root_stale_host_veth_is_replaced() {
 }
 
 #[test]
+#[ignore = "root: creates network namespaces, links, routes and rules; writes their sysctls"]
 fn root_host_and_eni_setup() {
-    if !root() {
-        return;
-    }
+    require_root();
     let node = TestNs::new("eni-node");
     node.ip("link add eth0 type veth peer name eth0p");
     node.ip("link add eth1 address 02:aa:bb:cc:dd:01 type veth peer name eth1p");
@@ -473,10 +355,9 @@ fn snat_cfg(external: bool) -> SnatConfig {
 }
 
 #[test]
+#[ignore = "root: creates network namespaces and nftables tables in them"]
 fn root_snat_and_connmark_egress() {
-    if !root() {
-        return;
-    }
+    require_root();
     let t = Topo::new("snat");
     let node = t.node.open();
     let pod_path = t.pod.path();
@@ -627,10 +508,9 @@ fn root_snat_and_connmark_egress() {
 }
 
 #[test]
+#[ignore = "root: creates network namespaces and nftables tables in them"]
 fn root_nodeport_return_path_uses_connmark() {
-    if !root() {
-        return;
-    }
+    require_root();
     let t = Topo::new("np");
     let node = t.node.open();
     let pod_path = t.pod.path();
@@ -677,12 +557,11 @@ fn root_nodeport_return_path_uses_connmark() {
 }
 
 #[test]
+#[ignore = "root: creates a network namespace and rules in it"]
 fn root_netlink_socket_opened_in_ns_works_from_any_thread() {
     use dataplane::netlink::Netlink;
     use dataplane::ops::{NetOps, Route, Rule};
-    if !root() {
-        return;
-    }
+    require_root();
     let ns = TestNs::new("nl");
     let handle = ns.open();
     // opened inside `ns`, used from this (root-namespace) thread
@@ -746,10 +625,9 @@ fn root_netlink_socket_opened_in_ns_works_from_any_thread() {
 }
 
 #[test]
+#[ignore = "root: creates network namespaces, veths, routes and rules"]
 fn root_parallel_pods_share_one_to_pod_rule() {
-    if !root() {
-        return;
-    }
+    require_root();
     let node = TestNs::new("par-node");
     node.ip("link set lo up");
     node.ip("link add eth0 type veth peer name eth0p");

@@ -194,59 +194,10 @@ impl AsRawFd for NetNs {
 
 #[cfg(test)]
 mod tests {
+    //! Tests that need no privilege. Entering namespaces needs root: those tests are in
+    //! `tests/enter.rs`, where they can use `testkit`'s namespaces.
+
     use super::*;
-    use std::process::Command;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    static SEQ: AtomicUsize = AtomicUsize::new(0);
-
-    /// A named netns created with `ip netns add`, deleted on drop (also on test failure).
-    struct TestNs {
-        name: String,
-    }
-
-    impl TestNs {
-        fn new(tag: &str) -> TestNs {
-            let name = format!(
-                "vpccni-t-{}-{}-{tag}",
-                std::process::id(),
-                SEQ.fetch_add(1, Ordering::SeqCst)
-            );
-            let st = Command::new("ip")
-                .args(["netns", "add", &name])
-                .status()
-                .expect("run ip netns add");
-            assert!(st.success(), "ip netns add {name} failed");
-            TestNs { name }
-        }
-        fn path(&self) -> PathBuf {
-            PathBuf::from(format!("/run/netns/{}", self.name))
-        }
-        fn ip(&self, args: &[&str]) -> std::process::Output {
-            Command::new("ip")
-                .args(["-n", &self.name])
-                .args(args)
-                .output()
-                .expect("run ip")
-        }
-    }
-
-    impl Drop for TestNs {
-        fn drop(&mut self) {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.name])
-                .status();
-        }
-    }
-
-    fn is_root() -> bool {
-        if nix::unistd::geteuid().is_root() {
-            true
-        } else {
-            eprintln!("SKIP: needs root (creates network namespaces)");
-            false
-        }
-    }
 
     #[test]
     fn open_missing_is_not_found_and_names_path() {
@@ -261,92 +212,5 @@ mod tests {
         assert!(cur.is_current().unwrap());
         let clone = cur.try_clone().unwrap();
         assert_eq!(cur.id().unwrap(), clone.id().unwrap());
-    }
-
-    #[test]
-    fn run_in_current_ns_returns_value_and_borrows() {
-        // entering even one's own netns needs CAP_SYS_ADMIN
-        if !is_root() {
-            return;
-        }
-        let cur = NetNs::current().unwrap();
-        let data = [1, 2, 3];
-        let sum: i32 = cur.run(|| data.iter().sum()).unwrap();
-        assert_eq!(sum, 6);
-    }
-
-    #[test]
-    fn run_on_non_namespace_file_fails_naming_it() {
-        if !is_root() {
-            return;
-        }
-        let ns = NetNs::open(Path::new("/proc/self/status")).unwrap();
-        let err = ns.run(|| ()).unwrap_err();
-        assert!(matches!(err, NetnsError::Setns { .. }), "{err:?}");
-        assert!(err.to_string().contains("/proc/self/status"));
-    }
-
-    #[test]
-    fn run_propagates_panic() {
-        if !is_root() {
-            return;
-        }
-        let cur = NetNs::current().unwrap();
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            cur.run(|| -> () { panic!("boom inside") })
-        }));
-        let payload = r.unwrap_err();
-        assert_eq!(payload.downcast_ref::<&str>(), Some(&"boom inside"));
-    }
-
-    #[test]
-    fn run_enters_namespace_and_leaves_caller_alone() {
-        if !is_root() {
-            return;
-        }
-        let t = TestNs::new("run");
-        let ns = NetNs::open(&t.path()).unwrap();
-        let before = NetNs::current().unwrap().id().unwrap();
-        let target = ns.id().unwrap();
-        assert_ne!(before, target);
-
-        let inside = ns.run(|| NetNs::current().unwrap().id().unwrap()).unwrap();
-        assert_eq!(inside, target, "closure did not run inside the namespace");
-        // the caller's thread did not move
-        assert_eq!(NetNs::current().unwrap().id().unwrap(), before);
-        assert!(!ns.is_current().unwrap());
-        assert!(ns.run(|| ns.is_current().unwrap()).unwrap());
-    }
-
-    #[test]
-    fn child_process_spawned_inside_sees_namespace() {
-        if !is_root() {
-            return;
-        }
-        let t = TestNs::new("child");
-        // a link only this namespace has
-        let out = t.ip(&[
-            "link", "add", "vtst0", "type", "veth", "peer", "name", "vtst1",
-        ]);
-        assert!(out.status.success(), "{out:?}");
-        let ns = NetNs::open(&t.path()).unwrap();
-        let inside = ns
-            .run(|| {
-                Command::new("ip")
-                    .args(["-o", "link", "show", "vtst0"])
-                    .output()
-                    .unwrap()
-            })
-            .unwrap();
-        assert!(
-            inside.status.success(),
-            "vtst0 not visible inside: {inside:?}"
-        );
-        // not visible from the caller's namespace
-        let outside = Command::new("ip")
-            .args(["-o", "link", "show", "vtst0"])
-            .output()
-            .unwrap();
-        assert!(!outside.status.success(), "vtst0 leaked into caller ns");
     }
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use dataplane::{PodLinks, PodSpec, PodTeardown};
+use dataplane::{DataplaneError, PodLinks, PodSpec, PodTeardown, TeardownError};
 use proto::{ProtoError, Request, Response};
 
 /// What `CNI_NETNS` turned out to be.
@@ -31,11 +31,12 @@ pub trait Backend {
         timeout: Duration,
     ) -> Result<Response, ProtoError>;
     /// Wire the pod (veth pair, addresses, routes, neighbour, host routes and rules).
-    fn setup_pod(&self, spec: &PodSpec) -> Result<PodLinks, String>;
-    /// Verify the pod's wiring.
-    fn check_pod(&self, spec: &PodSpec) -> Result<(), String>;
-    /// Remove what `setup_pod` created; idempotent. Returns every failure.
-    fn teardown_pod(&self, t: &PodTeardown) -> Result<(), Vec<String>>;
+    fn setup_pod(&self, spec: &PodSpec) -> Result<PodLinks, DataplaneError>;
+    /// Verify the pod's wiring ([`DataplaneError::CheckFailed`] lists every difference).
+    fn check_pod(&self, spec: &PodSpec) -> Result<(), DataplaneError>;
+    /// Remove what `setup_pod` created; idempotent. Every step runs; the error holds every
+    /// failure.
+    fn teardown_pod(&self, t: &PodTeardown) -> Result<(), TeardownError>;
 }
 
 /// The real thing: `proto::call` and the `dataplane` crate.
@@ -77,15 +78,15 @@ impl Backend for RealBackend {
         proto::call(socket, req, timeout)
     }
 
-    fn setup_pod(&self, spec: &PodSpec) -> Result<PodLinks, String> {
-        dataplane::setup_pod(spec).map_err(|e| e.to_string())
+    fn setup_pod(&self, spec: &PodSpec) -> Result<PodLinks, DataplaneError> {
+        dataplane::setup_pod(spec)
     }
 
-    fn check_pod(&self, spec: &PodSpec) -> Result<(), String> {
-        dataplane::check_pod(spec).map_err(|e| e.to_string())
+    fn check_pod(&self, spec: &PodSpec) -> Result<(), DataplaneError> {
+        dataplane::check_pod(spec)
     }
 
-    fn teardown_pod(&self, t: &PodTeardown) -> Result<(), Vec<String>> {
-        dataplane::teardown_pod(t).map_err(|e| e.errors.iter().map(ToString::to_string).collect())
+    fn teardown_pod(&self, t: &PodTeardown) -> Result<(), TeardownError> {
+        dataplane::teardown_pod(t)
     }
 }

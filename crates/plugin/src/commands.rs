@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::{Backend, NetnsState};
 use crate::config::PluginConfig;
-use crate::error::{PluginError, Release};
+use crate::error::{GcFailure, PluginError, Release};
 
 /// How long to wait for the agent. ADD may wait for EC2 to hand out addresses.
 pub const ADD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -166,20 +166,20 @@ pub fn add(ctx: &Ctx) -> Result<Value, PluginError> {
     };
     let links = match ctx.backend.setup_pod(&spec) {
         Ok(links) => links,
-        Err(reason) if existing => {
+        Err(source) if existing => {
             // A repeated ADD for an attachment that already holds this address (the spec
             // forbids it, but a runtime may do it): the address may be in use by the first
             // ADD's interface, so it must not be released here. The runtime's DEL releases it.
-            warn!(%key, ip = %alloc.ip, %reason, "pod setup failed on a repeated ADD; the address stays assigned");
+            warn!(%key, ip = %alloc.ip, reason = %source, "pod setup failed on a repeated ADD; the address stays assigned");
             return Err(PluginError::Setup {
                 ip: alloc.ip,
-                reason,
+                source,
                 release: Release::Kept,
             });
         }
-        Err(reason) => {
+        Err(source) => {
             // setup_pod removes whatever it created before failing; give the address back.
-            warn!(%key, ip = %alloc.ip, %reason, "pod setup failed; releasing the address");
+            warn!(%key, ip = %alloc.ip, reason = %source, "pod setup failed; releasing the address");
             let release = match ctx.agent(&Request::Del { key: key.clone() }, DEL_TIMEOUT) {
                 Ok(Response::Deleted { .. }) => Release::Released,
                 Ok(other) => Release::Failed(format!("agent answered {other:?}")),
@@ -187,7 +187,7 @@ pub fn add(ctx: &Ctx) -> Result<Value, PluginError> {
             };
             return Err(PluginError::Setup {
                 ip: alloc.ip,
-                reason,
+                source,
                 release,
             });
         }
@@ -296,7 +296,7 @@ pub fn del(ctx: &Ctx) -> Result<(), PluginError> {
     };
     ctx.backend
         .teardown_pod(&t)
-        .map_err(|errors| PluginError::Teardown { errors })?;
+        .map_err(|source| PluginError::Teardown { source })?;
     info!(%key, %host_veth, ip = ?ip, "pod network torn down");
     match refused {
         Some(e) => Err(e),
@@ -358,7 +358,7 @@ pub fn check(ctx: &Ctx) -> Result<(), PluginError> {
     };
     ctx.backend
         .check_pod(&spec)
-        .map_err(|what| PluginError::Check { what })
+        .map_err(PluginError::CheckWiring)
 }
 
 pub fn status(ctx: &Ctx) -> Result<(), PluginError> {
@@ -413,7 +413,7 @@ pub fn gc(ctx: &Ctx) -> Result<(), PluginError> {
             });
         }
     };
-    let mut errors = Vec::new();
+    let mut failed = Vec::new();
     for (key, ip) in &released {
         info!(%key, %ip, "garbage-collected attachment; removing its host routes and rules");
         let t = PodTeardown {
@@ -422,13 +422,17 @@ pub fn gc(ctx: &Ctx) -> Result<(), PluginError> {
             ifname: &key.ifname,
             ip: Some(*ip),
         };
-        if let Err(errs) = ctx.backend.teardown_pod(&t) {
-            errors.extend(errs.into_iter().map(|e| format!("{key} ({ip}): {e}")));
+        if let Err(error) = ctx.backend.teardown_pod(&t) {
+            failed.push(GcFailure {
+                key: key.clone(),
+                ip: *ip,
+                error,
+            });
         }
     }
-    if errors.is_empty() {
+    if failed.is_empty() {
         Ok(())
     } else {
-        Err(PluginError::Teardown { errors })
+        Err(PluginError::GcTeardown { failed })
     }
 }

@@ -5,7 +5,8 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use cni::{CniError, code};
-use proto::ProtoError;
+use dataplane::{DataplaneError, TeardownError};
+use proto::{AttachmentKey, ProtoError};
 
 /// Plugin-specific error codes (the spec reserves 0–99).
 pub mod plugin_code {
@@ -56,24 +57,67 @@ pub enum PluginError {
     NotAvailable { reason: String },
 
     /// ADD: wiring the pod failed. `release` says what happened to the address.
-    #[error("setting up pod network failed: {reason}")]
+    #[error("setting up pod network failed: {source}")]
     Setup {
         ip: Ipv4Addr,
-        reason: String,
+        #[source]
+        source: DataplaneError,
         release: Release,
     },
 
-    /// CHECK: something differs from what ADD set up.
+    /// CHECK: prevResult and the agent's record disagree.
     #[error("check failed: {what}")]
     Check { what: String },
 
-    /// DEL / GC: these resources could not be removed.
-    #[error("teardown failed: {}", errors.join("; "))]
-    Teardown { errors: Vec<String> },
+    /// CHECK: the pod's wiring differs from what ADD set up (or could not be inspected).
+    #[error("check failed: {0}")]
+    CheckWiring(#[source] DataplaneError),
+
+    /// DEL: these parts of the pod's network could not be removed.
+    #[error("teardown failed: {}", joined(&source.errors))]
+    Teardown {
+        #[source]
+        source: TeardownError,
+    },
+
+    /// GC: these released attachments' host routes and rules could not all be removed.
+    #[error("teardown failed: {}", gc_details(failed))]
+    GcTeardown { failed: Vec<GcFailure> },
 
     /// A panic, reported rather than leaving stdout empty.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// A released attachment whose host side GC could not fully remove.
+#[derive(Debug)]
+pub struct GcFailure {
+    pub key: AttachmentKey,
+    pub ip: Ipv4Addr,
+    pub error: TeardownError,
+}
+
+/// Every error of a teardown, `; `-separated.
+fn joined(errors: &[DataplaneError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Every error of every failed GC teardown, each prefixed with its attachment and address.
+fn gc_details(failed: &[GcFailure]) -> String {
+    failed
+        .iter()
+        .flat_map(|f| {
+            f.error
+                .errors
+                .iter()
+                .map(move |e| format!("{} ({}): {e}", f.key, f.ip))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// What became of the address after a failed ADD.
@@ -155,7 +199,7 @@ impl PluginError {
             ),
             PluginError::Setup {
                 ip,
-                reason,
+                source: reason,
                 release,
             } => CniError::new(
                 plugin_code::POD_SETUP_FAILED,
@@ -175,10 +219,20 @@ impl PluginError {
                 "pod network differs from what ADD set up",
                 what.clone(),
             ),
-            PluginError::Teardown { errors } => CniError::new(
+            PluginError::CheckWiring(e) => CniError::new(
+                plugin_code::CHECK_FAILED,
+                "pod network differs from what ADD set up",
+                e.to_string(),
+            ),
+            PluginError::Teardown { source } => CniError::new(
                 plugin_code::TEARDOWN_FAILED,
                 "some of the pod network could not be removed",
-                errors.join("; "),
+                joined(&source.errors),
+            ),
+            PluginError::GcTeardown { failed } => CniError::new(
+                plugin_code::TEARDOWN_FAILED,
+                "some of the pod network could not be removed",
+                gc_details(failed),
             ),
             PluginError::Internal(what) => {
                 CniError::new(code::INTERNAL, "internal error in vpc-cni", what.clone())
@@ -239,19 +293,53 @@ mod tests {
             101
         );
         assert_eq!(
+            c(PluginError::CheckWiring(DataplaneError::CheckFailed {
+                problems: vec!["address".into()]
+            })),
+            101
+        );
+        let invalid = || DataplaneError::Invalid {
+            what: "MTU",
+            value: "a".into(),
+        };
+        assert_eq!(
             c(PluginError::Teardown {
-                errors: vec!["a".into()]
+                source: TeardownError {
+                    errors: vec![invalid()]
+                }
             }),
             102
         );
+        let gc = PluginError::GcTeardown {
+            failed: vec![GcFailure {
+                key: AttachmentKey {
+                    network: "n".into(),
+                    container_id: "c".into(),
+                    ifname: "eth0".into(),
+                },
+                ip: Ipv4Addr::new(10, 99, 0, 3),
+                error: TeardownError {
+                    errors: vec![invalid(), invalid()],
+                },
+            }],
+        }
+        .to_cni();
+        assert_eq!(gc.code, 102);
+        assert_eq!(
+            gc.details,
+            "n/c/eth0 (10.99.0.3): invalid MTU: a; n/c/eth0 (10.99.0.3): invalid MTU: a"
+        );
         let e = PluginError::Setup {
             ip: Ipv4Addr::new(10, 99, 0, 2),
-            reason: "link eth0 exists".into(),
+            source: DataplaneError::InterfaceExists {
+                ifname: "eth0".into(),
+                netns: "/run/netns/p".into(),
+            },
             release: Release::Released,
         }
         .to_cni();
         assert_eq!(e.code, 100);
-        assert!(e.details.contains("link eth0 exists"));
+        assert!(e.details.contains("interface eth0 already exists"));
         assert!(e.details.contains("released"));
     }
 }

@@ -21,7 +21,7 @@ use serde_json::Value;
 
 pub use backend::{Backend, NetnsState, RealBackend};
 pub use config::PluginConfig;
-pub use error::{PluginError, plugin_code};
+pub use error::{GcFailure, PluginError, Release, plugin_code};
 
 /// A validated request.
 #[derive(Debug, Clone)]

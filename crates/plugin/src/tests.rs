@@ -6,7 +6,8 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dataplane::{PodLinks, PodSpec, PodTeardown};
+use dataplane::{DataplaneError, NetError, PodLinks, PodSpec, PodTeardown, TeardownError};
+use nix::errno::Errno;
 use proto::{Allocation, AttachmentKey, ProtoError, Request, Response, StatusReply};
 use serde_json::{Value, json};
 
@@ -50,9 +51,10 @@ struct Fake {
     answers: RefCell<VecDeque<Response>>,
     requests: RefCell<Vec<Request>>,
     sockets: RefCell<Vec<PathBuf>>,
-    setup_error: Option<String>,
-    check_error: Option<String>,
-    teardown_errors: Vec<String>,
+    /// Scripted dataplane failures (made afresh for each call: the errors are not `Clone`).
+    setup_error: Option<fn() -> DataplaneError>,
+    check_error: Option<fn() -> DataplaneError>,
+    teardown_errors: Option<fn() -> Vec<DataplaneError>>,
     setups: RefCell<Vec<Setup>>,
     checks: RefCell<Vec<Setup>>,
     teardowns: RefCell<Vec<Teardown>>,
@@ -90,10 +92,10 @@ impl Backend for Fake {
                 source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
             })
     }
-    fn setup_pod(&self, spec: &PodSpec) -> Result<PodLinks, String> {
+    fn setup_pod(&self, spec: &PodSpec) -> Result<PodLinks, DataplaneError> {
         self.setups.borrow_mut().push(Setup::of(spec));
-        if let Some(e) = &self.setup_error {
-            return Err(e.clone());
+        if let Some(e) = self.setup_error {
+            return Err(e());
         }
         Ok(PodLinks {
             host_veth: spec.host_veth.into(),
@@ -102,21 +104,20 @@ impl Backend for Fake {
             container_mac: "02:00:00:00:00:02".into(),
         })
     }
-    fn check_pod(&self, spec: &PodSpec) -> Result<(), String> {
+    fn check_pod(&self, spec: &PodSpec) -> Result<(), DataplaneError> {
         self.checks.borrow_mut().push(Setup::of(spec));
-        self.check_error.clone().map_or(Ok(()), Err)
+        self.check_error.map_or(Ok(()), |e| Err(e()))
     }
-    fn teardown_pod(&self, t: &PodTeardown) -> Result<(), Vec<String>> {
+    fn teardown_pod(&self, t: &PodTeardown) -> Result<(), TeardownError> {
         self.teardowns.borrow_mut().push(Teardown {
             netns: t.netns.map(Into::into),
             host_veth: t.host_veth.map(Into::into),
             ifname: t.ifname.into(),
             ip: t.ip,
         });
-        if self.teardown_errors.is_empty() {
-            Ok(())
-        } else {
-            Err(self.teardown_errors.clone())
+        match self.teardown_errors {
+            None => Ok(()),
+            Some(errors) => Err(TeardownError { errors: errors() }),
         }
     }
 }
@@ -181,6 +182,23 @@ fn run(
 
 fn code(r: Result<Option<Value>, PluginError>) -> u32 {
     r.unwrap_err().to_cni().code
+}
+
+/// What the dataplane reports when CNI_IFNAME is taken in the pod's namespace.
+fn eth0_exists() -> DataplaneError {
+    DataplaneError::InterfaceExists {
+        ifname: "eth0".into(),
+        netns: NETNS.into(),
+    }
+}
+
+/// A kernel refusal of `op`.
+fn eperm(op: &str) -> NetError {
+    NetError::Kernel {
+        op: op.into(),
+        errno: Errno::EPERM,
+        ext_msg: None,
+    }
 }
 
 fn prev_result(ip: &str) -> Value {
@@ -365,8 +383,7 @@ fn add_setup_failure_releases_the_address() {
         .answer(Response::Deleted {
             released: Some(alloc(POD_IP, 254)),
         });
-    fake.setup_error =
-        Some("interface eth0 already exists in network namespace /run/netns/pod1".into());
+    fake.setup_error = Some(eth0_exists);
     let e = run(vars("ADD"), &conf("1.0.0", json!({})), &fake)
         .unwrap_err()
         .to_cni();
@@ -380,7 +397,9 @@ fn add_setup_failure_releases_the_address() {
         allocation: alloc(POD_IP, 254),
         existing: false,
     });
-    fake.setup_error = Some("boom".into());
+    fake.setup_error = Some(|| DataplaneError::LinkNotFound {
+        what: "boom".into(),
+    });
     let e = run(vars("ADD"), &conf("1.0.0", json!({})), &fake)
         .unwrap_err()
         .to_cni();
@@ -399,8 +418,7 @@ fn repeated_add_failure_keeps_the_address() {
         allocation: alloc(POD_IP, 254),
         existing: true,
     });
-    fake.setup_error =
-        Some("interface eth0 already exists in network namespace /run/netns/pod1".into());
+    fake.setup_error = Some(eth0_exists);
     let e = run(vars("ADD"), &conf("1.0.0", json!({})), &fake)
         .unwrap_err()
         .to_cni();
@@ -462,7 +480,7 @@ fn del_of_unknown_pod_without_prev_result_succeeds() {
 #[test]
 fn del_reports_every_teardown_error() {
     let mut fake = Fake::new().answer(Response::Deleted { released: None });
-    fake.teardown_errors = vec!["route 10.99.0.7/32: EPERM".into(), "rule: EPERM".into()];
+    fake.teardown_errors = Some(|| vec![eperm("route 10.99.0.7/32").into(), eperm("rule").into()]);
     let e = run(vars("DEL"), &conf("1.0.0", json!({})), &fake)
         .unwrap_err()
         .to_cni();
@@ -517,7 +535,9 @@ fn check_compares_agent_and_prev_result() {
     let mut fake = Fake::new().answer(Response::Checked {
         allocation: alloc(POD_IP, 2),
     });
-    fake.check_error = Some("neighbour 169.254.1.1 missing".into());
+    fake.check_error = Some(|| DataplaneError::CheckFailed {
+        problems: vec!["neighbour 169.254.1.1 missing".into()],
+    });
     let e = run(vars("CHECK"), &c, &fake).unwrap_err().to_cni();
     assert_eq!(e.code, 101);
     assert!(e.details.contains("neighbour"), "{e}");

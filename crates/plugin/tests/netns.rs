@@ -1,28 +1,21 @@
-//! The plugin binary against real network namespaces and a fake agent (root only).
+//! The plugin binary against real network namespaces and a fake agent (root only: ignored
+//! without `--include-ignored`).
 //!
 //! Every test makes its own "node" namespace (the plugin runs inside it, as if it were the
-//! host) and pod namespaces, all named `vpccni-pt-<pid>-…` and deleted on drop. Pod
+//! host) and pod namespaces, all `testkit::TestNs` (`vpccni-t-<pid>-…`, deleted on drop). Pod
 //! addresses are 10.99.0.x and exist only inside those namespaces.
 
 mod common;
 
 use std::path::Path;
 
-use common::{FakeAgent, Run, TestNetns, is_root, run_plugin};
+use common::{FakeAgent, Run, TestNetns, run_plugin};
 use serde_json::{Value, json};
+use testkit::require_root;
 
 const VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 const NETWORK: &str = "vpc-cni-test";
 const MTU: u64 = 1500;
-
-macro_rules! require_root {
-    ($name:expr) => {
-        if !is_root() {
-            println!("SKIP {}: needs root (network namespaces)", $name);
-            return;
-        }
-    };
-}
 
 /// One attachment as the runtime would describe it.
 struct Pod<'a> {
@@ -239,13 +232,14 @@ fn pod_has_no_eth0(pod_ns: &TestNetns) {
     assert!(
         !pod_ns.live_link_names().contains(&"eth0".to_string()),
         "eth0 left in {}",
-        pod_ns.name
+        pod_ns.name()
     );
 }
 
 #[test]
+#[ignore = "root: creates network namespaces and runs the plugin in them"]
 fn add_check_del_del_in_every_version() {
-    require_root!("add_check_del_del_in_every_version");
+    require_root();
     let node = TestNetns::new("life-node");
     add_eni_rule(&node, 3);
     let agent = FakeAgent::start(2, 20, 254);
@@ -281,8 +275,9 @@ fn add_check_del_del_in_every_version() {
 }
 
 #[test]
+#[ignore = "root: creates network namespaces and runs the plugin in them"]
 fn check_reports_damage() {
-    require_root!("check_reports_damage");
+    require_root();
     let node = TestNetns::new("chk-node");
     let agent = FakeAgent::start(30, 31, 254);
     let pod_ns = TestNetns::new("chk-pod");
@@ -315,8 +310,9 @@ fn check_reports_damage() {
 }
 
 #[test]
+#[ignore = "root: creates network namespaces and runs the plugin in them"]
 fn del_after_the_pod_netns_is_gone() {
-    require_root!("del_after_the_pod_netns_is_gone");
+    require_root();
     let node = TestNetns::new("gone-node");
     let agent = FakeAgent::start(40, 49, 3);
     for (i, v) in VERSIONS.iter().enumerate() {
@@ -336,8 +332,9 @@ fn del_after_the_pod_netns_is_gone() {
 }
 
 #[test]
+#[ignore = "root: creates network namespaces and runs the plugin in them"]
 fn del_with_the_agent_down_tears_down_from_prev_result() {
-    require_root!("del_with_the_agent_down_tears_down_from_prev_result");
+    require_root();
     let node = TestNetns::new("down-node");
     for (i, v) in VERSIONS.iter().enumerate() {
         let mut agent = FakeAgent::start(50, 59, 3);
@@ -365,8 +362,9 @@ fn del_with_the_agent_down_tears_down_from_prev_result() {
 }
 
 #[test]
+#[ignore = "root: creates network namespaces and runs the plugin in them"]
 fn add_with_an_existing_ifname_fails_and_leaks_nothing() {
-    require_root!("add_with_an_existing_ifname_fails_and_leaks_nothing");
+    require_root();
     let node = TestNetns::new("dup-node");
     let agent = FakeAgent::start(60, 69, 3);
     for (i, v) in VERSIONS.iter().enumerate() {
@@ -396,8 +394,9 @@ fn add_with_an_existing_ifname_fails_and_leaks_nothing() {
 }
 
 #[test]
+#[ignore = "root: creates network namespaces and runs the plugin in them"]
 fn status_and_gc() {
-    require_root!("status_and_gc");
+    require_root();
     let node = TestNetns::new("gc-node");
     add_eni_rule(&node, 3);
     let agent = FakeAgent::start(70, 79, 3);
@@ -470,8 +469,9 @@ fn status_and_gc() {
 }
 
 #[test]
+#[ignore = "root: creates network namespaces and runs the plugin in them"]
 fn concurrent_adds_and_dels() {
-    require_root!("concurrent_adds_and_dels");
+    require_root();
     let node = TestNetns::new("par-node");
     let agent = FakeAgent::start(80, 99, 3);
     let nss: Vec<TestNetns> = (0..6).map(|i| TestNetns::new(&format!("par{i}"))).collect();
@@ -509,8 +509,9 @@ fn concurrent_adds_and_dels() {
 }
 
 #[test]
+#[ignore = "root: creates network namespaces and runs the plugin in them"]
 fn without_kubernetes_args_the_veth_is_named_after_container_and_ifname() {
-    require_root!("without_kubernetes_args_the_veth_is_named_after_container_and_ifname");
+    require_root();
     let node = TestNetns::new("plain-node");
     let agent = FakeAgent::start(100, 101, 254);
     let pod_ns = TestNetns::new("plain-pod");
@@ -549,8 +550,9 @@ fn without_kubernetes_args_the_veth_is_named_after_container_and_ifname() {
 }
 
 #[test]
+#[ignore = "root: creates network namespaces and runs the plugin in them"]
 fn del_with_a_stale_netns_file_cleans_the_host_side() {
-    require_root!("del_with_a_stale_netns_file_cleans_the_host_side");
+    require_root();
     let node = TestNetns::new("stale-node");
     let agent = FakeAgent::start(110, 111, 3);
     let pod_ns = TestNetns::new("stale-pod");

@@ -82,32 +82,14 @@ pub struct Allocation {
     pub eni_id: String,
     /// Device number (index) of the owning ENI; 0 is the primary ENI.
     pub device_number: u32,
-    /// Route table that pod-originated traffic must use: 254 (main) for the primary ENI,
-    /// device number + 1 otherwise.
+    /// Route table that pod-originated traffic must use, as the agent computed it from
+    /// `device_number` with `dataplane::route_table_for_device` (the one home of that
+    /// numbering: 254, main, for the primary ENI, device number + 1 otherwise).
     pub route_table: u32,
     /// The owning ENI's subnet.
     pub subnet: Ipv4Net,
     /// The VPC CIDRs (for the CNI result and for SNAT decisions).
     pub vpc_cidrs: Vec<Ipv4Net>,
-}
-
-impl Allocation {
-    /// True when pod-originated traffic must be steered into a per-ENI table.
-    pub fn needs_from_rule(&self) -> bool {
-        self.route_table != MAIN_TABLE
-    }
-}
-
-/// The kernel's main routing table.
-pub const MAIN_TABLE: u32 = 254;
-
-/// The route table for an ENI at `device_number` on network card 0 (the reference's numbering).
-pub fn route_table_for_device(device_number: u32) -> u32 {
-    if device_number == 0 {
-        MAIN_TABLE
-    } else {
-        device_number + 1
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,13 +255,6 @@ mod tests {
             read_frame(&mut &frame[..]),
             Err(ProtoError::TooLarge(_))
         ));
-    }
-
-    #[test]
-    fn route_tables_follow_the_reference() {
-        assert_eq!(route_table_for_device(0), 254);
-        assert_eq!(route_table_for_device(1), 2);
-        assert_eq!(route_table_for_device(7), 8);
     }
 
     #[test]

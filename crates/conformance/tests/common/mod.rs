@@ -1,6 +1,7 @@
-//! Fixtures shared by the root tests: a throwaway node namespace `vpccni-rc-node-<pid>-<tag>`
-//! (loopback up), a temp directory with a ptp+host-local conflist whose host-local store lives
-//! in the temp directory, and the `vpc-cni-conformance` binary. Everything is removed on drop.
+//! Fixtures shared by the root tests: throwaway namespaces (`testkit::TestNs`, loopback up),
+//! a temp directory with a ptp+host-local conflist whose host-local store lives in the temp
+//! directory, the clients the tests need, and the `vpc-cni-conformance` binary. Everything is
+//! removed on drop.
 
 #![allow(dead_code)]
 
@@ -15,49 +16,47 @@ pub const NET: &str = "rcnet";
 pub const SUBNET: &str = "10.77.0.0/24";
 pub const CNI_BIN: &str = "/usr/lib/cni";
 
-/// The repository root (for .cache/).
-pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .unwrap()
-        .to_path_buf()
+pub use testkit::require_root;
+
+/// Where a client these tests need is, or why it cannot be found.
+fn locate(need: &str) -> Result<PathBuf, String> {
+    let first = |paths: &[&str]| {
+        paths
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or_else(|| paths.join(" or "))
+    };
+    let cache = |rel: &str| {
+        testkit::repo::find(&format!(".cache/{rel}")).ok_or_else(|| format!("<repo>/.cache/{rel}"))
+    };
+    match need {
+        "containerd" => first(&["/usr/bin/containerd"]),
+        "ctr" => first(&["/usr/bin/ctr"]),
+        "runc" => first(&["/usr/sbin/runc", "/usr/bin/runc"]),
+        "ptp" => first(&["/usr/lib/cni/ptp"]),
+        "host-local" => first(&["/usr/lib/cni/host-local"]),
+        "cnitool" => cache("bin/cnitool"),
+        "pause" => cache("pause-oci.tar"),
+        "ping" => first(&["/usr/bin/ping", "/bin/ping"]),
+        other => panic!("unknown requirement {other}"),
+    }
 }
 
-/// Why these tests cannot run here, if they cannot (not root, a client missing).
-pub fn skip_reason(need: &[&str]) -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("not root".into());
-    }
-    for n in need {
-        let ok = match *n {
-            "containerd" => Path::new("/usr/bin/containerd").exists(),
-            "ctr" => Path::new("/usr/bin/ctr").exists(),
-            "runc" => Path::new("/usr/sbin/runc").exists() || Path::new("/usr/bin/runc").exists(),
-            "ptp" => Path::new(CNI_BIN).join("ptp").exists(),
-            "host-local" => Path::new(CNI_BIN).join("host-local").exists(),
-            "cnitool" => repo().join(".cache/bin/cnitool").exists(),
-            "pause" => repo().join(".cache/pause-oci.tar").exists(),
-            "ping" => Path::new("/usr/bin/ping").exists() || Path::new("/bin/ping").exists(),
-            other => panic!("unknown requirement {other}"),
-        };
-        if !ok {
-            return Some(format!(
-                "{n} is missing (run `bash scripts/setup-clients.sh` as root)"
-            ));
-        }
-    }
-    None
-}
-
-/// Prints the skip line and returns true when the test cannot run.
-pub fn skip(test: &str, need: &[&str]) -> bool {
-    if let Some(r) = skip_reason(need) {
-        println!("SKIP {test}: {r}");
-        true
-    } else {
-        false
-    }
+/// Panics, naming everything missing and `scripts/setup.sh`, unless every client in `need` is
+/// installed. A test that cannot run fails rather than passing.
+#[track_caller]
+pub fn require(need: &[&str]) {
+    let missing: Vec<String> = need
+        .iter()
+        .filter_map(|n| locate(n).err().map(|where_| format!("{n} ({where_})")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "missing: {}; run `scripts/setup.sh` as root (it installs containerd, runc, cnitool, \
+         the pause image and Debian's CNI plugins through scripts/setup-clients.sh)",
+        missing.join(", ")
+    );
 }
 
 pub fn sh(cmd: &str, args: &[&str]) -> std::process::Output {
@@ -115,53 +114,37 @@ pub fn conformance_ok(args: &[&str]) -> serde_json::Value {
     conformance(args).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A network namespace created by the test (`ip netns add`) and deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
+/// A test namespace ([`testkit::TestNs`], deleted on drop) with loopback up.
+pub struct Netns(testkit::TestNs);
 
 impl Netns {
-    pub fn new(name: String) -> Netns {
-        let _ = sh("ip", &["netns", "del", &name]);
-        sh_ok("ip", &["netns", "add", &name]);
-        let ns = Netns { name };
-        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
-        ns
+    pub fn new(tag: &str) -> Netns {
+        let ns = testkit::TestNs::new(tag);
+        ns.ip("link set lo up");
+        Netns(ns)
+    }
+
+    /// Its name under /run/netns.
+    pub fn name(&self) -> &str {
+        self.0.name()
     }
 
     pub fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
+        self.0.path().display().to_string()
     }
 
     pub fn exec(&self, args: &[&str]) -> std::process::Output {
-        let mut a = vec!["netns", "exec", &self.name];
-        a.extend_from_slice(args);
-        sh("ip", &a)
+        self.0.exec(args)
     }
 
     pub fn exec_ok(&self, args: &[&str]) -> String {
-        let mut a = vec!["netns", "exec", &self.name];
+        let mut a = vec!["netns", "exec", self.name()];
         a.extend_from_slice(args);
         sh_ok("ip", &a)
     }
 
     pub fn ping(&self, ip: &str) -> bool {
-        self.exec(&["ping", "-c", "1", "-W", "2", ip])
-            .status
-            .success()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let o = sh("ip", &["netns", "del", &self.name]);
-        if !o.status.success() {
-            eprintln!(
-                "cleanup: ip netns del {} failed: {}",
-                self.name,
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
+        self.0.ping(ip)
     }
 }
 

@@ -1,5 +1,5 @@
 //! Shared helpers for the plugin's process-level tests: running the binary, throwaway
-//! network namespaces, and a fake agent serving the proto socket.
+//! network namespaces (on `testkit`'s), and a fake agent serving the proto socket.
 
 #![allow(dead_code)]
 
@@ -20,11 +20,6 @@ use proto::{Allocation, AttachmentKey, Request, Response, StatusReply};
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vpc-cni");
-
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 /// What one plugin run produced.
 #[derive(Debug)]
@@ -106,26 +101,23 @@ pub fn run_plugin(env: &[(&str, &str)], stdin: &[u8], netns: Option<&Path>) -> R
     }
 }
 
-/// A named network namespace `vpccni-pt-<pid>-<tag>`, deleted on drop (root only).
-pub struct TestNetns {
-    pub name: String,
-    deleted: bool,
-}
+/// A test namespace ([`testkit::TestNs`], deleted on drop) with loopback up, and what these
+/// tests read from it (root only).
+pub struct TestNetns(testkit::TestNs);
 
 impl TestNetns {
     pub fn new(tag: &str) -> TestNetns {
-        let name = format!("vpccni-pt-{}-{tag}", std::process::id());
-        assert!(name.len() < 64);
-        sh(&["ip", "netns", "add", &name]);
-        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        TestNetns {
-            name,
-            deleted: false,
-        }
+        let ns = testkit::TestNs::new(tag);
+        ns.ip("link set lo up");
+        TestNetns(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        self.0.name()
     }
 
     pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
+        self.0.path()
     }
 
     pub fn path_str(&self) -> String {
@@ -134,15 +126,13 @@ impl TestNetns {
 
     /// Delete it now (e.g. to test DEL after the pod's netns is gone).
     pub fn delete(&mut self) {
-        if !self.deleted {
-            sh(&["ip", "netns", "del", &self.name]);
-            self.deleted = true;
-        }
+        self.0.delete();
+        assert!(!self.path().exists(), "{} is still there", self.path_str());
     }
 
     /// `ip -j <args>` inside this namespace.
     pub fn ip_json(&self, args: &[&str]) -> Value {
-        let mut full = vec!["ip", "-j", "-n", &self.name];
+        let mut full = vec!["ip", "-j", "-n", self.name()];
         full.extend_from_slice(args);
         let out = sh(&full);
         if out.trim().is_empty() {
@@ -153,7 +143,7 @@ impl TestNetns {
     }
 
     pub fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["ip", "-n", &self.name];
+        let mut full = vec!["ip", "-n", self.name()];
         full.extend_from_slice(args);
         sh(&full)
     }
@@ -191,18 +181,8 @@ impl TestNetns {
         let group = dataplane::RETIRED_LINK_GROUP.to_string();
         // ENODEV is fine: the kernel may have deleted them with a pod netns meanwhile
         let _ = Command::new("ip")
-            .args(["-n", &self.name, "link", "del", "group", &group])
+            .args(["-n", self.name(), "link", "del", "group", &group])
             .output();
-    }
-}
-
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        if !self.deleted {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.name])
-                .status();
-        }
     }
 }
 
