@@ -1,10 +1,23 @@
-//! The agent's boundary to EC2 and to the node's interfaces, as small traits: the real
-//! implementations (`cloud::Ec2`, `dataplane`) and in-memory fakes for unit tests.
+//! The agent's seam to EC2: the [`Cloud`] trait with the calls the agent makes (implemented by
+//! `cloud::Ec2`, and by an in-memory fake in the provisioner's tests), and an instance type's
+//! limits from DescribeInstanceTypes or, failing that, a built-in table.
 
 use std::future::Future;
 use std::net::Ipv4Addr;
 
 use cloud::{CloudError, Ec2, Filter, InstanceTypeLimits, IpRequest, NetworkInterface, NewEni};
+use tracing::warn;
+
+/// Neither EC2 nor the built-in table knows the instance type's limits.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot learn the ENI and IP limits of {instance_type}: DescribeInstanceTypes failed ({cause}) and the type is not in the built-in table"
+)]
+pub struct LimitsError {
+    pub instance_type: String,
+    /// DescribeInstanceTypes' error (shown in the message).
+    pub cause: CloudError,
+}
 
 /// The EC2 calls the agent makes.
 pub trait Cloud: Send + Sync + 'static {
@@ -111,32 +124,22 @@ pub fn builtin_limits(instance_type: &str) -> Option<InstanceTypeLimits> {
     })
 }
 
-/// The node side of ENI changes.
-pub trait NodeNet: Send + Sync + 'static {
-    /// Waits for the interface with the ENI's MAC to appear, then sets it up (table, rule).
-    /// Returns the interface name.
-    fn setup_eni(&self, e: &dataplane::EniSetup) -> Result<String, String>;
-    fn teardown_eni(&self, device_number: u32, primary_ip: Ipv4Addr) -> Result<(), String>;
-}
-
-/// The real node: netlink, with a wait for the hot-plugged interface.
-#[derive(Debug, Clone, Copy)]
-pub struct Netlink {
-    pub wait_s: u64,
-}
-
-impl NodeNet for Netlink {
-    fn setup_eni(&self, e: &dataplane::EniSetup) -> Result<String, String> {
-        crate::host::wait_for_link(&e.mac, self.wait_s).map_err(|waited| {
-            format!(
-                "no interface with MAC {} appeared within {waited}s of attaching the ENI",
-                e.mac
-            )
-        })?;
-        dataplane::setup_eni(e).map_err(|err| err.to_string())
-    }
-
-    fn teardown_eni(&self, device_number: u32, primary_ip: Ipv4Addr) -> Result<(), String> {
-        dataplane::teardown_eni(device_number, primary_ip).map_err(|e| e.to_string())
+/// DescribeInstanceTypes, or the built-in table when EC2 cannot answer.
+pub async fn limits_or_builtin<C: Cloud>(
+    cloud: &C,
+    instance_type: &str,
+) -> Result<InstanceTypeLimits, LimitsError> {
+    match cloud.instance_limits(instance_type).await {
+        Ok(l) => Ok(l),
+        Err(e) => match builtin_limits(instance_type) {
+            Some(l) => {
+                warn!(r#type = %instance_type, "DescribeInstanceTypes failed ({e}); using the built-in limits");
+                Ok(l)
+            }
+            None => Err(LimitsError {
+                instance_type: instance_type.to_owned(),
+                cause: e,
+            }),
+        },
     }
 }

@@ -144,9 +144,8 @@ impl ImdsMetadata {
         };
 
         let device_path = p("device-number");
-        let device_number = parse::imds_value(&device_path, &self.get(&device_path).await?, |s| {
-            s.trim().parse::<u32>().map_err(|e| e.to_string())
-        })?;
+        let device_number =
+            parse::imds_value(&device_path, &self.get(&device_path).await?, parse::number)?;
         let interface_id = self.get(&p("interface-id")).await?.trim().to_owned();
         let subnet_id = self.get(&p("subnet-id")).await?.trim().to_owned();
         let vpc_id = self.get(&p("vpc-id")).await?.trim().to_owned();

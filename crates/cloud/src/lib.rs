@@ -2,8 +2,11 @@
 //! `aws_config::imds`, exposed with domain types (no SDK types in the public API).
 //!
 //! - [`Ec2`]: one SDK client (`Ec2::from_env` = the standard chain: `AWS_REGION`, credentials,
-//!   `AWS_ENDPOINT_URL_EC2`; `Ec2::for_endpoint` for an emulator). Errors name the EC2 operation
-//!   and the AWS error code ([`CloudError::code`], [`CloudError::is_throttling`]).
+//!   `AWS_ENDPOINT_URL_EC2`) with the calls the agent makes: ENIs, their addresses, instance-type
+//!   limits. Errors name the EC2 operation and the AWS error code ([`CloudError::code`],
+//!   [`CloudError::is_throttling`]).
+//! - `lab` (feature `lab`, for the lab and tests only): VPCs, subnets, security groups, tags,
+//!   instances, and `Ec2::for_endpoint` for an emulator. `aws-sdk-ec2` is compiled once, here.
 //! - [`ImdsMetadata`]: IMDSv2 via the SDK client (`AWS_EC2_METADATA_SERVICE_ENDPOINT`), read
 //!   into [`InstanceMetadata`] behind the [`Metadata`] trait.
 //!
@@ -15,12 +18,13 @@
 mod ec2;
 mod error;
 mod imds;
+#[cfg(feature = "lab")]
+pub mod lab;
 mod parse;
 mod stats;
 
 pub use ec2::{
-    Ec2, EniAttachment, Filter, Instance, InstanceEni, InstanceTypeLimits, IpRequest,
-    NetworkInterface, NewEni, Subnet, Tags, Vpc,
+    Ec2, EniAttachment, Filter, InstanceTypeLimits, IpRequest, NetworkInterface, NewEni, Tags,
 };
 pub use error::CloudError;
 pub use imds::{

@@ -6,6 +6,26 @@ use ipnet::Ipv4Net;
 
 use crate::CloudError;
 
+/// Why a value from IMDS or EC2 could not be parsed. It becomes the `reason`/`problem` text of
+/// the [`CloudError`] that names the path or field.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ParseError {
+    #[error("not an IPv4 address: {0}")]
+    Ipv4(std::net::AddrParseError),
+    #[error("not an IPv4 CIDR: {0}")]
+    Cidr(ipnet::AddrParseError),
+    #[error("host bits set (network is {network})")]
+    HostBits { network: Ipv4Net },
+    #[error("{0}")]
+    Number(std::num::ParseIntError),
+    #[error("not a JSON document: {0}")]
+    Json(serde_json::Error),
+    #[error("\"region\" is not a non-empty string: {0}")]
+    RegionNotString(serde_json::Value),
+    #[error("no \"region\" field")]
+    NoRegion,
+}
+
 /// Non-empty, trimmed lines of an IMDS text value (IMDS lists are newline-separated).
 pub(crate) fn lines(text: &str) -> impl Iterator<Item = &str> {
     text.lines().map(str::trim).filter(|l| !l.is_empty())
@@ -19,32 +39,33 @@ pub(crate) fn mac_listing(text: &str) -> Vec<String> {
         .collect()
 }
 
-pub(crate) fn ipv4(s: &str) -> Result<Ipv4Addr, String> {
-    s.trim()
-        .parse::<Ipv4Addr>()
-        .map_err(|e| format!("not an IPv4 address: {e}"))
+pub(crate) fn ipv4(s: &str) -> Result<Ipv4Addr, ParseError> {
+    s.trim().parse::<Ipv4Addr>().map_err(ParseError::Ipv4)
+}
+
+/// A non-negative decimal number such as an IMDS device number.
+pub(crate) fn number(s: &str) -> Result<u32, ParseError> {
+    s.trim().parse::<u32>().map_err(ParseError::Number)
 }
 
 /// An IPv4 CIDR; the network must be in canonical form (host bits zero), as EC2 reports it.
-pub(crate) fn ipv4_net(s: &str) -> Result<Ipv4Net, String> {
-    let net = s
-        .trim()
-        .parse::<Ipv4Net>()
-        .map_err(|e| format!("not an IPv4 CIDR: {e}"))?;
+pub(crate) fn ipv4_net(s: &str) -> Result<Ipv4Net, ParseError> {
+    let net = s.trim().parse::<Ipv4Net>().map_err(ParseError::Cidr)?;
     if net.trunc() != net {
-        return Err(format!("host bits set (network is {})", net.trunc()));
+        return Err(ParseError::HostBits {
+            network: net.trunc(),
+        });
     }
     Ok(net)
 }
 
 /// The `region` field of the instance identity document.
-pub(crate) fn identity_region(doc: &str) -> Result<String, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(doc).map_err(|e| format!("not a JSON document: {e}"))?;
+pub(crate) fn identity_region(doc: &str) -> Result<String, ParseError> {
+    let v: serde_json::Value = serde_json::from_str(doc).map_err(ParseError::Json)?;
     match v.get("region") {
         Some(serde_json::Value::String(r)) if !r.is_empty() => Ok(r.clone()),
-        Some(other) => Err(format!("\"region\" is not a non-empty string: {other}")),
-        None => Err("no \"region\" field".to_owned()),
+        Some(other) => Err(ParseError::RegionNotString(other.clone())),
+        None => Err(ParseError::NoRegion),
     }
 }
 
@@ -52,12 +73,12 @@ pub(crate) fn identity_region(doc: &str) -> Result<String, String> {
 pub(crate) fn imds_value<T>(
     path: &str,
     value: &str,
-    parse: impl FnOnce(&str) -> Result<T, String>,
+    parse: impl FnOnce(&str) -> Result<T, ParseError>,
 ) -> Result<T, CloudError> {
     parse(value).map_err(|reason| CloudError::ImdsValue {
         path: path.to_owned(),
         value: value.to_owned(),
-        reason,
+        reason: reason.to_string(),
     })
 }
 
@@ -66,7 +87,7 @@ pub(crate) fn ec2_field<T>(
     call: &'static str,
     field: &str,
     value: Option<&str>,
-    parse: impl FnOnce(&str) -> Result<T, String>,
+    parse: impl FnOnce(&str) -> Result<T, ParseError>,
 ) -> Result<T, CloudError> {
     let v = value.ok_or_else(|| CloudError::missing(call, field))?;
     parse(v).map_err(|reason| CloudError::answer(call, field, format!("= {v:?}: {reason}")))
@@ -122,12 +143,14 @@ mod tests {
         assert!(
             ipv4("172.31.15")
                 .unwrap_err()
+                .to_string()
                 .contains("not an IPv4 address")
         );
         assert_eq!(ipv4_net("172.31.0.0/20").unwrap().prefix_len(), 20);
         assert!(
             ipv4_net("172.31.0.1/20")
                 .unwrap_err()
+                .to_string()
                 .contains("host bits set")
         );
         assert!(ipv4_net("172.31.0.0").is_err());
@@ -140,16 +163,19 @@ mod tests {
         assert!(
             identity_region(r#"{"instanceId":"i-1"}"#)
                 .unwrap_err()
+                .to_string()
                 .contains("no \"region\"")
         );
         assert!(
             identity_region(r#"{"region":5}"#)
                 .unwrap_err()
+                .to_string()
                 .contains("not a non-empty string")
         );
         assert!(
             identity_region("<html>")
                 .unwrap_err()
+                .to_string()
                 .contains("not a JSON")
         );
     }

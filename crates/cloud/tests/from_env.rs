@@ -5,10 +5,11 @@
 mod common;
 
 use cloud::{Ec2, ImdsMetadata, Metadata};
+use testkit::moto::Moto;
 
 #[test]
 fn from_env_uses_the_standard_variables() {
-    let moto = common::Moto::start();
+    let moto = Moto::for_test();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -29,22 +30,18 @@ fn from_env_uses_the_standard_variables() {
         std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
         std::env::remove_var("AWS_PROFILE");
         std::env::remove_var("AWS_ENDPOINT_URL");
-        if let Some(m) = &moto {
-            std::env::set_var("AWS_ENDPOINT_URL_EC2", m.endpoint());
-        }
+        std::env::set_var("AWS_ENDPOINT_URL_EC2", moto.endpoint());
     }
 
     let md = ImdsMetadata::from_env().unwrap();
     let got = rt.block_on(md.instance()).unwrap();
     assert_eq!(got.instance_id, "i-0abc");
 
-    if moto.is_some() {
-        let ec2 = rt.block_on(Ec2::from_env()).unwrap();
-        assert_eq!(ec2.region(), "us-west-2");
-        // moto pre-creates a default VPC: reaching it proves the endpoint override works.
-        let vpcs = rt.block_on(ec2.describe_vpcs(&[], &[])).unwrap();
-        assert!(vpcs.iter().any(|v| v.is_default), "{vpcs:?}");
-    }
+    let ec2 = rt.block_on(Ec2::from_env()).unwrap();
+    assert_eq!(ec2.region(), "us-west-2");
+    // moto pre-creates a default VPC: reaching it proves the endpoint override works.
+    let vpcs = rt.block_on(ec2.describe_vpcs(&[], &[])).unwrap();
+    assert!(vpcs.iter().any(|v| v.is_default), "{vpcs:?}");
 
     unsafe { std::env::set_var("AWS_EC2_METADATA_SERVICE_ENDPOINT", "::not a uri::") };
     let err = ImdsMetadata::from_env().unwrap_err();

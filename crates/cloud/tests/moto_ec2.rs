@@ -1,13 +1,12 @@
 //! The EC2 side of `cloud` against moto_server: the whole provisioning flow the lab and the
 //! agent rely on, through the real SDK.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use cloud::{Ec2, Filter, IpRequest, NewEni, Tags};
 use ipnet::Ipv4Net;
+use testkit::moto::Moto;
 
 fn tags(pairs: &[(&str, &str)]) -> Tags {
     pairs
@@ -26,9 +25,7 @@ fn net(s: &str) -> Ipv4Net {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provisioning_flow_against_moto() {
-    let Some(moto) = common::Moto::start() else {
-        return;
-    };
+    let moto = Moto::for_test();
     let ec2 = Ec2::for_endpoint(&moto.endpoint(), "us-west-2");
     assert_eq!(ec2.region(), "us-west-2");
 

@@ -1,5 +1,6 @@
-//! Node setup from what IMDS says: the primary interface, every secondary ENI, the egress
-//! (SNAT) table, and the address pool built from the ENIs' secondary IPs.
+//! The node's start-up from what IMDS (and, with provisioning, EC2) says: learning the
+//! instance, listing its attached ENIs, setting up the primary interface, every secondary ENI
+//! and the egress (SNAT) table, and building the address pool from the ENIs' secondary IPs.
 
 use std::time::Duration;
 
@@ -10,10 +11,15 @@ use ipnet::Ipv4Net;
 use proto::AttachmentKey;
 use tracing::{info, warn};
 
+use crate::cloud_api::Cloud;
 use crate::config::Config;
+use crate::node_net::wait_for_link;
+
+/// How long start-up waits for the interface of an ENI that IMDS lists as attached.
+const ENI_WAIT_S: u64 = 10;
 
 #[derive(Debug, thiserror::Error)]
-pub enum HostError {
+pub enum StartupError {
     #[error("IMDS did not answer after {attempts} attempts: {last}")]
     Imds {
         attempts: u32,
@@ -44,14 +50,14 @@ pub enum HostError {
 }
 
 /// Reads IMDS, retrying while it is not answering yet (a node that just booted).
-pub async fn learn<M: Metadata>(imds: &M, attempts: u32) -> Result<InstanceMetadata, HostError> {
+pub async fn learn<M: Metadata>(imds: &M, attempts: u32) -> Result<InstanceMetadata, StartupError> {
     let mut delay = Duration::from_millis(200);
     let mut attempt = 1;
     loop {
         match imds.instance().await {
             Ok(md) => return Ok(md),
             Err(e) if attempt >= attempts => {
-                return Err(HostError::Imds { attempts, last: e });
+                return Err(StartupError::Imds { attempts, last: e });
             }
             Err(e) => {
                 warn!(attempt, "IMDS not ready: {e}; retrying in {delay:?}");
@@ -91,7 +97,7 @@ pub fn enis_from_imds(md: &InstanceMetadata) -> Vec<EniView> {
 
 /// The ENIs attached to this instance as EC2 describes them: EC2, not IMDS, is the truth for
 /// which addresses an ENI holds (IMDS can lag behind by seconds after a change).
-pub async fn enis_from_ec2<C: crate::cloud_api::Cloud>(
+pub async fn enis_from_ec2<C: Cloud>(
     ec2: &C,
     md: &InstanceMetadata,
 ) -> Result<Vec<EniView>, cloud::CloudError> {
@@ -129,28 +135,32 @@ pub async fn enis_from_ec2<C: crate::cloud_api::Cloud>(
     Ok(out)
 }
 
-/// What host setup produced.
+/// What start-up produced.
 #[derive(Debug)]
-pub struct Node {
+pub struct StartedNode {
     pub primary_ifname: String,
     pub vpc_cidrs: Vec<Ipv4Net>,
     pub pool: Pool<AttachmentKey>,
 }
 
-fn dp(what: impl Into<String>) -> impl FnOnce(dataplane::DataplaneError) -> HostError {
+fn dp(what: impl Into<String>) -> impl FnOnce(dataplane::DataplaneError) -> StartupError {
     let what = what.into();
-    move |source| HostError::Dataplane { what, source }
+    move |source| StartupError::Dataplane { what, source }
 }
 
 /// Sets up the host and every secondary ENI, and builds the pool. Blocking (netlink, nft):
 /// call it from a blocking thread.
-pub fn setup(cfg: &Config, md: &InstanceMetadata, enis: &[EniView]) -> Result<Node, HostError> {
-    let primary = md.primary_eni().ok_or_else(|| HostError::NoPrimaryEni {
+pub fn setup(
+    cfg: &Config,
+    md: &InstanceMetadata,
+    enis: &[EniView],
+) -> Result<StartedNode, StartupError> {
+    let primary = md.primary_eni().ok_or_else(|| StartupError::NoPrimaryEni {
         instance: md.instance_id.clone(),
     })?;
     let primary_ifname = dataplane::link_name_by_mac(&md.primary_mac)
         .map_err(dp("finding the primary interface"))?
-        .ok_or_else(|| HostError::NoPrimaryInterface {
+        .ok_or_else(|| StartupError::NoPrimaryInterface {
             mac: md.primary_mac.clone(),
         })?;
     dataplane::setup_host(&HostSetup {
@@ -167,12 +177,13 @@ pub fn setup(cfg: &Config, md: &InstanceMetadata, enis: &[EniView]) -> Result<No
             subnet: eni.subnet,
             mtu: cfg.eni_mtu,
         };
-        let ifname = wait_for_link(&eni.mac, 10).map_err(|waited_s| HostError::EniMissing {
-            eni: eni.id.clone(),
-            mac: eni.mac.clone(),
-            device: eni.device_number,
-            waited_s,
-        })?;
+        let ifname =
+            wait_for_link(&eni.mac, ENI_WAIT_S).ok_or_else(|| StartupError::EniMissing {
+                eni: eni.id.clone(),
+                mac: eni.mac.clone(),
+                device: eni.device_number,
+                waited_s: ENI_WAIT_S,
+            })?;
         dataplane::setup_eni(&setup).map_err(dp(format!(
             "ENI {} ({ifname}, device {})",
             eni.id, eni.device_number
@@ -206,21 +217,9 @@ pub fn setup(cfg: &Config, md: &InstanceMetadata, enis: &[EniView]) -> Result<No
             &eni.secondary_ips,
         )?;
     }
-    Ok(Node {
+    Ok(StartedNode {
         primary_ifname,
         vpc_cidrs,
         pool,
     })
-}
-
-/// Waits up to `seconds` for an interface with `mac` (a just-attached ENI appears
-/// asynchronously). Returns its name, or the seconds waited.
-pub fn wait_for_link(mac: &str, seconds: u64) -> Result<String, u64> {
-    for _ in 0..seconds * 10 {
-        if let Ok(Some(name)) = dataplane::link_name_by_mac(mac) {
-            return Ok(name);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err(seconds)
 }

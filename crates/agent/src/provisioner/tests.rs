@@ -13,7 +13,8 @@ use ipam::{EniInfo, Pool};
 
 use super::*;
 use crate::checkpoint;
-use crate::cloud_api::{Cloud, NodeNet};
+use crate::cloud_api::Cloud;
+use crate::node_net::{NodeError, NodeNet};
 use crate::state::State;
 
 const INSTANCE: &str = "i-node1";
@@ -267,16 +268,16 @@ impl Cloud for FakeEc2 {
 }
 
 #[derive(Debug, Default)]
-struct FakeNet {
+struct FakeNode {
     setups: Mutex<Vec<u32>>,
 }
 
-impl NodeNet for FakeNet {
-    fn setup_eni(&self, e: &dataplane::EniSetup) -> Result<String, String> {
+impl NodeNet for FakeNode {
+    fn setup_eni(&self, e: &dataplane::EniSetup) -> Result<String, NodeError> {
         self.setups.lock().unwrap().push(e.device_number);
         Ok(format!("eth{}", e.device_number))
     }
-    fn teardown_eni(&self, _d: u32, _ip: Ipv4Addr) -> Result<(), String> {
+    fn teardown_eni(&self, _d: u32, _ip: Ipv4Addr) -> Result<(), NodeError> {
         Ok(())
     }
 }
@@ -314,7 +315,7 @@ fn boot(
     ec2: &Arc<FakeEc2>,
     dir: &std::path::Path,
     targets: Targets,
-) -> Arc<Provisioner<FakeEc2, FakeNet>> {
+) -> Arc<Provisioner<FakeEc2, FakeNode>> {
     let mut pool = Pool::new(0);
     for e in ec2.enis.lock().unwrap().values() {
         if let Some(a) = &e.attachment {
@@ -335,14 +336,14 @@ fn boot(
     st.restore(&checkpoint::load(&path).unwrap());
     Arc::new(Provisioner::new(
         ec2.clone(),
-        Arc::new(FakeNet::default()),
+        Arc::new(FakeNode::default()),
         Arc::new(Mutex::new(st)),
         node(),
         settings(targets),
     ))
 }
 
-async fn converge(p: &Provisioner<FakeEc2, FakeNet>) -> Vec<Action> {
+async fn converge(p: &Provisioner<FakeEc2, FakeNode>) -> Vec<Action> {
     let mut done = Vec::new();
     while let Some(a) = p.step().await.unwrap() {
         done.push(a);
@@ -506,7 +507,7 @@ fn key(i: usize) -> proto::AttachmentKey {
 }
 
 /// Adds pod `i`, provisioning whenever the pool is empty, as the agent's loop would.
-async fn add_pod(p: &Provisioner<FakeEc2, FakeNet>, i: usize) {
+async fn add_pod(p: &Provisioner<FakeEc2, FakeNode>, i: usize) {
     for _ in 0..10 {
         let r = p.state.lock().unwrap().handle(proto::Request::Add {
             key: key(i),
@@ -609,6 +610,14 @@ async fn a_full_subnet_is_named_in_add_errors_and_backs_off() {
 
 #[test]
 fn created_at_tag_is_rfc3339() {
-    assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-    assert_eq!(rfc3339(1_764_070_000_000), "2025-11-25T11:26:40Z");
+    assert_eq!(rfc3339(0).as_deref(), Some("1970-01-01T00:00:00Z"));
+    assert_eq!(
+        rfc3339(1_764_070_000_000).as_deref(),
+        Some("2025-11-25T11:26:40Z")
+    );
+    // Whole seconds: milliseconds are dropped, not rounded.
+    assert_eq!(
+        rfc3339(1_764_070_000_999).as_deref(),
+        Some("2025-11-25T11:26:40Z")
+    );
 }

@@ -1,5 +1,6 @@
-//! Keeps the warm pool through EC2: assigns and releases secondary IPs, creates, attaches,
-//! detaches and deletes ENIs, as the planner (`ipam::planner`) decides.
+//! The warm-pool provisioner: keeps the pool at its targets through EC2 (assigns and releases
+//! secondary IPs; creates, attaches, detaches and deletes ENIs) as the planner
+//! (`ipam::planner`) decides.
 //!
 //! Crash safety: every ENI operation is recorded as an intent in the checkpoint *before* its
 //! first EC2 call, and the ENI carries the intent's id as a tag. A restart finds every intent
@@ -16,11 +17,14 @@ use cloud::{CloudError, Filter, NetworkInterface, NewEni};
 use ipam::EniInfo;
 use ipam::planner::{self, Action, Ages, Demand, Limits, Targets};
 use ipnet::Ipv4Net;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::checkpoint::{IntentOp, IntentRecord};
-use crate::cloud_api::{Cloud, NodeNet};
+use crate::cloud_api::Cloud;
+use crate::node_net::{NodeError, NodeNet};
 use crate::state::State;
 
 pub const TAG_INSTANCE: &str = "node.k8s.amazonaws.com/instance_id";
@@ -61,39 +65,37 @@ pub struct Settings {
 pub enum ProvisionError {
     #[error("{0}")]
     Cloud(#[from] CloudError),
-    #[error("{what}: {detail}")]
-    Step { what: String, detail: String },
+    /// The node side of a new ENI (its interface, table, rule) could not be set up.
+    #[error("setting up ENI {eni}: {source}")]
+    Node { eni: String, source: NodeError },
+    /// The blocking task that set up a new ENI died.
+    #[error("setting up the ENI: {0}")]
+    SetupTask(tokio::task::JoinError),
+    /// The pool refused a change (`what` names it).
+    #[error("{what}: {source}")]
+    Pool {
+        what: String,
+        source: ipam::PoolError,
+    },
+    #[error("detaching ENI {eni}: still attached after 40 checks")]
+    StillAttached { eni: String },
     #[error("checkpoint: {0}")]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
 }
 
-fn step(what: impl Into<String>, detail: impl std::fmt::Display) -> ProvisionError {
-    ProvisionError::Step {
-        what: what.into(),
-        detail: detail.to_string(),
-    }
+/// Maps a pool error to [`ProvisionError::Pool`], naming the change.
+fn pool(what: impl Into<String>) -> impl FnOnce(ipam::PoolError) -> ProvisionError {
+    let what = what.into();
+    move |source| ProvisionError::Pool { what, source }
 }
 
-/// RFC 3339 UTC for the createdAt tag (no calendar crate needed for this one format).
-fn rfc3339(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+/// RFC 3339 UTC, whole seconds, for the createdAt tag (`None` only past the year 9999).
+fn rfc3339(ms: u64) -> Option<String> {
+    let secs = i64::try_from(ms / 1000).ok()?;
+    OffsetDateTime::from_unix_timestamp(secs)
+        .ok()?
+        .format(&Rfc3339)
+        .ok()
 }
 
 fn new_intent_id() -> String {
@@ -259,10 +261,9 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
         }
-        Err(step(
-            format!("detaching ENI {eni_id}"),
-            "still attached after 40 checks",
-        ))
+        Err(ProvisionError::StillAttached {
+            eni: eni_id.to_owned(),
+        })
     }
 
     /// Deletes ENIs tagged with this instance that are not attached (status `available`).
@@ -412,7 +413,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         let new: Vec<Ipv4Addr> = ips.into_iter().filter(|ip| !known.contains(ip)).collect();
         st.pool_mut()
             .add_ips(eni_id, &new)
-            .map_err(|e| step(format!("adding addresses to ENI {eni_id}"), e))?;
+            .map_err(pool(format!("adding addresses to ENI {eni_id}")))?;
         st.pending = st.pending.saturating_sub(new.len() as u32);
         st.blocker = None;
         info!(eni = %eni_id, count = new.len(), "assigned secondary IPs");
@@ -440,7 +441,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             warn!(eni = %eni_id, ?missing, "EC2 lists addresses the pool did not know; adding them");
             st.pool_mut()
                 .add_ips(eni_id, &missing)
-                .map_err(|e| step(format!("syncing ENI {eni_id} with EC2"), e))?;
+                .map_err(pool(format!("syncing ENI {eni_id} with EC2")))?;
         }
         Ok(())
     }
@@ -502,7 +503,9 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         let now = self.lock().now();
         let mut tags = self.node.additional_tags.clone();
         tags.insert(TAG_INSTANCE.into(), self.node.instance_id.clone());
-        tags.insert(TAG_CREATED.into(), rfc3339(now));
+        if let Some(created) = rfc3339(now) {
+            tags.insert(TAG_CREATED.into(), created);
+        }
         tags.insert(TAG_INTENT.into(), intent.id.clone());
         if let Some(cluster) = &self.node.cluster_name {
             tags.insert(TAG_CLUSTER.into(), cluster.clone());
@@ -539,8 +542,11 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         let net = self.net.clone();
         let ifname = tokio::task::spawn_blocking(move || net.setup_eni(&setup))
             .await
-            .map_err(|e| step("setting up the ENI", e))?
-            .map_err(|e| step(format!("setting up ENI {}", eni.id), e))?;
+            .map_err(ProvisionError::SetupTask)?
+            .map_err(|source| ProvisionError::Node {
+                eni: eni.id.clone(),
+                source,
+            })?;
 
         let mut st = self.lock();
         let now = st.now();
@@ -554,7 +560,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                 },
                 &eni.secondary_ips,
             )
-            .map_err(|e| step(format!("adding ENI {} to the pool", eni.id), e))?;
+            .map_err(pool(format!("adding ENI {} to the pool", eni.id)))?;
         st.eni_created.insert(eni.id.clone(), now);
         st.intents.remove(&intent.id);
         st.pending = st.pending.saturating_sub(eni.secondary_ips.len() as u32);
@@ -583,7 +589,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             let now = st.now();
             st.pool_mut()
                 .remove_ips(eni_id, ips, now)
-                .map_err(|e| step(format!("releasing addresses of ENI {eni_id}"), e))?;
+                .map_err(pool(format!("releasing addresses of ENI {eni_id}")))?;
         }
         *self.last_decrease.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         if let Err(e) = self.cloud.unassign_ips(eni_id, ips).await {
@@ -601,7 +607,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             let info = st
                 .pool_mut()
                 .remove_eni(eni_id)
-                .map_err(|e| step(format!("removing ENI {eni_id} from the pool"), e))?;
+                .map_err(pool(format!("removing ENI {eni_id} from the pool")))?;
             let intent = IntentRecord {
                 id: new_intent_id(),
                 op: IntentOp::Delete,

@@ -1,0 +1,262 @@
+//! The agent's life from a parsed configuration to SIGTERM: learn the node, set it up, restore
+//! the pool, start the provisioner and the endpoints, install the plugin and its network
+//! configuration (the readiness signal), then serve the plugin socket.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cloud::CloudError;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::checkpoint::CheckpointError;
+use crate::cloud_api::LimitsError;
+use crate::config::Config;
+use crate::install::InstallError;
+use crate::node_net::KernelNode;
+use crate::provisioner::{NodeIdentity, Provisioner, Settings};
+use crate::server::ServerError;
+use crate::startup::StartupError;
+use crate::state::State;
+use crate::{checkpoint, cloud_api, housekeeping, http, install, server, startup, state};
+
+/// Why the agent could not start, or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("IMDS client")]
+    ImdsClient(#[source] CloudError),
+    #[error(transparent)]
+    Startup(#[from] StartupError),
+    #[error("EC2 client")]
+    Ec2Client(#[source] CloudError),
+    #[error("listing this instance's ENIs in EC2")]
+    ListEnis(#[source] CloudError),
+    #[error("starting the housekeeping thread")]
+    Housekeeping(#[source] std::io::Error),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Limits(#[from] LimitsError),
+    #[error("IMDS lists no primary ENI (device number 0)")]
+    NoPrimaryEni,
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error("locating the agent executable")]
+    CurrentExe(#[source] std::io::Error),
+    #[error(transparent)]
+    Install(#[from] InstallError),
+    #[error(transparent)]
+    Signals(std::io::Error),
+    #[error("plugin socket")]
+    Socket(#[source] std::io::Error),
+    /// A blocking task (node set-up, listing pod routes) died.
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Threads for blocking work (the plugin's requests, which serialise on the state's lock,
+/// and netlink calls). Tokio's default of 512 let a burst of concurrent ADDs start one thread
+/// (stack and malloc arena) per request.
+const MAX_BLOCKING_THREADS: usize = 8;
+
+/// The agent's tokio runtime: two workers and at most [`MAX_BLOCKING_THREADS`] blocking threads.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .enable_all()
+        .build()
+}
+
+/// Runs the agent until SIGTERM or SIGINT (`Ok`) or a fatal error. `started` is when the
+/// process began, for the start-up time logged at readiness.
+pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
+    let imds = cloud::ImdsMetadata::from_env().map_err(AgentError::ImdsClient)?;
+    let md = startup::learn(&imds, 10).await?;
+    info!(instance = %md.instance_id, r#type = %md.instance_type, enis = md.enis.len(), "learned the instance from IMDS");
+
+    // With provisioning, EC2 is the truth for the attached ENIs and their addresses.
+    let ec2 = if cfg.provisioning {
+        Some(Arc::new(
+            cloud::Ec2::from_env()
+                .await
+                .map_err(AgentError::Ec2Client)?,
+        ))
+    } else {
+        None
+    };
+    let enis = match &ec2 {
+        Some(ec2) => startup::enis_from_ec2(ec2.as_ref(), &md)
+            .await
+            .map_err(AgentError::ListEnis)?,
+        None => startup::enis_from_imds(&md),
+    };
+
+    let node = {
+        let (cfg, md, enis) = (cfg.clone(), md.clone(), enis.clone());
+        tokio::task::spawn_blocking(move || startup::setup(&cfg, &md, &enis)).await??
+    };
+    info!(primary = %node.primary_ifname, vpc_cidrs = ?node.vpc_cidrs, "host network set up");
+    housekeeping::spawn().map_err(AgentError::Housekeeping)?;
+
+    let hint = if cfg.provisioning {
+        "more addresses have been requested from EC2; the runtime retries the pod".to_string()
+    } else {
+        "provisioning is disabled (DISABLE_NETWORK_RESOURCE_PROVISIONING=true): assign more secondary IPs to this node's ENIs, or delete pods".to_string()
+    };
+    let mut state = State::new(node.pool, node.vpc_cidrs, cfg.checkpoint.clone(), hint);
+    let cp = checkpoint::load(&cfg.checkpoint)?;
+    for w in state.restore(&cp) {
+        warn!("{w}");
+    }
+    // Pods whose DEL ran while the agent was down were torn down from their prevResult by
+    // the plugin; their addresses are still allocated here. Release them.
+    match tokio::task::spawn_blocking(dataplane::wired_pod_ips).await? {
+        Ok(wired) => {
+            for (key, ip) in state.prune_unwired(&wired, 60_000) {
+                warn!(%key, %ip, "released: no pod on this node is wired to the address (deleted while the agent was down)");
+            }
+        }
+        Err(e) => warn!("cannot list the node's pod routes; not pruning: {e}"),
+    }
+    let s = state.pool().stats(state::now_ms());
+    info!(
+        restored = cp.allocations.len(),
+        total = s.total,
+        assigned = s.assigned,
+        cooling = s.cooling,
+        "pool ready"
+    );
+    let state = Arc::new(Mutex::new(state));
+
+    let mut limits = None;
+    if let Some(ec2) = &ec2 {
+        let provisioner = provisioner(&cfg, &md, ec2.clone(), state.clone()).await?;
+        limits = Some(provisioner.settings.limits);
+        if let Err(e) = provisioner.recover().await {
+            warn!("recovering unfinished ENI operations: {e}; will retry");
+        }
+        tokio::spawn(provisioner.run());
+    }
+    let shared = http::Shared {
+        state: state.clone(),
+        counters: Arc::new(http::Counters::default()),
+        ec2,
+        limits,
+    };
+    if let Some(addr) = cfg.metrics_addr {
+        tokio::spawn(http::serve_metrics(addr, shared.clone()));
+    }
+    if let Some(addr) = cfg.introspection_addr {
+        tokio::spawn(http::serve_introspection(addr, shared.clone()));
+    }
+
+    let listener = server::bind(&cfg.socket)?;
+    let plugin_src = match &cfg.plugin_binary {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(AgentError::CurrentExe)?
+            .with_file_name(install::PLUGIN_NAME),
+    };
+    let plugin = install::install_plugin(&plugin_src, &cfg.cni_bin_dir)?;
+    let conflist = install::write_conflist(&cfg)?;
+    info!(
+        plugin = %plugin.display(),
+        conflist = %conflist.display(),
+        socket = %cfg.socket.display(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "ready"
+    );
+
+    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+    let result = tokio::select! {
+        r = server::serve(listener, state, shared.counters.clone()) => r.map_err(AgentError::Socket),
+        _ = term.recv() => { info!("SIGTERM: shutting down"); Ok(()) }
+        _ = int.recv() => { info!("SIGINT: shutting down"); Ok(()) }
+    };
+    let _ = std::fs::remove_file(&cfg.socket);
+    result
+}
+
+/// Builds the provisioner: instance limits from DescribeInstanceTypes (or the built-in
+/// table), the node's subnet and security groups from its primary ENI.
+async fn provisioner(
+    cfg: &Config,
+    md: &cloud::InstanceMetadata,
+    ec2: Arc<cloud::Ec2>,
+    state: Arc<Mutex<State>>,
+) -> Result<Arc<Provisioner<cloud::Ec2, KernelNode>>, AgentError> {
+    let cached = state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .instance_limits
+        .clone()
+        .filter(|c| c.instance_type == md.instance_type);
+    let limits = match cached {
+        Some(c) => cloud::InstanceTypeLimits {
+            max_enis: c.max_enis,
+            ipv4_per_eni: c.ipv4_per_eni,
+        },
+        None => cloud_api::limits_or_builtin(ec2.as_ref(), &md.instance_type).await?,
+    };
+    {
+        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        st.instance_limits = Some(checkpoint::InstanceLimitsRecord {
+            instance_type: md.instance_type.clone(),
+            max_enis: limits.max_enis,
+            ipv4_per_eni: limits.ipv4_per_eni,
+        });
+        st.save()?;
+    }
+    let mut max_enis = cfg
+        .max_eni
+        .map_or(limits.max_enis, |m| m.min(limits.max_enis));
+    // Device numbers 0..=63: the ENI mark bits of the data path express 63 secondary ENIs.
+    let expressible = dataplane::MAX_ENI_DEVICE + 1;
+    if max_enis > expressible {
+        warn!(
+            max_enis,
+            "using only {expressible} ENIs: the data path's ENI mark bits (0x3f00) name at most 63 secondary ENIs"
+        );
+        max_enis = expressible;
+    }
+    let ips_per_eni = limits.ipv4_per_eni.saturating_sub(1);
+    let primary = md.primary_eni().ok_or(AgentError::NoPrimaryEni)?;
+    let settings = Settings {
+        targets: ipam::planner::Targets {
+            warm_eni: cfg.warm_eni_target,
+            warm_ip: cfg.warm_ip_target,
+            min_ip: cfg.minimum_ip_target,
+        },
+        limits: ipam::planner::Limits {
+            max_enis,
+            ips_per_eni,
+            // The reference's max pods (ENIs × (IPs − 1) + 2) counts two host-network pods
+            // that need no address: the address ceiling is the ENI capacity.
+            max_pods: max_enis * ips_per_eni,
+        },
+        min_eni_age: Duration::from_secs(cfg.min_eni_age_s),
+        decrease_interval: Duration::from_secs(30),
+        subnet_full_backoff: Duration::from_secs(120),
+        interval: Duration::from_secs(5),
+    };
+    info!(r#type = %md.instance_type, max_enis, ips_per_eni, targets = ?settings.targets, "provisioning through EC2");
+    let node = NodeIdentity {
+        instance_id: md.instance_id.clone(),
+        instance_type: md.instance_type.clone(),
+        subnet_id: primary.subnet_id.clone(),
+        subnet: primary.subnet_cidr,
+        security_groups: primary.security_groups.clone(),
+        eni_mtu: cfg.eni_mtu,
+        cluster_name: cfg.cluster_name.clone(),
+        additional_tags: cfg.additional_eni_tags.clone(),
+    };
+    Ok(Arc::new(Provisioner::new(
+        ec2,
+        Arc::new(KernelNode { wait_s: 30 }),
+        state,
+        node,
+        settings,
+    )))
+}
