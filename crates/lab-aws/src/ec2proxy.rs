@@ -9,15 +9,18 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use cloud::{Filter, InstanceTypeLimits};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
 use crate::fidelity::{self, Buckets, CallCount, Ec2Error, Knobs, KnobsFile, Query, Stats};
@@ -27,8 +30,16 @@ use crate::world::World;
 pub type Answer = (u16, Vec<(String, String)>, Vec<u8>);
 
 /// Shared by the proxies of all instances (EC2 is one account and region).
+/// An HTTP/1.1 client (hyper) for plain-HTTP moto.
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
 pub struct Proxy {
     moto: SocketAddr,
+    client: HttpClient,
     /// Direct to moto, for the lookups the checks need.
     ec2: cloud::Ec2,
     /// The EC2 state as the daemon last loaded it (instance types, subnets).
@@ -73,6 +84,7 @@ impl Proxy {
     ) -> Arc<Proxy> {
         Arc::new(Proxy {
             moto,
+            client: http_client(),
             ec2: cloud::Ec2::for_endpoint(&format!("http://{moto}"), region),
             world,
             knobs: Mutex::new(KnobsFile::new(knobs_file)),
@@ -425,7 +437,7 @@ impl Proxy {
         }
     }
 
-    /// Sends the request to moto (one connection per request) and returns its answer.
+    /// Sends the request to moto (hyper's HTTP/1.1 client) and returns its answer.
     async fn forward(
         &self,
         method: &Method,
@@ -434,33 +446,32 @@ impl Proxy {
         body: &[u8],
     ) -> Result<Answer> {
         let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.moto);
+        let mut req = axum::http::Request::builder()
+            .method(method.clone())
+            .uri(format!("http://{}{path}", self.moto));
         for (k, v) in headers {
-            if is_hop(k.as_str()) || k == "host" {
-                continue;
-            }
-            if let Ok(v) = v.to_str() {
-                req.push_str(&format!("{k}: {v}\r\n"));
+            if !is_hop(k.as_str()) && k != "host" {
+                req = req.header(k, v);
             }
         }
-        req.push_str(&format!(
-            "Content-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        ));
-        let io = async {
-            let mut s = TcpStream::connect(self.moto).await?;
-            s.set_nodelay(true)?;
-            s.write_all(req.as_bytes()).await?;
-            s.write_all(body).await?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).await?;
-            Ok::<_, std::io::Error>(buf)
+        let req = req
+            .body(Full::new(Bytes::copy_from_slice(body)))
+            .context("building the request to moto")?;
+        let exchange = async {
+            let resp = self.client.request(req).await?;
+            let status = resp.status().as_u16();
+            let headers = resp
+                .headers()
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+                .collect();
+            let body = resp.into_body().collect().await?.to_bytes().to_vec();
+            Ok::<Answer, Box<dyn std::error::Error + Send + Sync>>((status, headers, body))
         };
-        let raw = tokio::time::timeout(Duration::from_secs(60), io)
+        tokio::time::timeout(Duration::from_secs(60), exchange)
             .await
             .context("moto did not answer within 60 s")?
-            .with_context(|| format!("talking to moto at {}", self.moto))?;
-        parse_response(&raw)
+            .map_err(|e| anyhow::anyhow!("talking to moto at {}: {e}", self.moto))
     }
 }
 
@@ -482,76 +493,6 @@ fn is_hop(name: &str) -> bool {
             | "te"
             | "trailer"
     )
-}
-
-/// Parses an HTTP/1.1 response read to EOF (Content-Length, chunked, or close-delimited).
-pub fn parse_response(raw: &[u8]) -> Result<Answer> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("moto's answer has no end of headers")?;
-    let head = std::str::from_utf8(&raw[..end]).context("moto's answer headers are not UTF-8")?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("bad status line from moto: {status_line:?}"))?;
-    let mut headers = Vec::new();
-    let mut chunked = false;
-    let mut length = None;
-    for l in lines {
-        let Some((k, v)) = l.split_once(':') else {
-            continue;
-        };
-        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
-        if k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked") {
-            chunked = true;
-        }
-        if k == "content-length" {
-            length = v.parse::<usize>().ok();
-        }
-        headers.push((k, v));
-    }
-    let rest = &raw[end + 4..];
-    let body = if chunked {
-        dechunk(rest)?
-    } else if let Some(n) = length {
-        if rest.len() < n {
-            bail!("moto's answer is cut short: {} of {n} bytes", rest.len());
-        }
-        rest[..n].to_vec()
-    } else {
-        rest.to_vec()
-    };
-    Ok((status, headers, body))
-}
-
-fn dechunk(mut b: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let nl = b
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .context("bad chunk header")?;
-        let size_s = std::str::from_utf8(&b[..nl])?
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim();
-        let size = usize::from_str_radix(size_s, 16)
-            .with_context(|| format!("bad chunk size {size_s:?}"))?;
-        b = &b[nl + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if b.len() < size + 2 {
-            bail!("chunk of {size} bytes cut short");
-        }
-        out.extend_from_slice(&b[..size]);
-        b = &b[size + 2..];
-    }
 }
 
 fn error_response(e: &Ec2Error) -> Response {
@@ -663,31 +604,12 @@ async fn handle(
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_moto_answers() {
-        let raw = b"HTTP/1.1 200 OK\r\nServer: Werkzeug\r\nContent-Type: text/xml\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
-        let (s, h, b) = parse_response(raw).unwrap();
-        assert_eq!(s, 200);
-        assert!(h.contains(&("content-type".into(), "text/xml".into())));
-        assert_eq!(b, b"hello");
-        let raw = b"HTTP/1.1 400 BAD REQUEST\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        let (s, _, b) = parse_response(raw).unwrap();
-        assert_eq!((s, b.as_slice()), (400, &b"abcde"[..]));
-        let raw = b"HTTP/1.0 500 X\r\n\r\nto the end";
-        assert_eq!(parse_response(raw).unwrap().2, b"to the end");
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort").is_err());
-        let e = parse_response(b"garbage").unwrap_err().to_string();
-        assert!(e.contains("end of headers"), "{e}");
-    }
-
     /// The proxy in front of a real moto, driven with the real SDK (no root needed).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn proxy_behaves_like_ec2_in_front_of_moto() {
-        let Some(moto) = crate::provision::testmoto::Moto::start() else {
-            return;
-        };
+        let moto = testkit::moto::Moto::for_test();
         let direct = cloud::Ec2::for_endpoint(&moto.endpoint(), "us-west-2");
-        let vpc = crate::provision::provision_seed(&direct, crate::provision::INSTANCE_TYPE, false)
+        let vpc = crate::seed::provision_seed(&direct, crate::seed::INSTANCE_TYPE, false)
             .await
             .unwrap();
         let world = World::load(&direct, &vpc).await.unwrap();
@@ -850,15 +772,17 @@ mod tests {
     }
 
     async fn raw_post(addr: SocketAddr, body: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        let req = format!(
-            "POST / HTTP/1.1\r\nHost: {addr}\r\nAuthorization: AWS4-HMAC-SHA256 Credential=vpc-lab/20260101/us-west-2/ec2/aws4_request, SignedHeaders=host, Signature=0\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.unwrap();
-        let (st, _, b) = parse_response(&buf).unwrap();
+        let req = axum::http::Request::post(format!("http://{addr}/"))
+            .header(
+                "authorization",
+                "AWS4-HMAC-SHA256 Credential=vpc-lab/20260101/us-west-2/ec2/aws4_request, SignedHeaders=host, Signature=0",
+            )
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let resp = http_client().request(req).await.unwrap();
+        let st = resp.status().as_u16();
+        let b = resp.into_body().collect().await.unwrap().to_bytes();
         (st, String::from_utf8_lossy(&b).into_owned())
     }
 }

@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::ctl;
-
 /// EC2-like throttling.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -131,15 +129,7 @@ impl Knobs {
         Ok(())
     }
 
-    pub fn path() -> PathBuf {
-        ctl::run_dir().join("fidelity.json")
-    }
-
-    /// The knobs in effect (defaults when the file is missing).
-    pub fn load() -> Result<Knobs> {
-        Self::load_from(&Self::path())
-    }
-
+    /// The knobs in effect, from the knobs file `p` (defaults when the file is missing).
     pub fn load_from(p: &std::path::Path) -> Result<Knobs> {
         match std::fs::read(p) {
             Ok(b) => serde_json::from_slice(&b).with_context(|| format!("parsing {}", p.display())),
@@ -149,10 +139,6 @@ impl Knobs {
     }
 
     /// Writes the knobs atomically; the lab daemon picks them up at its next EC2 call / tick.
-    pub fn save(&self) -> Result<()> {
-        self.save_to(&Self::path())
-    }
-
     pub fn save_to(&self, p: &std::path::Path) -> Result<()> {
         let tmp = p.with_extension("json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
@@ -650,13 +636,9 @@ pub struct CallCount {
 /// instance name → action → counts.
 pub type Stats = BTreeMap<String, BTreeMap<String, CallCount>>;
 
-pub fn stats_path() -> PathBuf {
-    ctl::run_dir().join("ec2-stats.json")
-}
-
-pub fn load_stats() -> Result<Stats> {
-    let p = stats_path();
-    match std::fs::read(&p) {
+/// The counts the proxy last wrote to `p` (none when the file is missing).
+pub fn load_stats_from(p: &std::path::Path) -> Result<Stats> {
+    match std::fs::read(p) {
         Ok(b) => serde_json::from_slice(&b).with_context(|| format!("parsing {}", p.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Stats::new()),
         Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),

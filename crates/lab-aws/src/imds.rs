@@ -214,7 +214,7 @@ fn lookup(world: &World, instance_id: &str, path: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::world::tests::sample;
+    use crate::world::sample;
     use axum::body::Body;
     use axum::http::Request;
     use tower::ServiceExt;
@@ -475,11 +475,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn imds_of_the_provisioned_seed_matches_ec2() {
         use cloud::Metadata;
-        let Some(moto) = crate::provision::testmoto::Moto::start() else {
-            return;
-        };
+        let moto = testkit::moto::Moto::for_test();
         let ec2 = cloud::Ec2::for_endpoint(&moto.endpoint(), "us-west-2");
-        let vpc = crate::provision::provision_seed(&ec2, crate::provision::INSTANCE_TYPE, false)
+        let vpc = crate::seed::provision_seed(&ec2, crate::seed::INSTANCE_TYPE, false)
             .await
             .unwrap();
         let world = World::load(&ec2, &vpc).await.unwrap();

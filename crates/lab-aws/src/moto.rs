@@ -1,76 +1,34 @@
 //! The EC2 API: moto's server on a free loopback port (the lab's only root-namespace listener).
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
+use testkit::moto::{answers_http, find_server, free_port};
+use testkit::procs;
 
-use crate::procs;
-
-pub const PID_FILE: &str = "/run/vpc-lab/moto.pid";
 /// The marker checked in /proc/<pid>/cmdline before signalling.
 pub const MARKER: &[&str] = &["moto_server"];
 
-/// Finds `moto_server`: `$VPC_LAB_MOTO_SERVER`, else `.venv/bin/moto_server` in the current
-/// directory or any ancestor of it or of this executable (the repository's virtualenv), else PATH.
-pub fn find_server() -> Result<PathBuf> {
-    if let Ok(p) = std::env::var("VPC_LAB_MOTO_SERVER") {
-        let p = PathBuf::from(p);
-        if p.is_file() {
-            return Ok(p);
-        }
-        bail!(
-            "VPC_LAB_MOTO_SERVER={} is not a file; point it at moto_server or unset it",
-            p.display()
-        );
-    }
-    let mut starts = Vec::new();
-    if let Ok(d) = std::env::current_dir() {
-        starts.push(d);
-    }
-    if let Ok(e) = std::env::current_exe() {
-        starts.push(e);
-    }
-    for s in starts {
-        for dir in s.ancestors() {
-            let c = dir.join(".venv/bin/moto_server");
-            if c.is_file() {
-                return Ok(c);
-            }
-        }
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        for d in std::env::split_paths(&path) {
-            let c = d.join("moto_server");
-            if c.is_file() {
-                return Ok(c);
-            }
-        }
-    }
-    bail!(
-        "moto_server not found (looked at $VPC_LAB_MOTO_SERVER, .venv/bin/moto_server above the \
-         current directory and the vpc-lab binary, and PATH); run scripts/setup.sh to install it"
-    )
+/// moto's pid file in the lab's run directory.
+pub fn pid_file(run_dir: &Path) -> PathBuf {
+    run_dir.join("moto.pid")
 }
 
 /// Starts moto on a free 127.0.0.1 port and waits until it answers HTTP. Returns the address.
 pub fn start(run_dir: &Path) -> Result<SocketAddr> {
     let server = find_server()?;
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
-        l.local_addr()?.port()
-    };
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
     let mut cmd = Command::new(&server);
-    cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+    cmd.args(["-H", "127.0.0.1", "-p", &addr.port().to_string()]);
     let log = run_dir.join("moto.log");
-    let pid = procs::spawn_detached(cmd, &log, Path::new(PID_FILE))?;
+    let pid = procs::spawn_detached(cmd, &log, &pid_file(run_dir))?;
     tracing::info!(pid, %addr, server = %server.display(), "started moto");
     let t = Instant::now();
     loop {
-        if http_ok(addr) {
+        if answers_http(addr) {
             break;
         }
         if !procs::alive(pid as i32) {
@@ -92,20 +50,4 @@ pub fn start(run_dir: &Path) -> Result<SocketAddr> {
     std::fs::write(run_dir.join("moto.addr"), addr.to_string())?;
     tracing::info!(elapsed = ?t.elapsed(), "moto answers");
     Ok(addr)
-}
-
-/// Whether an HTTP request to moto gets an HTTP answer.
-fn http_ok(addr: SocketAddr) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /moto-api/ HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut buf = [0u8; 12];
-    matches!(s.read(&mut buf), Ok(n) if n >= 5 && &buf[..5] == b"HTTP/")
 }

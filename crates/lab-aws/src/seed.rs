@@ -259,9 +259,7 @@ mod tests {
     /// Provisions into a fresh moto and checks the world EC2 then describes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn provision_seed_into_moto() {
-        let Some(moto) = testmoto::Moto::start() else {
-            return;
-        };
+        let moto = testkit::moto::Moto::for_test();
         let ec2 = Ec2::for_endpoint(&moto.endpoint(), "us-west-2");
         let vpc = provision_seed(&ec2, INSTANCE_TYPE, false).await.unwrap();
         assert_eq!(
@@ -341,63 +339,5 @@ mod tests {
                 .contains(&extra[0])
         );
         assert_ne!(w, w2);
-    }
-}
-
-/// moto_server on a free loopback port for a test, stopped by PID on drop.
-#[cfg(test)]
-pub(crate) mod testmoto {
-    use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-    use std::path::PathBuf;
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
-
-    pub(crate) struct Moto {
-        child: Child,
-        pub(crate) addr: SocketAddr,
-    }
-
-    impl Moto {
-        /// Starts moto from the repository's venv, or `None` (printing why) if it is missing.
-        pub(crate) fn start() -> Option<Moto> {
-            let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/moto_server");
-            if !bin.exists() {
-                eprintln!("SKIP: {} missing (run scripts/setup.sh)", bin.display());
-                return None;
-            }
-            let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .and_then(|l| l.local_addr())
-                .expect("free loopback port")
-                .port();
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let child = Command::new(&bin)
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-            let moto = Moto { child, addr };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "moto_server did not listen on {addr} within 30 s"
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Some(moto)
-        }
-
-        pub(crate) fn endpoint(&self) -> String {
-            format!("http://{}", self.addr)
-        }
-    }
-
-    impl Drop for Moto {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }

@@ -123,10 +123,10 @@ impl World {
 
     /// Builds the world from EC2 answers (pure; unit-tested).
     fn assemble(
-        vpc: &cloud::Vpc,
+        vpc: &cloud::lab::Vpc,
         region: &str,
         subnets: Vec<Subnet>,
-        instances: &[cloud::Instance],
+        instances: &[cloud::lab::Instance],
         enis: &[cloud::NetworkInterface],
     ) -> Result<World> {
         let mut by_instance: BTreeMap<&str, Vec<Eni>> = BTreeMap::new();
@@ -217,55 +217,57 @@ impl World {
     }
 }
 
+/// A small hand-made world, for tests of what is derived from a world (IMDS, the daemon's
+/// hot-plug): one instance with two ENIs, secondary IPs and a prefix.
+pub fn sample() -> World {
+    let ip = |s: &str| -> Ipv4Addr { s.parse().expect("a literal address") };
+    World {
+        vpc_id: "vpc-1".into(),
+        vpc_cidrs: vec!["172.31.0.0/16".parse().unwrap()],
+        region: "us-west-2".into(),
+        subnets: vec![Subnet {
+            id: "subnet-a".into(),
+            cidr: "172.31.0.0/20".parse().unwrap(),
+            az: "us-west-2a".into(),
+        }],
+        instances: vec![Instance {
+            name: "instance1".into(),
+            id: "i-1".into(),
+            instance_type: "m5.large".into(),
+            az: "us-west-2a".into(),
+            node: true,
+            enis: vec![
+                Eni {
+                    id: "eni-0".into(),
+                    mac: "02:00:00:00:00:01".into(),
+                    device_index: 0,
+                    subnet_id: "subnet-a".into(),
+                    primary_ip: ip("172.31.15.228"),
+                    secondary_ips: vec![ip("172.31.5.50")],
+                    prefixes: vec![],
+                    security_groups: vec!["sg-1".into()],
+                },
+                Eni {
+                    id: "eni-1".into(),
+                    mac: "02:00:00:00:00:02".into(),
+                    device_index: 1,
+                    subnet_id: "subnet-a".into(),
+                    primary_ip: ip("172.31.3.173"),
+                    secondary_ips: vec![ip("172.31.13.130"), ip("172.31.11.77")],
+                    prefixes: vec!["172.31.8.0/28".parse().unwrap()],
+                    security_groups: vec!["sg-1".into(), "sg-2".into()],
+                },
+            ],
+        }],
+    }
+}
+
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
-    }
-
-    /// A small hand-made world (used by the IMDS tests too).
-    pub(crate) fn sample() -> World {
-        World {
-            vpc_id: "vpc-1".into(),
-            vpc_cidrs: vec!["172.31.0.0/16".parse().unwrap()],
-            region: "us-west-2".into(),
-            subnets: vec![Subnet {
-                id: "subnet-a".into(),
-                cidr: "172.31.0.0/20".parse().unwrap(),
-                az: "us-west-2a".into(),
-            }],
-            instances: vec![Instance {
-                name: "instance1".into(),
-                id: "i-1".into(),
-                instance_type: "m5.large".into(),
-                az: "us-west-2a".into(),
-                node: true,
-                enis: vec![
-                    Eni {
-                        id: "eni-0".into(),
-                        mac: "02:00:00:00:00:01".into(),
-                        device_index: 0,
-                        subnet_id: "subnet-a".into(),
-                        primary_ip: ip("172.31.15.228"),
-                        secondary_ips: vec![ip("172.31.5.50")],
-                        prefixes: vec![],
-                        security_groups: vec!["sg-1".into()],
-                    },
-                    Eni {
-                        id: "eni-1".into(),
-                        mac: "02:00:00:00:00:02".into(),
-                        device_index: 1,
-                        subnet_id: "subnet-a".into(),
-                        primary_ip: ip("172.31.3.173"),
-                        secondary_ips: vec![ip("172.31.13.130"), ip("172.31.11.77")],
-                        prefixes: vec!["172.31.8.0/28".parse().unwrap()],
-                        security_groups: vec!["sg-1".into(), "sg-2".into()],
-                    },
-                ],
-            }],
-        }
     }
 
     #[test]
@@ -310,8 +312,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn cloud_instance(id: &str, name: &str, role: &str) -> cloud::Instance {
-        cloud::Instance {
+    fn cloud_instance(id: &str, name: &str, role: &str) -> cloud::lab::Instance {
+        cloud::lab::Instance {
             id: id.into(),
             instance_type: "m5.large".into(),
             state: "running".into(),
@@ -329,8 +331,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn vpc() -> cloud::Vpc {
-        cloud::Vpc {
+    fn vpc() -> cloud::lab::Vpc {
+        cloud::lab::Vpc {
             id: "vpc-1".into(),
             cidrs: vec!["172.31.0.0/16".parse().unwrap()],
             is_default: false,

@@ -3,79 +3,38 @@
 //! Brings up its own lab (fresh nodes) and takes it down at the end.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-
-use crate::fidelity::{self, CallCount};
+use lab::control::{self, UpOptions};
+use lab::store::{self, LabState};
+use lab::{paths, pods};
+use lab_aws::fidelity::{self, CallCount};
 
 const NODE: &str = "instance1";
-
-fn me() -> Result<std::path::PathBuf> {
-    std::env::current_exe().context("locating vpc-lab")
-}
-
-fn lab(args: &[&str]) -> Result<Output> {
-    Command::new(me()?)
-        .args(args)
-        .output()
-        .with_context(|| format!("running vpc-lab {}", args.join(" ")))
-}
-
-/// Runs this `vpc-lab` with `args`; its stdout, or an error with its stderr.
-pub(crate) fn lab_ok(args: &[&str]) -> Result<String> {
-    let o = lab(args)?;
-    if !o.status.success() {
-        bail!(
-            "vpc-lab {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-}
 
 /// ADD like a runtime: retried on failure (code 11 while the pool refills, or the agent
 /// restarting) for up to 120 s. Returns the failed attempts.
 fn add(pod: &str) -> Result<u32> {
-    let t = Instant::now();
     let mut failed = 0;
-    loop {
-        let o = lab(&["pod", "add", NODE, pod])?;
-        if o.status.success() {
-            return Ok(failed);
-        }
-        failed += 1;
-        if t.elapsed() > Duration::from_secs(120) {
-            bail!(
-                "ADD {pod} still failing after 120 s: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    crate::retry(&format!("ADD {pod}"), Duration::from_secs(120), || {
+        let r = pods::add(NODE, pod, pods::Print::Quiet);
+        failed += u32::from(r.is_err());
+        r.map(drop)
+    })?;
+    Ok(failed)
 }
 
 fn del(pod: &str) -> Result<()> {
-    let t = Instant::now();
-    loop {
-        let o = lab(&["pod", "del", NODE, pod])?;
-        if o.status.success() {
-            return Ok(());
-        }
-        if t.elapsed() > Duration::from_secs(120) {
-            bail!(
-                "DEL {pod} still failing after 120 s: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    crate::retry(&format!("DEL {pod}"), Duration::from_secs(120), || {
+        pods::del(NODE, pod)
+    })
 }
 
 fn node_stats() -> Result<BTreeMap<String, CallCount>> {
-    Ok(fidelity::load_stats()?.remove(NODE).unwrap_or_default())
+    Ok(fidelity::load_stats_from(&paths::ec2_stats_file())?
+        .remove(NODE)
+        .unwrap_or_default())
 }
 
 fn diff(
@@ -138,18 +97,17 @@ struct Phase {
 /// `vpc-lab bench`.
 pub fn run(churn_ops: usize) -> Result<()> {
     let t0 = Instant::now();
-    let up_args = [
-        "up",
-        "--provisioning=instance1",
-        "--fresh-nodes",
-        "--agent-env",
-        "VPC_CNI_MIN_ENI_AGE=2",
-        "--agent-env",
-        "IP_COOLDOWN_PERIOD=1",
-    ];
-    lab_ok(&up_args)?;
+    control::up(&UpOptions {
+        agent_env: vec![
+            ("VPC_CNI_MIN_ENI_AGE".into(), "2".into()),
+            ("IP_COOLDOWN_PERIOD".into(), "1".into()),
+        ],
+        provisioning: Some(vec![NODE.to_string()]),
+        fresh_nodes: true,
+        ..UpOptions::default()
+    })?;
     let r = measure(churn_ops);
-    let down = lab_ok(&["down"]);
+    let down = control::down();
     let phases = r?;
     down?;
     println!(
@@ -187,12 +145,12 @@ pub fn run(churn_ops: usize) -> Result<()> {
 }
 
 fn measure(churn_ops: usize) -> Result<Vec<Phase>> {
-    let state = crate::ctl::State::load()?;
+    let state = LabState::load()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let ec2 = cloud::Ec2::for_endpoint(&format!("http://{}", state.moto), &state.region);
-    let world = crate::ctl::load_world()?;
+    let ec2 = state.ec2();
+    let world = store::load_world()?;
     let id = world
         .instance(NODE)
         .context("no instance1 in the lab")?
@@ -256,10 +214,10 @@ fn measure(churn_ops: usize) -> Result<Vec<Phase>> {
                 if stop.load(std::sync::atomic::Ordering::SeqCst) {
                     break;
                 }
-                if lab(&["agent", "kill", NODE])?.status.success() {
+                if control::agent_stop(NODE, true).is_ok() {
                     kills += 1;
                 }
-                lab_ok(&["agent", "start", NODE])?;
+                control::agent_start_ready(NODE, &[])?;
             }
             Ok(kills)
         })

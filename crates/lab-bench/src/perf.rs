@@ -9,7 +9,6 @@
 //! Debian's `ptp` + `host-local` (`/usr/lib/cni`) with a conflist of our own whose host-local
 //! data dir lives under the instance's lab directory (so `vpc-lab down` removes it).
 
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -19,11 +18,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
-use crate::bench::lab_ok;
-use crate::matrix::{delete_nft_table, restore_nft_table, save_nft_table};
-use crate::{ctl, ns, procs};
+use lab::control::{self, UpOptions};
+use lab::matrix::{delete_nft_table, restore_nft_table, save_nft_table};
+use lab::store::{self, LabState};
+use lab::{paths, pods};
+use lab_net::ns;
+use testkit::cni::{ConfList, Outcome, PodRef, Runtime};
+use testkit::procs;
+use testkit::stats::Summary;
 
 const NODE: &str = "instance1";
 const PEER: &str = "instance2";
@@ -57,44 +61,22 @@ pub struct Opts {
     pub out: std::path::PathBuf,
 }
 
-/// A CNI network as a runtime sees it: the conflist and where its plugins are.
+/// A CNI network as a runtime sees it, with a label for the report.
 struct Net {
     label: &'static str,
-    bin_dir: PathBuf,
-    cni_path: String,
-    name: String,
-    version: String,
-    plugins: Vec<Map<String, Value>>,
+    rt: Runtime,
 }
 
 impl Net {
-    fn from_conflist(label: &'static str, bin_dir: PathBuf, conf: &Value) -> Result<Net> {
-        let plugins = conf["plugins"]
-            .as_array()
-            .context("conflist without \"plugins\"")?
-            .iter()
-            .map(|p| p.as_object().cloned().context("a plugin is not an object"))
-            .collect::<Result<Vec<_>>>()?;
+    fn vpc_cni() -> Result<Net> {
         Ok(Net {
-            label,
-            cni_path: bin_dir.display().to_string(),
-            bin_dir,
-            name: conf["name"].as_str().context("no name")?.to_string(),
-            version: conf["cniVersion"].as_str().unwrap_or("0.2.0").to_string(),
-            plugins,
+            label: "vpc-cni",
+            rt: pods::runtime(NODE)?,
         })
     }
 
-    fn vpc_cni() -> Result<Net> {
-        let f = ctl::conf_dir(NODE).join(ctl::CONFLIST);
-        let v: Value = serde_json::from_slice(
-            &std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?,
-        )?;
-        Net::from_conflist("vpc-cni", ctl::bin_dir(NODE), &v)
-    }
-
     fn ptp() -> Result<Net> {
-        let data_dir = ctl::inst_dir(NODE).join("perf-host-local");
+        let data_dir = paths::inst_dir(NODE).join("perf-host-local");
         let v = json!({
             "cniVersion": "1.0.0",
             "name": "perf-ptp",
@@ -108,12 +90,13 @@ impl Net {
                 }
             }]
         });
-        Net::from_conflist("ptp+host-local", PathBuf::from(DEBIAN_CNI), &v)
-    }
-
-    fn prev_on_del(&self) -> bool {
-        let p = |s: &str| -> Vec<u32> { s.split('.').map(|x| x.parse().unwrap_or(0)).collect() };
-        p(&self.version) >= p("0.4.0")
+        let mut rt = pods::runtime_with(NODE, ConfList::from_value(&v, "perf's ptp network")?);
+        rt.bin_dir = PathBuf::from(DEBIAN_CNI);
+        rt.cni_path = DEBIAN_CNI.to_string();
+        Ok(Net {
+            label: "ptp+host-local",
+            rt,
+        })
     }
 }
 
@@ -128,6 +111,9 @@ impl Pod {
     fn netns(&self) -> String {
         ns::path(&self.ns_name).display().to_string()
     }
+    fn pod_ref(&self, name: &str) -> PodRef {
+        pod_ref(&self.cid, &self.netns(), name)
+    }
     fn ip(&self) -> Option<Ipv4Addr> {
         self.result["ips"]
             .as_array()?
@@ -137,102 +123,33 @@ impl Pod {
     }
 }
 
-/// A plugin's failure: its CNI error code and output.
-struct CniErr {
-    code: u64,
-    out: String,
+fn pod_ref(cid: &str, netns: &str, name: &str) -> PodRef {
+    PodRef {
+        container_id: cid.to_string(),
+        netns: netns.to_string(),
+        ifname: "eth0".into(),
+        k8s_namespace: "perf".into(),
+        k8s_name: name.to_string(),
+    }
 }
 
-fn exec_plugin(
-    net: &Net,
-    plugin: &Map<String, Value>,
-    command: &str,
-    cid: &str,
-    netns: &str,
-    pod: &str,
-    prev: Option<&Value>,
-) -> Result<std::result::Result<Value, CniErr>> {
-    let ty = plugin["type"].as_str().context("plugin without type")?;
-    let bin = net.bin_dir.join(ty);
-    let mut cfg = plugin.clone();
-    cfg.insert("cniVersion".into(), Value::String(net.version.clone()));
-    cfg.insert("name".into(), Value::String(net.name.clone()));
-    if let Some(p) = prev {
-        cfg.insert("prevResult".into(), p.clone());
-    }
-    let stdin = serde_json::to_vec(&cfg)?;
-    let mut cmd = ns::command(&ns::instance_ns(NODE), bin.to_str().context("plugin path")?)?;
-    cmd.env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", cid)
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", &net.cni_path)
-        .env(
-            "CNI_ARGS",
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE=perf;K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={cid}"
-            ),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("executing {}", bin.display()))?;
-    child.stdin.take().expect("piped").write_all(&stdin)?;
-    let out = child.wait_with_output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        let code = serde_json::from_str::<Value>(&stdout)
-            .ok()
-            .and_then(|v| v["code"].as_u64())
-            .unwrap_or(0);
-        return Ok(Err(CniErr {
-            code,
-            out: format!(
-                "{ty} {command}: {} {}",
-                stdout.trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        }));
-    }
-    if command == "ADD" {
-        return Ok(Ok(serde_json::from_str(&stdout).with_context(|| {
-            format!("{ty} ADD result is not JSON: {stdout:?}")
-        })?));
-    }
-    Ok(Ok(Value::Null))
-}
-
-/// CNI ADD of the whole list; on failure the list is DELeted (like a runtime) and the error
-/// returned.
-fn cni_add(
-    net: &Net,
-    cid: &str,
-    netns: &str,
-    pod: &str,
-) -> Result<std::result::Result<Value, CniErr>> {
-    let mut prev: Option<Value> = None;
-    for p in &net.plugins {
-        match exec_plugin(net, p, "ADD", cid, netns, pod, prev.as_ref())? {
-            Ok(v) => prev = Some(v),
-            Err(e) => {
-                for q in net.plugins.iter().rev() {
-                    let _ = exec_plugin(net, q, "DEL", cid, netns, pod, None)?;
-                }
-                return Ok(Err(e));
-            }
+/// CNI ADD of the whole list; on failure the list is DELeted (like a runtime) and the failed
+/// call returned.
+fn cni_add(net: &Net, cid: &str, netns: &str, pod: &str) -> Result<Result<Value, Outcome>> {
+    let p = pod_ref(cid, netns, pod);
+    Ok(match net.rt.add(&p)? {
+        Ok((v, _)) => Ok(v),
+        Err(failed) => {
+            net.rt.del(&p, None)?;
+            Err(failed)
         }
-    }
-    Ok(Ok(prev.unwrap_or(Value::Null)))
+    })
 }
 
 fn cni_del(net: &Net, pod: &Pod, name: &str) -> Result<()> {
-    let prev = net.prev_on_del().then_some(&pod.result);
-    for p in net.plugins.iter().rev() {
-        if let Err(e) = exec_plugin(net, p, "DEL", &pod.cid, &pod.netns(), name, prev)? {
-            bail!("DEL failed: {}", e.out);
-        }
+    let (failed, _) = net.rt.del(&pod.pod_ref(name), Some(&pod.result))?;
+    if let Some(f) = failed.first() {
+        bail!("DEL failed: {}", f.describe());
     }
     Ok(())
 }
@@ -269,8 +186,8 @@ fn add_pod(net: &Net, name: &str, retry: bool) -> Result<(Pod, u32)> {
                     bail!(
                         "ADD {name} ({}) failed: code {} {}",
                         net.label,
-                        e.code,
-                        e.out
+                        e.error_code(),
+                        e.describe()
                     );
                 }
                 std::thread::sleep(Duration::from_millis(100));
@@ -287,50 +204,12 @@ fn del_pod(net: &Net, pod: &Pod) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Statistics.
 
-#[derive(Debug, Clone, Serialize)]
-struct Summary {
-    n: usize,
-    median: f64,
-    p25: f64,
-    p75: f64,
-    p99: f64,
-    min: f64,
-    max: f64,
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i]
-}
-
 fn summary(v: &[f64]) -> Summary {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    Summary {
-        n: s.len(),
-        median: pct(&s, 0.5),
-        p25: pct(&s, 0.25),
-        p75: pct(&s, 0.75),
-        p99: pct(&s, 0.99),
-        min: s.first().copied().unwrap_or(f64::NAN),
-        max: s.last().copied().unwrap_or(f64::NAN),
-    }
+    Summary::of(v)
 }
 
 fn fmt_s(s: &Summary, unit: &str, digits: usize) -> String {
-    format!(
-        "{:.d$} {unit} (IQR {:.d$}–{:.d$}, min {:.d$}, max {:.d$}, n={})",
-        s.median,
-        s.p25,
-        s.p75,
-        s.min,
-        s.max,
-        s.n,
-        d = digits
-    )
+    s.display(unit, digits)
 }
 
 fn ms(t: Instant) -> f64 {
@@ -395,7 +274,7 @@ fn wait_available(instance: &str, n: u64, timeout: Duration) -> Result<u64> {
 }
 
 fn agent_pid() -> Result<i32> {
-    procs::read_pid(&ctl::inst_dir(NODE).join("agent.pid")).context("no agent pid")
+    procs::read_pid(&paths::agent_pid(NODE)).context("no agent pid")
 }
 
 /// VmRSS of the agent of instance1, in KiB.
@@ -416,16 +295,16 @@ fn agent_rss_kib() -> Result<(u64, u64)> {
 /// Stops the agent (SIGTERM) and starts it again; the time from the spawn until its socket
 /// answers and its conflist has been written again (ms).
 fn agent_restart_ms() -> Result<f64> {
-    let region = ctl::load_world()?.region;
-    ctl::agent_stop(NODE, false)?;
-    let conf = ctl::conf_dir(NODE).join(ctl::CONFLIST);
-    let sock = ctl::inst_dir(NODE).join("run/vpc-cni/agent.sock");
+    let region = store::load_world()?.region;
+    control::agent_stop(NODE, false)?;
+    let conf = paths::conf_dir(NODE).join(paths::CONFLIST);
+    let sock = paths::agent_socket(NODE);
     // Ready = the socket answers and the conflist has been written again (a newer mtime).
     let before = std::fs::metadata(&conf)
         .and_then(|m| m.modified())
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let t = Instant::now();
-    ctl::agent_start(NODE, &[], &region)?;
+    control::agent_start(NODE, &[], &region)?;
     loop {
         let written = std::fs::metadata(&conf)
             .and_then(|m| m.modified())
@@ -624,19 +503,18 @@ fn without_nft_table<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// `vpc-lab perf`.
 pub fn run(opts: &Opts) -> Result<()> {
     let t0 = Instant::now();
-    let up = [
-        "up",
-        "--provisioning=instance1,instance2",
-        "--fresh-nodes",
-        "--instance-type",
-        &opts.instance_type,
-        "--agent-env",
-        "WARM_IP_TARGET=110",
-        "--agent-env",
-        "IP_COOLDOWN_PERIOD=0",
-    ];
-    eprintln!("perf: vpc-lab {}", up.join(" "));
-    lab_ok(&up)?;
+    let up = UpOptions {
+        agent_env: vec![
+            ("WARM_IP_TARGET".into(), "110".into()),
+            ("IP_COOLDOWN_PERIOD".into(), "0".into()),
+        ],
+        provisioning: Some(vec![NODE.to_string(), PEER.to_string()]),
+        instance_type: opts.instance_type.clone(),
+        fresh_nodes: true,
+        ..UpOptions::default()
+    };
+    eprintln!("perf: vpc-lab up {up:?}");
+    control::up(&up)?;
     let mut res = Results {
         instance_type: opts.instance_type.clone(),
         ..Default::default()
@@ -646,7 +524,7 @@ pub fn run(opts: &Opts) -> Result<()> {
         res.notes.push(format!("the run stopped early: {e:#}"));
         eprintln!("perf: error: {e:#}");
     }
-    let down = lab_ok(&["down"]);
+    let down = control::down();
     std::fs::write(&opts.out, serde_json::to_vec_pretty(&res)?)
         .with_context(|| format!("writing {}", opts.out.display()))?;
     report(&res, t0.elapsed().as_secs_f64());
@@ -668,7 +546,7 @@ fn soft<T>(res: &mut Results, what: &str, r: Result<T>) -> Option<T> {
 }
 
 fn measure(opts: &Opts, res: &mut Results) -> Result<()> {
-    let world = ctl::load_world()?;
+    let world = store::load_world()?;
     let peer_ip = world
         .instance(PEER)
         .and_then(|i| i.primary_eni())
@@ -890,7 +768,7 @@ fn cycles(n: usize, vpc: &Net, ptp: &Net) -> Result<Vec<CycleResult>> {
             let t = Instant::now();
             let result = match cni_add(net, &c, &netns, &name)? {
                 Ok(v) => v,
-                Err(e) => bail!("cycle {i}: {} ADD failed: {}", net.label, e.out),
+                Err(e) => bail!("cycle {i}: {} ADD failed: {}", net.label, e.describe()),
             };
             let add = ms(t);
             let pod = Pod {
@@ -916,15 +794,11 @@ fn cycles(n: usize, vpc: &Net, ptp: &Net) -> Result<Vec<CycleResult>> {
 
 /// A pod on another instance, through the lab's own `vpc-lab pod add` (not timed).
 fn add_pod_on(instance: &str, name: &str) -> Result<Pod> {
-    lab_ok(&["pod", "add", instance, &format!("perf/{name}")])?;
-    let rec = ctl::inst_dir(instance)
-        .join("pods")
-        .join(format!("perf_{name}.json"));
-    let v: Value = serde_json::from_slice(&std::fs::read(&rec)?)?;
+    let rec = pods::add(instance, &format!("perf/{name}"), pods::Print::Quiet)?;
     Ok(Pod {
-        ns_name: ns::pod_ns(instance, "perf", name),
-        cid: v["container_id"].as_str().unwrap_or_default().to_string(),
-        result: v["result"].clone(),
+        ns_name: rec.ns_name(),
+        cid: rec.container_id,
+        result: rec.result,
     })
 }
 
@@ -967,7 +841,10 @@ fn concurrent(net: &Net, n: usize, tag: &str) -> Result<(ConcResult, Vec<Pod>)> 
                             Err(e) => {
                                 failed += 1;
                                 if t.elapsed() > Duration::from_secs(60) {
-                                    bail!("concurrent ADD {name} failed for 60 s: {}", e.out);
+                                    bail!(
+                                        "concurrent ADD {name} failed for 60 s: {}",
+                                        e.describe()
+                                    );
                                 }
                                 std::thread::sleep(Duration::from_millis(50));
                             }
@@ -1003,7 +880,7 @@ fn concurrent(net: &Net, n: usize, tag: &str) -> Result<(ConcResult, Vec<Pod>)> 
 
 /// Pods the instance type allows (ENIs × (IPv4 per ENI − 1)), from EC2.
 fn cloud_api_limits(instance_type: &str) -> Result<usize> {
-    let state = ctl::State::load()?;
+    let state = LabState::load()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -1146,20 +1023,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percentiles() {
-        let s = summary(&[5.0, 1.0, 3.0, 2.0, 4.0]);
-        assert_eq!(s.median, 3.0);
-        assert_eq!(s.min, 1.0);
-        assert_eq!(s.max, 5.0);
-        assert_eq!(s.p25, 2.0);
-    }
-
-    #[test]
     fn ptp_conflist_stays_in_the_lab() {
         let n = Net::ptp().unwrap();
-        let ipam = &n.plugins[0]["ipam"];
-        assert!(ipam["dataDir"].as_str().unwrap().starts_with(ns::RUN_DIR));
+        let ipam = &n.rt.conf.plugins[0]["ipam"];
+        assert!(
+            ipam["dataDir"]
+                .as_str()
+                .unwrap()
+                .starts_with(paths::RUN_DIR)
+        );
         assert_eq!(ipam["subnet"], PTP_SUBNET);
-        assert!(n.prev_on_del());
+        assert!(n.rt.conf.version_at_least("0.4.0"));
     }
 }

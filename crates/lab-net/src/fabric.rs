@@ -25,7 +25,7 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 
 use crate::ns::{self, FABRIC, INTERNET};
-use crate::world::{Subnet, World};
+use lab_aws::world::{Subnet, World};
 
 /// The router's side of the internet link.
 pub const IGW_ROUTER: &str = "203.0.113.1";
@@ -648,7 +648,7 @@ fn counter_sum(family: &str, table: &str, chains: impl Fn(&str) -> bool) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::world::tests::sample;
+    use lab_aws::world::sample;
 
     #[test]
     fn port_names_are_short_and_stable() {

@@ -6,17 +6,14 @@
 //! forked child before `exec` (like `nsenter --net`): no mount namespace is unshared, so cgroup
 //! mounts stay visible and `/run/netns` of the root mount namespace is used.
 
-use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
+use netns::NetNs;
 
-/// Where all lab state lives.
-pub const RUN_DIR: &str = "/run/vpc-lab";
 /// Prefix of every namespace the lab creates.
 pub const PREFIX: &str = "vpclab-";
 /// The fabric: subnet bridges, the router, the source/destination check.
@@ -92,12 +89,9 @@ pub fn list_lab() -> Vec<String> {
 }
 
 /// Opens a namespace's bind mount, with an error that says what to do.
-pub fn open(name: &str) -> Result<File> {
-    File::open(path(name)).with_context(|| {
-        format!(
-            "network namespace {name:?} does not exist ({}); is the lab up? run `vpc-lab up`",
-            path(name).display()
-        )
+pub fn open(name: &str) -> Result<NetNs> {
+    NetNs::open(&path(name)).with_context(|| {
+        format!("network namespace {name:?} of the lab: is the lab up? run `vpc-lab up`")
     })
 }
 
@@ -157,20 +151,9 @@ pub fn run_stdin(name: &str, args: &[&str], input: Option<&str>) -> Result<Strin
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Runs `f` on a dedicated thread that has entered namespace `name`.
-pub fn in_ns<T: Send + 'static>(
-    name: &str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let file = open(name)?;
-    let name = name.to_string();
-    std::thread::spawn(move || {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("setns into {name}"))?;
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+/// Runs `f` on a dedicated thread that has entered namespace `name` (`netns::NetNs::run`).
+pub fn in_ns<T: Send>(name: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    open(name)?.run(f)?
 }
 
 /// Sets sysctl `key` (dotted, like `net.ipv4.ip_forward`) inside namespace `name`.

@@ -1,105 +1,21 @@
 //! `vpc-lab up`, `down`, `status` and `agent …`: the lab's life cycle.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
+use lab_aws::fidelity::Knobs;
+use lab_aws::world::World;
+use lab_aws::{moto, seed};
+use lab_net::{fabric, ns};
+use testkit::procs;
 
-use crate::world::World;
-use crate::{daemon, fabric, moto, ns, pods, procs};
+use crate::store::{self, LabState};
+use crate::{daemon, paths, pods};
 
-/// What `up` leaves for the other commands.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct State {
-    pub vpc_id: String,
-    pub moto: SocketAddr,
-    pub region: String,
-}
-
-pub fn run_dir() -> PathBuf {
-    PathBuf::from(ns::RUN_DIR)
-}
-
-fn state_path() -> PathBuf {
-    run_dir().join("state.json")
-}
-
-pub fn world_path() -> PathBuf {
-    run_dir().join("world.json")
-}
-
-impl State {
-    pub fn load() -> Result<State> {
-        let p = state_path();
-        let s = std::fs::read_to_string(&p).with_context(|| {
-            format!("reading {} — is the lab up? run `vpc-lab up`", p.display())
-        })?;
-        serde_json::from_str(&s).with_context(|| format!("parsing {}", p.display()))
-    }
-}
-
-/// The World as last published by `up` or the daemon.
-pub fn load_world() -> Result<World> {
-    let p = world_path();
-    let s = std::fs::read_to_string(&p)
-        .with_context(|| format!("reading {} — is the lab up? run `vpc-lab up`", p.display()))?;
-    serde_json::from_str(&s).with_context(|| format!("parsing {}", p.display()))
-}
-
-pub fn write_world(world: &World) -> Result<()> {
-    let p = world_path();
-    let tmp = p.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(world)?)?;
-    std::fs::rename(&tmp, &p)?;
-    Ok(())
-}
-
-/// Points the AWS SDK of this process at moto. Must run before any thread is started.
-pub fn set_sdk_env(moto: SocketAddr, region: &str) {
-    // SAFETY: called from `main` before the tokio runtime (or any other thread) exists.
-    unsafe {
-        std::env::set_var("AWS_ENDPOINT_URL_EC2", format!("http://{moto}"));
-        std::env::set_var("AWS_REGION", region);
-        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
-        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-    }
-}
-
-/// The region the lab uses when none is set.
-pub fn region() -> String {
-    std::env::var("AWS_REGION").unwrap_or_else(|_| "us-west-2".to_string())
-}
-
-/// An instance's node layout root.
-pub fn inst_dir(instance: &str) -> PathBuf {
-    run_dir().join(instance)
-}
-pub fn conf_dir(instance: &str) -> PathBuf {
-    inst_dir(instance).join("etc/cni/net.d")
-}
-pub fn bin_dir(instance: &str) -> PathBuf {
-    inst_dir(instance).join("opt/cni/bin")
-}
-fn agent_socket(instance: &str) -> PathBuf {
-    inst_dir(instance).join("run/vpc-cni/agent.sock")
-}
-fn agent_pid(instance: &str) -> PathBuf {
-    inst_dir(instance).join("agent.pid")
-}
-fn agent_log(instance: &str) -> PathBuf {
-    inst_dir(instance).join("agent.log")
-}
-fn agent_env_file(instance: &str) -> PathBuf {
-    inst_dir(instance).join("agent.env.json")
-}
 const AGENT_MARKER: &[&str] = &["vpc-cni-agent"];
-const DAEMON_MARKER: &[&str] = &["vpc-lab", "daemon"];
-pub const CONFLIST: &str = "10-vpc-cni.conflist";
 
 fn make_node_dirs(instance: &str) -> Result<()> {
     for d in [
@@ -109,27 +25,10 @@ fn make_node_dirs(instance: &str) -> Result<()> {
         "var/run/aws-node",
         "pods",
     ] {
-        let p = inst_dir(instance).join(d);
+        let p = paths::inst_dir(instance).join(d);
         std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
     }
     Ok(())
-}
-
-fn exe_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the vpc-lab executable")?;
-    Ok(exe.parent().map(Path::to_path_buf).unwrap_or_default())
-}
-
-/// Phase 1 of `up` (before any thread exists): clean up, start moto.
-pub fn up_prepare() -> Result<State> {
-    down()?;
-    std::fs::create_dir_all(run_dir())?;
-    let moto = moto::start(&run_dir())?;
-    Ok(State {
-        vpc_id: String::new(),
-        moto,
-        region: region(),
-    })
 }
 
 /// How `up` builds the lab.
@@ -144,23 +43,57 @@ pub struct UpOptions {
     pub instance_type: String,
     /// Node instances start with their primary address only (like a new EC2 instance).
     pub fresh_nodes: bool,
-    pub knobs: crate::fidelity::Knobs,
+    pub knobs: Knobs,
 }
 
-/// Phase 2 of `up` (in the runtime): provision, build the namespaces, start daemon and agents.
-pub async fn up(mut state: State, opts: &UpOptions, t0: Instant) -> Result<()> {
-    let ec2 = cloud::Ec2::from_env()
-        .await
-        .context("configuring the EC2 client for moto")?;
-    opts.knobs.save()?;
-    state.vpc_id = crate::provision::provision_seed(&ec2, &opts.instance_type, opts.fresh_nodes)
+impl Default for UpOptions {
+    /// `vpc-lab up` without options: the seed's layout, agents that do not provision.
+    fn default() -> Self {
+        UpOptions {
+            agent_env: Vec::new(),
+            agents: true,
+            provisioning: None,
+            instance_type: seed::INSTANCE_TYPE.to_string(),
+            fresh_nodes: false,
+            knobs: Knobs::default(),
+        }
+    }
+}
+
+/// `vpc-lab up`: cleans up a crashed run, starts moto, provisions the seed's world, builds the
+/// namespaces and the fabric, starts the daemon and the agents; returns when every agent is
+/// ready. On failure the lab is left as it is for inspection.
+pub fn up(opts: &UpOptions) -> Result<()> {
+    let t0 = Instant::now();
+    down()?;
+    std::fs::create_dir_all(paths::run_dir())?;
+    let state = LabState {
+        vpc_id: String::new(),
+        moto: moto::start(&paths::run_dir())?,
+        region: store::region(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(up_in_runtime(state, opts, t0)).map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#}\n(the lab is left as it is for inspection; `vpc-lab down` removes it)"
+        )
+    })
+}
+
+async fn up_in_runtime(mut state: LabState, opts: &UpOptions, t0: Instant) -> Result<()> {
+    let ec2 = state.ec2();
+    opts.knobs.save_to(&paths::knobs_file())?;
+    state.vpc_id = seed::provision_seed(&ec2, &opts.instance_type, opts.fresh_nodes)
         .await
         .context("provisioning the seed world in moto")?;
     let world = World::load(&ec2, &state.vpc_id)
         .await
         .context("loading the world from EC2")?;
-    std::fs::write(state_path(), serde_json::to_vec_pretty(&state)?)?;
-    write_world(&world)?;
+    state.save()?;
+    store::write_world(&world)?;
     tracing::info!(vpc = %state.vpc_id, elapsed = ?t0.elapsed(), "provisioned");
 
     let w = world.clone();
@@ -175,7 +108,7 @@ pub async fn up(mut state: State, opts: &UpOptions, t0: Instant) -> Result<()> {
     .await??;
     tracing::info!(elapsed = ?t0.elapsed(), "namespaces and fabric built");
 
-    daemon::spawn(&state)?;
+    daemon::spawn()?;
     tracing::info!(elapsed = ?t0.elapsed(), knobs = ?opts.knobs, "lab daemon ready (IMDS, EC2 proxy, whoami)");
 
     let nodes: Vec<String> = world
@@ -225,7 +158,7 @@ pub async fn up(mut state: State, opts: &UpOptions, t0: Instant) -> Result<()> {
 
 /// Kills every process the lab started, deletes every vpclab-* namespace and /run/vpc-lab.
 pub fn down() -> Result<()> {
-    let rd = run_dir();
+    let rd = paths::run_dir();
     let mut errors = Vec::new();
     // Agents first (they talk to the daemon), then the daemon, then moto.
     if let Ok(entries) = std::fs::read_dir(&rd) {
@@ -239,8 +172,8 @@ pub fn down() -> Result<()> {
         }
     }
     for (pf, marker) in [
-        (rd.join("daemon.pid"), DAEMON_MARKER),
-        (PathBuf::from(moto::PID_FILE), moto::MARKER),
+        (paths::daemon_pid(), daemon::MARKER),
+        (moto::pid_file(&rd), moto::MARKER),
     ] {
         if let Err(err) = procs::stop(&pf, marker, false, Duration::from_secs(5)) {
             errors.push(format!("{err:#}"));
@@ -282,20 +215,20 @@ pub fn down() -> Result<()> {
 
 /// `vpc-lab status`.
 pub fn status() -> Result<()> {
-    let world = load_world()?;
+    let world = store::load_world()?;
     let holders = pods::ip_holders()?;
     let proc_state = |pf: PathBuf, marker: &[&str]| match procs::read_pid(&pf) {
         Some(p) if procs::is_ours(p, marker) => format!("pid {p}"),
         Some(p) => format!("NOT RUNNING (pid {p} gone)"),
         None => "NOT RUNNING".to_string(),
     };
-    let moto_addr = State::load()
+    let moto_addr = LabState::load()
         .map(|s| s.moto.to_string())
         .unwrap_or_else(|_| "?".into());
     println!(
         "EC2 (moto) at http://{moto_addr}: {}; lab daemon (IMDS, EC2 proxy, fabric sync): {}",
-        proc_state(PathBuf::from(moto::PID_FILE), moto::MARKER),
-        proc_state(run_dir().join("daemon.pid"), DAEMON_MARKER)
+        proc_state(moto::pid_file(&paths::run_dir()), moto::MARKER),
+        proc_state(paths::daemon_pid(), daemon::MARKER)
     );
     println!(
         "VPC {} ({}) region {}",
@@ -314,7 +247,7 @@ pub fn status() -> Result<()> {
     }
     for inst in &world.instances {
         let agent = if inst.node {
-            match procs::read_pid(&agent_pid(&inst.name)) {
+            match procs::read_pid(&paths::agent_pid(&inst.name)) {
                 Some(p) if procs::is_ours(p, AGENT_MARKER) => format!("agent pid {p}"),
                 _ => "agent not running".to_string(),
             }
@@ -371,14 +304,14 @@ pub fn agent_start(instance: &str, extra: &[(String, String)], region: &str) -> 
     if !ns::exists(&ins) {
         bail!("no namespace {ins}: is {instance:?} an instance of the lab, and is the lab up?");
     }
-    if let Some(p) = procs::read_pid(&agent_pid(instance))
+    if let Some(p) = procs::read_pid(&paths::agent_pid(instance))
         && procs::is_ours(p, AGENT_MARKER)
     {
         bail!(
             "the agent of {instance} is already running (pid {p}); use `vpc-lab agent restart {instance}`"
         );
     }
-    let dir = exe_dir()?;
+    let dir = paths::exe_dir()?;
     let agent = dir.join("vpc-cni-agent");
     if !agent.is_file() {
         bail!(
@@ -388,7 +321,7 @@ pub fn agent_start(instance: &str, extra: &[(String, String)], region: &str) -> 
     }
     make_node_dirs(instance)?;
     // Extra env: what the last start used, with what is given now on top.
-    let mut merged: Vec<(String, String)> = std::fs::read(agent_env_file(instance))
+    let mut merged: Vec<(String, String)> = std::fs::read(paths::agent_env_file(instance))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
@@ -397,8 +330,7 @@ pub fn agent_start(instance: &str, extra: &[(String, String)], region: &str) -> 
         merged.push((k.clone(), v.clone()));
     }
     let extra = merged;
-    std::fs::write(agent_env_file(instance), serde_json::to_vec(&extra)?)?;
-    let base = inst_dir(instance);
+    std::fs::write(paths::agent_env_file(instance), serde_json::to_vec(&extra)?)?;
     let mut cmd = ns::command(&ins, agent.to_str().context("agent path is not UTF-8")?)?;
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     for (k, v) in [
@@ -410,20 +342,21 @@ pub fn agent_start(instance: &str, extra: &[(String, String)], region: &str) -> 
         ("AWS_REGION", region.to_string()),
         ("AWS_ACCESS_KEY_ID", "testing".to_string()),
         ("AWS_SECRET_ACCESS_KEY", "testing".to_string()),
-        ("HOST_CNI_BIN_PATH", bin_dir(instance).display().to_string()),
+        (
+            "HOST_CNI_BIN_PATH",
+            paths::cni_bin_dir(instance).display().to_string(),
+        ),
         (
             "HOST_CNI_CONFDIR_PATH",
-            conf_dir(instance).display().to_string(),
+            paths::conf_dir(instance).display().to_string(),
         ),
         (
             "AWS_VPC_K8S_CNI_BACKING_STORE",
-            base.join("var/run/aws-node/ipam.json")
-                .display()
-                .to_string(),
+            paths::agent_checkpoint(instance).display().to_string(),
         ),
         (
             "VPC_CNI_AGENT_SOCKET",
-            agent_socket(instance).display().to_string(),
+            paths::agent_socket(instance).display().to_string(),
         ),
         (
             "VPC_CNI_PLUGIN_BINARY",
@@ -439,7 +372,11 @@ pub fn agent_start(instance: &str, extra: &[(String, String)], region: &str) -> 
     }
     cmd.env_remove("AWS_EC2_METADATA_DISABLED");
     cmd.envs(&env);
-    let pid = procs::spawn_detached(cmd, &agent_log(instance), &agent_pid(instance))?;
+    let pid = procs::spawn_detached(
+        cmd,
+        &paths::agent_log(instance),
+        &paths::agent_pid(instance),
+    )?;
     tracing::info!(instance, pid, "started agent");
     Ok(pid)
 }
@@ -447,16 +384,16 @@ pub fn agent_start(instance: &str, extra: &[(String, String)], region: &str) -> 
 /// Waits until the agent of `instance` is ready: its conflist exists and its socket answers.
 pub fn wait_agent_ready(instance: &str, timeout: Duration) -> Result<()> {
     let t = Instant::now();
-    let conf = conf_dir(instance).join(CONFLIST);
-    let sock = agent_socket(instance);
+    let conf = paths::conf_dir(instance).join(paths::CONFLIST);
+    let sock = paths::agent_socket(instance);
     loop {
-        let pid = procs::read_pid(&agent_pid(instance));
+        let pid = procs::read_pid(&paths::agent_pid(instance));
         let alive = pid.is_some_and(|p| procs::is_ours(p, AGENT_MARKER));
         if !alive {
             bail!(
                 "the agent of {instance} exited before it was ready; last lines of {}:\n{}",
-                agent_log(instance).display(),
-                procs::tail(&agent_log(instance), 30)
+                paths::agent_log(instance).display(),
+                procs::tail(&paths::agent_log(instance), 30)
             );
         }
         if conf.is_file() && UnixStream::connect(&sock).is_ok() {
@@ -468,17 +405,26 @@ pub fn wait_agent_ready(instance: &str, timeout: Duration) -> Result<()> {
                 "the agent of {instance} was not ready after {timeout:?} (no {} or no answer on {}); last lines of {}:\n{}",
                 conf.display(),
                 sock.display(),
-                agent_log(instance).display(),
-                procs::tail(&agent_log(instance), 30)
+                paths::agent_log(instance).display(),
+                procs::tail(&paths::agent_log(instance), 30)
             );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
+/// `vpc-lab agent start <instance>`: starts the agent with the lab's region and waits (30 s at
+/// most) until it is ready.
+pub fn agent_start_ready(instance: &str, extra: &[(String, String)]) -> Result<u32> {
+    let region = store::load_world()?.region;
+    let pid = agent_start(instance, extra, &region)?;
+    wait_agent_ready(instance, Duration::from_secs(30))?;
+    Ok(pid)
+}
+
 /// `vpc-lab agent stop|kill <instance>`.
 pub fn agent_stop(instance: &str, hard: bool) -> Result<()> {
-    let pf = agent_pid(instance);
+    let pf = paths::agent_pid(instance);
     if !procs::stop(&pf, AGENT_MARKER, hard, Duration::from_secs(10))? {
         bail!(
             "the agent of {instance} is not running (no live process in {})",

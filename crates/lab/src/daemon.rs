@@ -2,7 +2,6 @@
 //! IMDS and the EC2 fidelity proxy inside every instance namespace and the whoami service on the internet.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,36 +10,41 @@ use anyhow::{Context, Result, bail};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
-use crate::ctl::{self, State};
-use crate::ec2proxy::Proxy;
-use crate::world::World;
-use crate::{fabric, ns, procs};
+use lab_aws::ec2proxy::Proxy;
+use lab_aws::fidelity;
+use lab_aws::world::World;
+use lab_net::{fabric, ns};
+use testkit::procs;
+
+use crate::paths;
+use crate::store::{self, LabState};
 
 pub const IMDS_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 1338);
 pub const EC2_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 1339);
 pub const WHOAMI_PORT: u16 = 8080;
 
-fn ready_file() -> PathBuf {
-    ctl::run_dir().join("daemon.ready")
-}
+/// The marker checked in /proc/<pid>/cmdline before signalling the daemon.
+pub const MARKER: &[&str] = &["vpc-lab", "daemon"];
 
-/// Starts `vpc-lab daemon` detached and waits until it serves.
-pub fn spawn(state: &State) -> Result<()> {
-    let exe = std::env::current_exe()?;
+/// Starts `vpc-lab daemon` detached and waits until it serves. (The daemon reads the lab's
+/// state file for moto's address and the VPC.)
+pub fn spawn() -> Result<()> {
+    let exe = paths::exe_dir()?.join("vpc-lab");
+    if !exe.is_file() {
+        bail!(
+            "{} not found: build it with `cargo build -p vpc-lab`",
+            exe.display()
+        );
+    }
     let mut cmd = Command::new(exe);
     cmd.arg("daemon");
-    cmd.env("AWS_ENDPOINT_URL_EC2", format!("http://{}", state.moto))
-        .env("AWS_REGION", &state.region)
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_EC2_METADATA_DISABLED", "true");
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }
-    let log = ctl::run_dir().join("daemon.log");
-    let pid = procs::spawn_detached(cmd, &log, &ctl::run_dir().join("daemon.pid"))?;
+    let log = paths::daemon_log();
+    let pid = procs::spawn_detached(cmd, &log, &paths::daemon_pid())?;
     let t = Instant::now();
-    while !ready_file().exists() {
+    while !paths::daemon_ready().exists() {
         if !procs::alive(pid as i32) {
             bail!(
                 "the lab daemon (pid {pid}) exited during start-up; last lines of {}:\n{}",
@@ -74,7 +78,7 @@ fn serve_instance(
         .with_context(|| format!("binding the EC2 proxy in {ins}"))?;
     let imds_l = tokio::net::TcpListener::from_std(imds_l)?;
     let ec2_l = tokio::net::TcpListener::from_std(ec2_l)?;
-    let router = crate::imds::router(imds_rx.clone(), id.to_string());
+    let router = lab_aws::imds::router(imds_rx.clone(), id.to_string());
     let n = name.to_string();
     tokio::spawn(async move {
         if let Err(e) = axum::serve(imds_l, router).await {
@@ -189,18 +193,24 @@ async fn apply(world: &World, applied: fabric::Applied) -> (fabric::Applied, Res
     }
 }
 
-/// `vpc-lab daemon`.
-pub async fn run() -> Result<()> {
-    let state = State::load()?;
-    let ec2 = cloud::Ec2::from_env()
-        .await
-        .context("configuring the EC2 client for moto")?;
+/// `vpc-lab daemon`: runs until SIGTERM.
+pub fn main() -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> Result<()> {
+    let state = LabState::load()?;
+    let ec2 = state.ec2();
     let world = World::load(&ec2, &state.vpc_id).await?;
     let (applied, r) = apply(&world, fabric::Applied::default()).await;
     r?;
     let mut applied = applied;
     let mut applied_world = world.clone();
-    ctl::write_world(&world)?;
+    store::write_world(&world)?;
     // EC2's state (for the proxy), what IMDS serves (delayed), what the fabric shows.
     let (ec2_tx, ec2_rx) = watch::channel(world.clone());
     let (imds_tx, imds_rx) = watch::channel(world.clone());
@@ -208,8 +218,8 @@ pub async fn run() -> Result<()> {
         state.moto,
         &state.region,
         ec2_rx,
-        crate::fidelity::Knobs::path(),
-        Some(crate::fidelity::stats_path()),
+        paths::knobs_file(),
+        Some(paths::ec2_stats_file()),
     );
     let mut history = History::default();
     history.push(Instant::now(), world.clone());
@@ -219,7 +229,7 @@ pub async fn run() -> Result<()> {
         served.insert(i.name.clone());
     }
     serve_whoami()?;
-    std::fs::write(ready_file(), format!("{}\n", std::process::id()))?;
+    std::fs::write(paths::daemon_ready(), format!("{}\n", std::process::id()))?;
     tracing::info!(vpc = %state.vpc_id, knobs = ?proxy.knobs().0, "lab daemon ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -258,7 +268,7 @@ pub async fn run() -> Result<()> {
             }
         });
         // IMDS: EC2's state as it was imds_delay ago.
-        let (imds_world, imds_next) = history.as_of(crate::fidelity::ms(knobs.imds_delay_ms), now);
+        let (imds_world, imds_next) = history.as_of(fidelity::ms(knobs.imds_delay_ms), now);
         if let Some(iw) = imds_world {
             imds_tx.send_if_modified(|w| {
                 if *w != iw {
@@ -282,7 +292,7 @@ pub async fn run() -> Result<()> {
         let (visible, plug_next) = hot_plugged(
             &new,
             &proxy.attach_times(),
-            crate::fidelity::ms(knobs.attach_delay_ms),
+            fidelity::ms(knobs.attach_delay_ms),
             now,
             &plugged,
         );
@@ -311,7 +321,7 @@ pub async fn run() -> Result<()> {
                 }
             }
         }
-        if let Err(e) = ctl::write_world(&visible) {
+        if let Err(e) = store::write_world(&visible) {
             tracing::error!("writing world.json: {e:#}");
         }
         applied_world = visible;
@@ -324,7 +334,7 @@ mod tests {
 
     #[test]
     fn hot_plug_hides_fresh_attachments_until_due() {
-        let w = crate::world::tests::sample();
+        let w = lab_aws::world::sample();
         let t0 = Instant::now();
         let mut at = HashMap::new();
         at.insert("eni-1".to_string(), t0);
@@ -348,7 +358,7 @@ mod tests {
     #[test]
     fn history_serves_the_state_of_delay_ago() {
         let t0 = Instant::now();
-        let a = crate::world::tests::sample();
+        let a = lab_aws::world::sample();
         let mut b = a.clone();
         b.instances[0].enis[0].secondary_ips.clear();
         let mut h = History::default();

@@ -8,9 +8,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
+use lab_aws::world::World;
+use lab_net::{fabric, ns};
+
 use crate::pods::{self, PodRecord};
-use crate::world::World;
-use crate::{ctl, daemon, fabric, ns};
+use crate::{control, daemon, store};
 
 /// The seed's pod address: a secondary IP of instance1's eth1.
 pub const POD_ON_SECONDARY_ENI: Ipv4Addr = Ipv4Addr::new(172, 31, 13, 130);
@@ -145,7 +147,7 @@ fn pod_desc(p: &PodRecord, ip: Ipv4Addr) -> String {
 
 /// Runs the matrix; returns whether every row was as expected.
 pub fn run(negative: bool) -> Result<bool> {
-    let world = ctl::load_world()?;
+    let world = store::load_world()?;
     let i1 = ns::instance_ns(NODE);
     let i2 = ns::instance_ns("instance2");
     let vh = ns::instance_ns("vpc-host");
@@ -373,7 +375,7 @@ pub fn run(negative: bool) -> Result<bool> {
 
 /// `vpc-lab demo`: three pods on instance1, one on instance2, state, matrix with negatives.
 pub fn demo() -> Result<bool> {
-    let world = ctl::load_world()?;
+    let world = store::load_world()?;
     let pods_wanted = [
         (NODE, "default/pod-a"),
         (NODE, "default/pod-b"),
@@ -384,7 +386,7 @@ pub fn demo() -> Result<bool> {
     let mut result = Ok(true);
     for (inst, pod) in pods_wanted {
         println!("== vpc-lab pod add {inst} {pod}");
-        match pods::add(inst, pod, true) {
+        match pods::add(inst, pod, pods::Print::Compact) {
             Ok(_) => added.push((inst, pod)),
             Err(e) => {
                 result = Err(e);
@@ -439,7 +441,7 @@ pub fn demo() -> Result<bool> {
             }
         }
         println!("== vpc-lab status");
-        ctl::status()?;
+        control::status()?;
         result = run(true);
     }
     if std::env::var("KEEP").is_ok_and(|k| !k.is_empty()) {
@@ -459,17 +461,17 @@ pub fn demo() -> Result<bool> {
 }
 
 /// vpc-cni's nftables table `ip vpc-cni` in a namespace, as `nft list` prints it.
-pub(crate) fn save_nft_table(ns_name: &str) -> Result<String> {
+pub fn save_nft_table(ns_name: &str) -> Result<String> {
     ns::run(ns_name, &["nft", "list", "table", "ip", "vpc-cni"])
 }
 
 /// Deletes vpc-cni's nftables table in a namespace.
-pub(crate) fn delete_nft_table(ns_name: &str) -> Result<()> {
+pub fn delete_nft_table(ns_name: &str) -> Result<()> {
     ns::run(ns_name, &["nft", "delete", "table", "ip", "vpc-cni"]).map(drop)
 }
 
 /// Puts back a table [`save_nft_table`] printed, replacing whatever is there now.
-pub(crate) fn restore_nft_table(ns_name: &str, saved: &str) -> Result<()> {
+pub fn restore_nft_table(ns_name: &str, saved: &str) -> Result<()> {
     let _ = delete_nft_table(ns_name);
     ns::run_stdin(ns_name, &["nft", "-f", "-"], Some(saved))
         .with_context(|| format!("restoring table ip vpc-cni in {ns_name}"))?;

@@ -8,18 +8,17 @@
 //! host side lands there.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use lab_net::ns;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
+use testkit::cni::{ConfList, Outcome, PodRef, Runtime};
 
-use crate::ctl;
-use crate::ns;
+use crate::paths;
 
 /// A pod as the runtime remembers it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,6 +61,17 @@ impl PodRecord {
     pub fn display(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// The pod as the CNI harness addresses it.
+    pub fn pod_ref(&self) -> PodRef {
+        PodRef {
+            container_id: self.container_id.clone(),
+            netns: self.netns.clone(),
+            ifname: self.ifname.clone(),
+            k8s_namespace: self.namespace.clone(),
+            k8s_name: self.name.clone(),
+        }
+    }
 }
 
 /// `<ns>/<name>` → (ns, name), validated.
@@ -82,7 +92,7 @@ pub fn parse_pod(s: &str) -> Result<(String, String)> {
 }
 
 fn record_path(instance: &str, ns: &str, name: &str) -> PathBuf {
-    ctl::inst_dir(instance)
+    paths::inst_dir(instance)
         .join("pods")
         .join(format!("{ns}_{name}.json"))
 }
@@ -90,7 +100,7 @@ fn record_path(instance: &str, ns: &str, name: &str) -> PathBuf {
 /// Every pod record of every instance.
 pub fn all_records() -> Result<Vec<PodRecord>> {
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(ctl::run_dir()) else {
+    let Ok(rd) = std::fs::read_dir(paths::run_dir()) else {
         return Ok(out);
     };
     for inst in rd.flatten() {
@@ -166,147 +176,49 @@ pub fn find(target: &str) -> Result<PodRecord> {
     }
 }
 
-/// The network configuration list a runtime would load from the instance's conf dir.
-#[derive(Debug)]
-struct NetConf {
-    name: String,
-    cni_version: String,
-    plugins: Vec<Map<String, Value>>,
-    disable_check: bool,
-    file: PathBuf,
-}
-
-fn load_netconf(instance: &str) -> Result<NetConf> {
-    let dir = ctl::conf_dir(instance);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| format!("reading CNI conf dir {} — is the lab up?", dir.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.extension()
-                .is_some_and(|e| e == "conflist" || e == "conf" || e == "json")
-        })
-        .collect();
-    files.sort();
-    let Some(file) = files.into_iter().next() else {
-        bail!(
-            "no CNI network config in {}: is the agent of {instance} running and ready? \
-             (see {}/agent.log; `vpc-lab agent start {instance}`)",
-            dir.display(),
-            ctl::inst_dir(instance).display()
-        );
-    };
-    let v: Value = serde_json::from_slice(&std::fs::read(&file)?)
-        .with_context(|| format!("parsing {}", file.display()))?;
-    let get = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-    let name = get("name").with_context(|| format!("{}: no \"name\"", file.display()))?;
-    let cni_version = get("cniVersion").unwrap_or_else(|| "0.2.0".to_string());
-    let plugins = match v.get("plugins") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|p| {
-                p.as_object()
-                    .cloned()
-                    .with_context(|| format!("{}: a plugin is not an object", file.display()))
-            })
-            .collect::<Result<Vec<_>>>()?,
-        Some(_) => bail!("{}: \"plugins\" is not a list", file.display()),
-        None => vec![v.as_object().cloned().context("config is not an object")?],
-    };
-    if plugins.is_empty() {
-        bail!("{}: \"plugins\" is empty", file.display());
-    }
-    Ok(NetConf {
-        name,
-        cni_version,
-        plugins,
-        disable_check: v.get("disableCheck").and_then(|x| x.as_bool()) == Some(true),
-        file,
-    })
-}
-
-/// One plugin invocation's outcome.
-struct Call {
-    ok: bool,
-    stdout: String,
-    ms: f64,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn call_plugin(
-    instance: &str,
-    conf: &NetConf,
-    plugin: &Map<String, Value>,
-    command: &str,
-    container_id: &str,
-    netns: &str,
-    pod: (&str, &str),
-    prev: Option<&Value>,
-) -> Result<Call> {
-    let ty = plugin
-        .get("type")
-        .and_then(|t| t.as_str())
-        .with_context(|| format!("{}: a plugin has no \"type\"", conf.file.display()))?;
-    let bin_dir = ctl::bin_dir(instance);
-    let bin = bin_dir.join(ty);
-    if !bin.is_file() {
-        bail!(
-            "plugin {ty:?} not found in {} (CNI_PATH): has the agent of {instance} installed it?",
-            bin_dir.display()
-        );
-    }
-    let mut cfg = plugin.clone();
-    cfg.insert("cniVersion".into(), Value::String(conf.cni_version.clone()));
-    cfg.insert("name".into(), Value::String(conf.name.clone()));
-    if let Some(p) = prev {
-        cfg.insert("prevResult".into(), p.clone());
-    }
-    let stdin = serde_json::to_string(&cfg)?;
-    let mut cmd = ns::command(
-        &ns::instance_ns(instance),
-        bin.to_str().context("plugin path is not UTF-8")?,
-    )?;
-    cmd.env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", container_id)
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", &bin_dir)
-        .env(
-            "CNI_ARGS",
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={container_id}",
-                pod.0, pod.1
-            ),
+/// The runtime of an instance: its first network configuration, its CNI bin dir, and plugins
+/// exec'd inside the instance's namespace.
+pub fn runtime(instance: &str) -> Result<Runtime> {
+    let dir = paths::conf_dir(instance);
+    let conf = ConfList::load_dir(&dir).with_context(|| {
+        format!(
+            "is the agent of {instance} running and ready? (see {}/agent.log; `vpc-lab agent start {instance}`)",
+            paths::inst_dir(instance).display()
         )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let t = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("executing plugin {}", bin.display()))?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(stdin.as_bytes())?;
-    let out = child.wait_with_output()?;
-    let ms = t.elapsed().as_secs_f64() * 1000.0;
-    eprintln!(
-        "{ty} {command}: {ms:.1} ms (exit {})",
-        out.status.code().unwrap_or(-1)
-    );
-    Ok(Call {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        ms,
-    })
+    })?;
+    Ok(runtime_with(instance, conf))
 }
 
-/// Whether CNI version `v` is at least `min` (both `a.b.c`).
-fn version_at_least(v: &str, min: &str) -> bool {
-    let parse = |s: &str| -> Vec<u32> { s.split('.').map(|x| x.parse().unwrap_or(0)).collect() };
-    parse(v) >= parse(min)
+/// A runtime on `instance` for the network `conf` (plugins from the instance's CNI bin dir,
+/// exec'd inside its namespace).
+pub fn runtime_with(instance: &str, conf: ConfList) -> Runtime {
+    let bin_dir = paths::cni_bin_dir(instance);
+    let ins = ns::instance_ns(instance);
+    Runtime {
+        conf,
+        cni_path: bin_dir.display().to_string(),
+        bin_dir,
+        spawn: Box::new(move |bin| {
+            let program = bin.to_str().ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "plugin path is not UTF-8")
+            })?;
+            ns::command(&ins, program).map_err(std::io::Error::other)
+        }),
+    }
+}
+
+/// Prints a plugin's stderr (its logs) and timing, as a runtime's log would.
+fn echo(o: &Outcome) {
+    if !o.stderr.trim().is_empty() {
+        eprint!("{}", o.stderr);
+    }
+    eprintln!(
+        "{} {}: {:.1} ms (exit {})",
+        o.ty,
+        o.verb,
+        o.elapsed.as_secs_f64() * 1000.0,
+        o.status.code().unwrap_or(-1)
+    );
 }
 
 fn random_id() -> Result<String> {
@@ -351,9 +263,18 @@ pub struct CniFailure {
     pub output: String,
 }
 
-/// `vpc-lab pod add`. Prints the result (pretty, or on one line when `compact`); fails (after
+/// What `add` prints: the result (pretty or on one line) and each plugin call's stderr and time
+/// on stderr, as `vpc-lab pod add` does; or nothing (the benchmarks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Print {
+    Pretty,
+    Compact,
+    Quiet,
+}
+
+/// `vpc-lab pod add`. Prints as `print` says; fails (after
 /// cleaning up) when the plugin fails.
-pub fn add(instance: &str, pod: &str, compact: bool) -> Result<PodRecord> {
+pub fn add(instance: &str, pod: &str, print: Print) -> Result<PodRecord> {
     check_instance(instance)?;
     let (pns, pname) = parse_pod(pod)?;
     let rec = record_path(instance, &pns, &pname);
@@ -363,88 +284,71 @@ pub fn add(instance: &str, pod: &str, compact: bool) -> Result<PodRecord> {
             rec.display()
         );
     }
-    let conf = load_netconf(instance)?;
+    let rt = runtime(instance)?;
     let netns_name = ns::pod_ns(instance, &pns, &pname);
     ns::add(&netns_name)?;
     let netns = ns::path(&netns_name).display().to_string();
-    let cid = random_id()?;
-    let mut prev: Option<Value> = None;
-    let mut total = 0.0;
-    for plugin in &conf.plugins {
-        let c = call_plugin(
-            instance,
-            &conf,
-            plugin,
-            "ADD",
-            &cid,
-            &netns,
-            (&pns, &pname),
-            prev.as_ref(),
-        )?;
-        total += c.ms;
-        if !c.ok {
+    let pod_ref = PodRef {
+        container_id: random_id()?,
+        netns: netns.clone(),
+        ifname: "eth0".into(),
+        k8s_namespace: pns.clone(),
+        k8s_name: pname.clone(),
+    };
+    let (result, total) = match rt.add(&pod_ref)? {
+        Ok(ok) => ok,
+        Err(failed) => {
+            if print != Print::Quiet {
+                echo(&failed);
+            }
             // Like a runtime: tear down what may have been set up (retrying a failed DEL for
             // up to 10 s, as kubelet retries a sandbox teardown), then forget the pod.
-            for p in conf.plugins.iter().rev() {
-                let t = Instant::now();
-                loop {
-                    match call_plugin(
-                        instance,
-                        &conf,
-                        p,
-                        "DEL",
-                        &cid,
-                        &netns,
-                        (&pns, &pname),
-                        None,
-                    ) {
-                        Ok(d) if d.ok => break,
-                        Ok(d) => eprintln!(
-                            "clean-up DEL after the failed ADD also failed: {}",
-                            d.stdout.trim()
-                        ),
-                        Err(e) => eprintln!("clean-up DEL after the failed ADD: {e:#}"),
-                    }
-                    if t.elapsed() > Duration::from_secs(10) {
-                        eprintln!("giving up the clean-up DEL of {pod} after 10 s");
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(300));
+            let t = Instant::now();
+            loop {
+                match rt.del(&pod_ref, None) {
+                    Ok((left, _)) if left.is_empty() => break,
+                    Ok((left, _)) => eprintln!(
+                        "clean-up DEL after the failed ADD also failed: {}",
+                        left.iter()
+                            .map(Outcome::describe)
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                    Err(e) => eprintln!("clean-up DEL after the failed ADD: {e}"),
                 }
+                if t.elapsed() > Duration::from_secs(10) {
+                    eprintln!("giving up the clean-up DEL of {pod} after 10 s");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(300));
             }
             let _ = ns::del(&netns_name);
-            let code = serde_json::from_str::<Value>(&c.stdout)
-                .ok()
-                .and_then(|v| v["code"].as_u64())
-                .unwrap_or(0) as u32;
             return Err(CniFailure {
-                code,
+                code: u32::try_from(failed.error_code()).unwrap_or(0),
                 what: format!("CNI ADD of {pod} on {instance}"),
-                output: c.stdout.trim().to_string(),
+                output: failed.stdout.trim().to_string(),
             }
             .into());
         }
-        let v: Value = serde_json::from_str(&c.stdout)
-            .with_context(|| format!("the plugin's ADD result is not JSON: {:?}", c.stdout))?;
-        prev = Some(v);
-    }
+    };
+    let total = total.as_secs_f64() * 1000.0;
     let r = PodRecord {
         instance: instance.to_string(),
         namespace: pns,
         name: pname,
-        container_id: cid,
+        container_id: pod_ref.container_id,
         netns,
-        ifname: "eth0".into(),
-        network: conf.name.clone(),
-        cni_version: conf.cni_version.clone(),
-        result: prev.unwrap_or(Value::Null),
+        ifname: pod_ref.ifname,
+        network: rt.conf.name.clone(),
+        cni_version: rt.conf.cni_version.clone(),
+        result,
         add_ms: total,
     };
     write_record(&r)?;
-    if compact {
-        println!("{}", serde_json::to_string(&r.result)?);
-    } else {
-        println!("{}", serde_json::to_string_pretty(&r.result)?);
+    match print {
+        Print::Pretty => println!("{}", serde_json::to_string_pretty(&r.result)?),
+        Print::Compact => println!("{}", serde_json::to_string(&r.result)?),
+        Print::Quiet => return Ok(r),
     }
     eprintln!("ADD {pod} on {instance}: {total:.1} ms, {:?}", r.ips());
     Ok(r)
@@ -466,27 +370,12 @@ fn load_record(instance: &str, pod: &str) -> Result<PodRecord> {
 pub fn del(instance: &str, pod: &str) -> Result<()> {
     check_instance(instance)?;
     let r = load_record(instance, pod)?;
-    let conf = load_netconf(instance)?;
-    let mut errors = Vec::new();
-    let mut total = 0.0;
+    let rt = runtime(instance)?;
     // Like libcni: the cached ADD result is the prevResult of DEL from CNI 0.4.0 on.
-    let prev = version_at_least(&conf.cni_version, "0.4.0").then_some(&r.result);
-    for plugin in conf.plugins.iter().rev() {
-        let c = call_plugin(
-            instance,
-            &conf,
-            plugin,
-            "DEL",
-            &r.container_id,
-            &r.netns,
-            (&r.namespace, &r.name),
-            prev,
-        )?;
-        total += c.ms;
-        if !c.ok {
-            errors.push(c.stdout.trim().to_string());
-        }
-    }
+    let (failed, total) = rt.del(&r.pod_ref(), Some(&r.result))?;
+    failed.iter().for_each(echo);
+    let total = total.as_secs_f64() * 1000.0;
+    let errors: Vec<String> = failed.iter().map(|o| o.stdout.trim().to_string()).collect();
     if !errors.is_empty() {
         bail!(
             "CNI DEL of {pod} on {instance} failed (pod namespace and record kept; retry `vpc-lab pod del`): {}",
@@ -503,38 +392,24 @@ pub fn del(instance: &str, pod: &str) -> Result<()> {
 pub fn check(instance: &str, pod: &str) -> Result<()> {
     check_instance(instance)?;
     let r = load_record(instance, pod)?;
-    let conf = load_netconf(instance)?;
-    if !version_at_least(&conf.cni_version, "0.4.0") {
+    let rt = runtime(instance)?;
+    if !rt.conf.version_at_least("0.4.0") {
         bail!(
             "{}: cniVersion {} does not support CHECK (0.4.0 or later does)",
-            conf.file.display(),
-            conf.cni_version
+            rt.conf.origin,
+            rt.conf.cni_version
         );
     }
-    if conf.disable_check {
-        println!(
-            "{}: disableCheck is set; CHECK skipped",
-            conf.file.display()
-        );
+    if rt.conf.disable_check {
+        println!("{}: disableCheck is set; CHECK skipped", rt.conf.origin);
         return Ok(());
     }
-    for plugin in &conf.plugins {
-        let c = call_plugin(
-            instance,
-            &conf,
-            plugin,
-            "CHECK",
-            &r.container_id,
-            &r.netns,
-            (&r.namespace, &r.name),
-            Some(&r.result),
-        )?;
-        if !c.ok {
-            bail!(
-                "CNI CHECK of {pod} on {instance} failed: {}",
-                c.stdout.trim()
-            );
-        }
+    if let Some(failed) = rt.check(&r.pod_ref(), &r.result)? {
+        echo(&failed);
+        bail!(
+            "CNI CHECK of {pod} on {instance} failed: {}",
+            failed.stdout.trim()
+        );
     }
     println!("CHECK {pod} on {instance}: ok");
     Ok(())
@@ -563,14 +438,6 @@ pub fn exec_target(target: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn versions() {
-        assert!(version_at_least("1.0.0", "0.4.0"));
-        assert!(version_at_least("0.4.0", "0.4.0"));
-        assert!(!version_at_least("0.3.1", "0.4.0"));
-        assert!(version_at_least("1.1.0", "1.0.0"));
-    }
 
     #[test]
     fn pod_names() {

@@ -1,27 +1,17 @@
 //! vpc-lab: the local VPC — network namespaces, an EC2 API (moto), IMDS and the VPC fabric.
-
-mod bench;
-mod ctl;
-mod daemon;
-mod ec2proxy;
-mod fabric;
-mod fidelity;
-mod imds;
-mod matrix;
-mod moto;
-mod ns;
-mod perf;
-mod pods;
-mod procs;
-mod provision;
-mod world;
+//! A thin command line over the lab crates (`lab`, `lab-aws`, `lab-net`, `lab-bench`).
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use lab::control::{self, UpOptions};
+use lab::store::LabState;
+use lab::{daemon, matrix, paths, pods};
+use lab_aws::{fidelity, seed};
+use lab_bench::{bench, perf};
+use lab_net::ns;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -55,7 +45,7 @@ enum Cmd {
         #[arg(long, value_name = "INSTANCES", num_args = 0..=1, default_missing_value = "")]
         provisioning: Option<String>,
         /// Instance type of the node instances (instance1, instance2).
-        #[arg(long, default_value = provision::INSTANCE_TYPE)]
+        #[arg(long, default_value = seed::INSTANCE_TYPE)]
         instance_type: String,
         /// Node instances start like a new EC2 instance: primary ENI and address only (no
         /// secondary IPs, no second ENI). The seed's demo needs the default layout.
@@ -164,15 +154,9 @@ enum AgentAction {
     Restart,
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?)
-}
-
 fn require_root() -> Result<()> {
-    if !nix::unistd::geteuid().is_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
         bail!("vpc-lab needs root (it creates network namespaces); run it with sudo");
     }
     Ok(())
@@ -188,7 +172,7 @@ fn main() -> ExitCode {
     }
     let default_level = match cli.cmd {
         Cmd::Daemon => "info",
-        Cmd::Up { .. } | Cmd::Down => "vpc_lab=info,warn",
+        Cmd::Up { .. } | Cmd::Down => "vpc_lab=info,lab=info,lab_aws=info,lab_net=info,warn",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -228,7 +212,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             attach_delay_ms,
             subnet_free,
         } => {
-            let t0 = Instant::now();
             let mut knobs = fidelity::Knobs::default();
             for (k, v) in [
                 ("ec2-error-rate", &ec2_error_rate),
@@ -240,7 +223,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ] {
                 knobs.set(k, v).with_context(|| format!("--{k}"))?;
             }
-            let opts = ctl::UpOptions {
+            let opts = UpOptions {
                 agent_env,
                 agents: !no_agents,
                 provisioning: provisioning.map(|p| {
@@ -254,24 +237,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 fresh_nodes,
                 knobs,
             };
-            let state = ctl::up_prepare()?;
-            ctl::set_sdk_env(state.moto, &state.region);
-            let r = runtime()?.block_on(ctl::up(state, &opts, t0));
-            if let Err(e) = r {
-                bail!(
-                    "{e:#}\n(the lab is left as it is for inspection; `vpc-lab down` removes it)"
-                );
-            }
+            control::up(&opts)?;
         }
-        Cmd::Down => ctl::down()?,
+        Cmd::Down => control::down()?,
         Cmd::Fidelity { cmd } => {
-            ctl::State::load()?;
-            let mut k = fidelity::Knobs::load()?;
+            LabState::load()?;
+            let mut k = fidelity::Knobs::load_from(&paths::knobs_file())?;
             if let FidelityCmd::Set { settings } = cmd {
                 for (key, v) in &settings {
                     k.set(key, v)?;
                 }
-                k.save()?;
+                k.save_to(&paths::knobs_file())?;
                 tracing::info!(knobs = ?k, "fidelity knobs saved");
             }
             println!("{}", serde_json::to_string_pretty(&k)?);
@@ -279,17 +255,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Bench { churn } => bench::run(churn)?,
         Cmd::Perf(opts) => perf::run(&opts)?,
         Cmd::Ec2Stats => {
-            ctl::State::load()?;
+            LabState::load()?;
             println!(
                 "{}",
-                serde_json::to_string_pretty(&fidelity::load_stats()?)?
+                serde_json::to_string_pretty(
+                    &fidelity::load_stats_from(&paths::ec2_stats_file())?
+                )?
             );
         }
-        Cmd::Status => ctl::status()?,
-        Cmd::Daemon => runtime()?.block_on(daemon::run())?,
+        Cmd::Status => control::status()?,
+        Cmd::Daemon => daemon::main()?,
         Cmd::Pod { cmd } => match cmd {
             PodCmd::Add { instance, pod } => {
-                pods::add(&instance, &pod, false)?;
+                pods::add(&instance, &pod, pods::Print::Pretty)?;
             }
             PodCmd::Del { instance, pod } => pods::del(&instance, &pod)?,
             PodCmd::Check { instance, pod } => pods::check(&instance, &pod)?,
@@ -298,22 +276,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             action,
             instance,
             agent_env,
-        } => {
-            let region = ctl::load_world()?.region;
-            match action {
-                AgentAction::Start => {
-                    ctl::agent_start(&instance, &agent_env, &region)?;
-                    ctl::wait_agent_ready(&instance, std::time::Duration::from_secs(30))?;
-                }
-                AgentAction::Stop => ctl::agent_stop(&instance, false)?,
-                AgentAction::Kill => ctl::agent_stop(&instance, true)?,
-                AgentAction::Restart => {
-                    let _ = ctl::agent_stop(&instance, false);
-                    ctl::agent_start(&instance, &agent_env, &region)?;
-                    ctl::wait_agent_ready(&instance, std::time::Duration::from_secs(30))?;
-                }
+        } => match action {
+            AgentAction::Start => {
+                control::agent_start_ready(&instance, &agent_env)?;
             }
-        }
+            AgentAction::Stop => control::agent_stop(&instance, false)?,
+            AgentAction::Kill => control::agent_stop(&instance, true)?,
+            AgentAction::Restart => {
+                let _ = control::agent_stop(&instance, false);
+                control::agent_start_ready(&instance, &agent_env)?;
+            }
+        },
         Cmd::Exec { target, cmd } => {
             let ns_name = pods::exec_target(&target)?;
             let status = ns::command(&ns_name, &cmd[0])?

@@ -1,7 +1,7 @@
 //! The lab without agents: bring-up, the AWS-like fabric (ARP by the fabric, src/dst check,
 //! internet gateway), IMDS and the EC2 relay inside an instance, ENI hot-plug driven by EC2,
 //! a hand-made pod like the seed's, and a `down` that leaves nothing behind.
-//! Needs root; prints a skip line otherwise.
+//! Needs root: ignored without it (`make test` runs it as root with --include-ignored).
 
 mod common;
 
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn world() -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read("/run/vpc-lab/world.json").expect("world.json"))
+    serde_json::from_slice(&std::fs::read(lab::paths::world_file()).expect("world.json"))
         .expect("world.json is JSON")
 }
 
@@ -61,11 +61,9 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 #[test]
+#[ignore = "root: brings up the lab (network namespaces)"]
 fn fabric_without_agents() {
-    if !is_root() {
-        eprintln!("SKIP fabric_without_agents: needs root (network namespaces)");
-        return;
-    }
+    testkit::require_root();
     let _serial = serial();
     let _down = Down;
     let t = Instant::now();
@@ -216,7 +214,7 @@ fn fabric_without_agents() {
 
     // Hot-plug: EC2 attaches an ENI to instance2 -> eth1 with its MAC appears; detach -> gone.
     let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read("/run/vpc-lab/state.json").unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(lab::paths::state_file()).unwrap()).unwrap();
     let endpoint = format!("http://{}", state["moto"].as_str().unwrap());
     let region = w["region"].as_str().unwrap().to_string();
     let subnet = eni(&w, "instance2", 0)["subnet_id"]

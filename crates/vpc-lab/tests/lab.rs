@@ -1,8 +1,8 @@
 //! The seed's experiment end to end on the lab with the real agent and plugin: `vpc-lab up`,
 //! pods on every address of instance1 and one on instance2, `pod check`, the connectivity
 //! matrix with its negative controls, `pod del`, and a `down` that leaves nothing behind.
-//! Needs root and the built `vpc-cni-agent` and `vpc-cni` binaries (`cargo build`); prints a
-//! skip line otherwise.
+//! Needs root and the built `vpc-cni-agent` and `vpc-cni` binaries (`cargo build`): ignored
+//! without root, failing when a binary is missing.
 
 mod common;
 
@@ -11,20 +11,9 @@ use std::time::Instant;
 use common::*;
 
 #[test]
+#[ignore = "root: brings up the lab (network namespaces)"]
 fn seed_experiment_end_to_end() {
-    if !is_root() {
-        eprintln!("SKIP seed_experiment_end_to_end: needs root (network namespaces)");
-        return;
-    }
-    for b in ["vpc-cni-agent", "vpc-cni"] {
-        if !bin_dir().join(b).is_file() {
-            eprintln!(
-                "SKIP seed_experiment_end_to_end: {} is not built (run `cargo build`)",
-                bin_dir().join(b).display()
-            );
-            return;
-        }
-    }
+    require_lab();
     let _serial = serial();
     let _down = Down;
     let t = Instant::now();

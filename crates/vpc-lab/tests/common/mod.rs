@@ -6,10 +6,6 @@ use std::process::{Command, Output};
 
 pub const LAB: &str = env!("CARGO_BIN_EXE_vpc-lab");
 
-pub fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 /// The directory of the built binaries (vpc-lab, vpc-cni-agent, vpc-cni).
 pub fn bin_dir() -> PathBuf {
     Path::new(LAB)
@@ -56,7 +52,7 @@ impl Drop for Down {
             let keep = std::env::temp_dir().join("vpc-lab-failed");
             let _ = std::fs::remove_dir_all(&keep);
             let _ = Command::new("cp")
-                .args(["-r", "/run/vpc-lab"])
+                .args(["-r", lab::paths::RUN_DIR])
                 .arg(&keep)
                 .status();
             let _ = Command::new(LAB)
@@ -76,10 +72,10 @@ impl Drop for Down {
 /// Pids recorded in the lab's pid files (read before `down` removes them).
 pub fn lab_pids() -> Vec<i32> {
     let mut files = vec![
-        PathBuf::from("/run/vpc-lab/moto.pid"),
-        PathBuf::from("/run/vpc-lab/daemon.pid"),
+        lab_aws::moto::pid_file(&lab::paths::run_dir()),
+        lab::paths::daemon_pid(),
     ];
-    if let Ok(rd) = std::fs::read_dir("/run/vpc-lab") {
+    if let Ok(rd) = std::fs::read_dir(lab::paths::RUN_DIR) {
         for e in rd.flatten() {
             files.push(e.path().join("agent.pid"));
         }
@@ -126,10 +122,7 @@ pub fn down_and_assert_clean(pids: &[i32]) {
     for p in pids {
         assert!(!alive(*p), "process {p} started by the lab is still alive");
     }
-    assert!(
-        !Path::new("/run/vpc-lab").exists(),
-        "/run/vpc-lab left behind"
-    );
+    assert!(!lab::paths::run_dir().exists(), "/run/vpc-lab left behind");
     // Idempotent.
     lab_ok(&["down"]);
 }
@@ -178,22 +171,18 @@ pub fn assert_root_untouched() {
     }
 }
 
-/// Skips (returns false, printing why) unless running as root with the binaries built.
-pub fn can_run_lab(test: &str) -> bool {
-    if !is_root() {
-        eprintln!("SKIP {test}: needs root (network namespaces)");
-        return false;
-    }
+/// The lab tests' precondition: root (they are `#[ignore = "root: …"]`, so a run without root
+/// lists them as ignored) and the binaries built. Panics with what is missing.
+#[track_caller]
+pub fn require_lab() {
+    testkit::require_root();
     for b in ["vpc-cni-agent", "vpc-cni"] {
-        if !bin_dir().join(b).is_file() {
-            eprintln!(
-                "SKIP {test}: {} is not built (run `cargo build --workspace --bins`)",
-                bin_dir().join(b).display()
-            );
-            return false;
-        }
+        assert!(
+            bin_dir().join(b).is_file(),
+            "{} is not built (run `cargo build --workspace --bins`)",
+            bin_dir().join(b).display()
+        );
     }
-    true
 }
 
 /// Runs `vpc-lab args…` quietly (output returned, not echoed).
@@ -285,8 +274,7 @@ pub fn pod_del_retry(instance: &str, pod: &str, timeout: std::time::Duration) {
 
 /// The lab's world.json.
 pub fn world() -> serde_json::Value {
-    let s =
-        std::fs::read_to_string("/run/vpc-lab/world.json").expect("world.json (is the lab up?)");
+    let s = std::fs::read_to_string(lab::paths::world_file()).expect("world.json (is the lab up?)");
     serde_json::from_str(&s).expect("world.json is JSON")
 }
 
@@ -311,18 +299,16 @@ pub struct Ec2 {
 
 impl Ec2 {
     pub fn new() -> Ec2 {
-        let s = std::fs::read_to_string("/run/vpc-lab/state.json")
-            .expect("state.json (is the lab up?)");
-        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
-        let moto = v["moto"].as_str().expect("moto address in state.json");
-        let region = v["region"].as_str().unwrap_or("us-west-2");
+        let state = lab::store::LabState::load().expect("the lab's state (is the lab up?)");
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
-        let ec2 = cloud::Ec2::for_endpoint(&format!("http://{moto}"), region);
-        Ec2 { rt, ec2 }
+        Ec2 {
+            rt,
+            ec2: state.ec2(),
+        }
     }
 
     /// ENIs attached to `instance_id`, by device index.

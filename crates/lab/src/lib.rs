@@ -1,0 +1,16 @@
+//! The lab's control, as a library: where its files are (`paths`) and what they hold
+//! (`store`), bringing it up and down and running the agents (`control`), the daemon that
+//! serves IMDS and the EC2 proxy and keeps the fabric in line with EC2 (`daemon`), a container
+//! runtime's pods (`pods`), and the seed's connectivity matrix and demo (`matrix`).
+//!
+//! `vpc-lab` is its command line; `lab-bench` and the lab tests call it directly.
+//!
+//! Module order (each uses only those before it): paths → store → pods → daemon → control →
+//! matrix.
+
+pub mod control;
+pub mod daemon;
+pub mod matrix;
+pub mod paths;
+pub mod pods;
+pub mod store;
