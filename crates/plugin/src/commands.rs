@@ -2,7 +2,6 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
-use std::time::Duration;
 
 use cni::{CniResult, Env, Interface, IpConfig, NetConf, Route};
 use dataplane::{POD_GATEWAY, PodSpec, PodTeardown};
@@ -13,14 +12,8 @@ use tracing::{debug, info, warn};
 
 use crate::backend::{Backend, NetnsState};
 use crate::config::PluginConfig;
+use crate::deadline::{Deadline, LOCAL_WORK_RESERVE};
 use crate::error::{GcFailure, PluginError, Release};
-
-/// How long to wait for the agent. ADD may wait for EC2 to hand out addresses.
-pub const ADD_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEL_TIMEOUT: Duration = Duration::from_secs(15);
-pub const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
-pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
-pub const GC_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Everything a verb needs.
 pub struct Ctx<'a> {
@@ -28,6 +21,8 @@ pub struct Ctx<'a> {
     pub conf: &'a NetConf,
     pub cfg: &'a PluginConfig,
     pub backend: &'a dyn Backend,
+    /// The call's one deadline ([`crate::deadline`]).
+    pub deadline: Deadline,
 }
 
 impl std::fmt::Debug for Ctx<'_> {
@@ -36,6 +31,7 @@ impl std::fmt::Debug for Ctx<'_> {
             .field("env", self.env)
             .field("network", &self.conf.name)
             .field("cfg", self.cfg)
+            .field("deadline", &self.deadline)
             .finish_non_exhaustive()
     }
 }
@@ -49,14 +45,21 @@ impl Ctx<'_> {
         }
     }
 
-    fn agent(&self, req: &Request, timeout: Duration) -> Result<Response, PluginError> {
+    /// One conversation with the agent, ending by `deadline` at the latest.
+    fn agent(&self, req: &Request, deadline: Deadline) -> Result<Response, PluginError> {
         debug!(?req, socket = %self.cfg.agent_socket.display(), "calling the agent");
         self.backend
-            .call_agent(&self.cfg.agent_socket, req, timeout)
+            .call_agent(&self.cfg.agent_socket, req, deadline.at())
             .map_err(|source| PluginError::Agent {
                 socket: self.cfg.agent_socket.clone(),
                 source,
             })
+    }
+
+    /// The agent's share of a verb with local work after the answer: the call's deadline
+    /// less [`LOCAL_WORK_RESERVE`].
+    fn agent_deadline(&self) -> Deadline {
+        self.deadline.reserving(LOCAL_WORK_RESERVE)
     }
 
     fn host_veth(&self) -> String {
@@ -138,7 +141,7 @@ pub fn add(ctx: &Ctx) -> Result<Value, PluginError> {
         pod,
         netns: netns.to_string_lossy().into_owned(),
     };
-    let (alloc, existing) = match ctx.agent(&req, ADD_TIMEOUT)? {
+    let (alloc, existing) = match ctx.agent(&req, ctx.agent_deadline())? {
         Response::Added {
             allocation,
             existing,
@@ -178,9 +181,10 @@ pub fn add(ctx: &Ctx) -> Result<Value, PluginError> {
             });
         }
         Err(source) => {
-            // setup_pod removes whatever it created before failing; give the address back.
+            // setup_pod removes whatever it created before failing; give the address back,
+            // in what is left of the call (the reserve kept for this).
             warn!(%key, ip = %alloc.ip, reason = %source, "pod setup failed; releasing the address");
-            let release = match ctx.agent(&Request::Del { key: key.clone() }, DEL_TIMEOUT) {
+            let release = match ctx.agent(&Request::Del { key: key.clone() }, ctx.deadline) {
                 Ok(Response::Deleted { .. }) => Release::Released,
                 Ok(other) => Release::Failed(format!("agent answered {other:?}")),
                 Err(e) => Release::Failed(e.to_string()),
@@ -236,7 +240,8 @@ pub fn del(ctx: &Ctx) -> Result<(), PluginError> {
         .as_ref()
         .and_then(|p| prev_result_ip(p, ctx.env.ifname()));
     let mut refused = None;
-    let ip = match ctx.agent(&Request::Del { key: key.clone() }, DEL_TIMEOUT) {
+    // the reserve keeps time for the teardown even when the agent does not answer
+    let ip = match ctx.agent(&Request::Del { key: key.clone() }, ctx.agent_deadline()) {
         Ok(Response::Deleted {
             released: Some(alloc),
         }) => {
@@ -328,7 +333,7 @@ pub fn check(ctx: &Ctx) -> Result<(), PluginError> {
             what: format!("prevResult does not list the host interface {host_veth}"),
         });
     }
-    let alloc = match ctx.agent(&Request::Check { key: key.clone() }, CHECK_TIMEOUT)? {
+    let alloc = match ctx.agent(&Request::Check { key: key.clone() }, ctx.agent_deadline())? {
         Response::Checked { allocation } => allocation,
         Response::Error { code, message } => {
             return Err(PluginError::AgentRefused { code, message });
@@ -362,7 +367,7 @@ pub fn check(ctx: &Ctx) -> Result<(), PluginError> {
 }
 
 pub fn status(ctx: &Ctx) -> Result<(), PluginError> {
-    match ctx.agent(&Request::Status, STATUS_TIMEOUT) {
+    match ctx.agent(&Request::Status, ctx.deadline) {
         Ok(Response::Status(s)) if s.ready => Ok(()),
         Ok(Response::Status(s)) => Err(PluginError::NotAvailable {
             reason: format!(
@@ -401,7 +406,7 @@ pub fn gc(ctx: &Ctx) -> Result<(), PluginError> {
         network: ctx.conf.name.clone(),
         valid,
     };
-    let released = match ctx.agent(&req, GC_TIMEOUT)? {
+    let released = match ctx.agent(&req, ctx.agent_deadline())? {
         Response::Collected { released } => released,
         Response::Error { code, message } => {
             return Err(PluginError::AgentRefused { code, message });
@@ -414,7 +419,12 @@ pub fn gc(ctx: &Ctx) -> Result<(), PluginError> {
         }
     };
     let mut failed = Vec::new();
+    let mut skipped = Vec::new();
     for (key, ip) in &released {
+        if ctx.deadline.is_past() {
+            skipped.push((key.clone(), *ip));
+            continue;
+        }
         info!(%key, %ip, "garbage-collected attachment; removing its host routes and rules");
         let t = PodTeardown {
             netns: None,
@@ -430,7 +440,13 @@ pub fn gc(ctx: &Ctx) -> Result<(), PluginError> {
             });
         }
     }
-    if failed.is_empty() {
+    if !skipped.is_empty() {
+        warn!(
+            count = skipped.len(),
+            "the deadline ran out before every released attachment was torn down"
+        );
+        Err(PluginError::GcOutOfTime { failed, skipped })
+    } else if failed.is_empty() {
         Ok(())
     } else {
         Err(PluginError::GcTeardown { failed })

@@ -22,6 +22,8 @@ pub struct PluginConfig {
     pub mtu: u32,
     pub veth_prefix: String,
     pub agent_socket: PathBuf,
+    /// `pluginLogFile`: an absolute path (opened as a regular file by `logging`); `None`:
+    /// stderr (the key absent, empty or `stderr`).
     pub log_file: Option<PathBuf>,
     /// `pluginLogLevel`, if set.
     pub log_level: Option<LevelFilter>,
@@ -55,7 +57,7 @@ impl PluginConfig {
             c.agent_socket = PathBuf::from(string("agentSocket", v)?);
         }
         if let Some(v) = present(raw, "pluginLogFile") {
-            c.log_file = Some(PathBuf::from(string("pluginLogFile", v)?));
+            c.log_file = parse_log_file(v)?;
         }
         if let Some(v) = present(raw, "pluginLogLevel") {
             let s = string("pluginLogLevel", v)?;
@@ -87,6 +89,48 @@ fn string(key: &str, v: &Value) -> Result<String, CniError> {
     v.as_str()
         .map(str::to_string)
         .ok_or_else(|| invalid(key, format!("{v} is not a string")))
+}
+
+/// Values of `pluginLogFile` that mean stderr (besides an empty string or no key), compared
+/// ignoring ASCII case: the agent writes an empty value for `AWS_VPC_K8S_PLUGIN_LOG_FILE`
+/// `stderr`, a hand-written conflist may say `stderr`.
+pub const LOG_TO_STDERR: &str = "stderr";
+
+/// Names of the plugin's stdout, which carries the CNI result and is never a log.
+const STDOUT_NAMES: &[&str] = &["stdout", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"];
+
+/// `pluginLogFile`: `stderr` → `None` (stderr); an absolute path → that file; stdout, a
+/// relative path (it would land wherever the runtime happens to run the plugin) or a path
+/// with a NUL → code 7 naming the value. Whether the file is a regular one is checked when
+/// it is opened (`logging::open_log_file`).
+pub fn parse_log_file(v: &Value) -> Result<Option<PathBuf>, CniError> {
+    let s = string("pluginLogFile", v)?;
+    if s.is_empty() || s.eq_ignore_ascii_case(LOG_TO_STDERR) {
+        return Ok(None);
+    }
+    if STDOUT_NAMES.iter().any(|n| s.eq_ignore_ascii_case(n)) {
+        return Err(invalid(
+            "pluginLogFile",
+            format!(
+                "\"{s}\" is the plugin's stdout, which carries the CNI result; use \"stderr\" or the absolute path of a regular file"
+            ),
+        ));
+    }
+    if s.contains('\0') {
+        return Err(invalid(
+            "pluginLogFile",
+            format!("{s:?} contains a NUL character"),
+        ));
+    }
+    if !s.starts_with('/') {
+        return Err(invalid(
+            "pluginLogFile",
+            format!(
+                "\"{s}\" is a relative path (it would be created wherever the runtime runs the plugin); use \"stderr\" or the absolute path of a regular file"
+            ),
+        ));
+    }
+    Ok(Some(PathBuf::from(s)))
 }
 
 /// A number or a numeric string (the reference writes `"mtu": "9001"`), 576–9001.
@@ -197,6 +241,49 @@ mod tests {
             assert!(e.msg.contains("vethPrefix"), "{e}");
             assert!(e.details.contains(bad), "{e}");
         }
+    }
+
+    #[test]
+    fn log_file_values() {
+        let file = |v: Value| parse(json!({ "pluginLogFile": v })).map(|c| c.log_file);
+        assert_eq!(file(json!("")).unwrap(), None);
+        assert_eq!(file(Value::Null).unwrap(), None);
+        assert_eq!(file(json!("stderr")).unwrap(), None);
+        assert_eq!(file(json!("STDERR")).unwrap(), None);
+        assert_eq!(
+            file(json!("/var/log/aws-routed-eni/plugin.log")).unwrap(),
+            Some(PathBuf::from("/var/log/aws-routed-eni/plugin.log"))
+        );
+        for bad in [
+            "stdout",
+            "/dev/stdout",
+            "/proc/self/fd/1",
+            "plugin.log",
+            "./stderr",
+            "log/plugin.log",
+            "~/plugin.log",
+            "/var/log/a\0b",
+        ] {
+            let e = file(json!(bad)).unwrap_err();
+            assert_eq!(e.code, 7, "{bad}");
+            assert!(e.msg.contains("pluginLogFile"), "{e}");
+            assert!(
+                e.details.contains(bad) || e.details.contains("NUL"),
+                "{bad}: {e}"
+            );
+        }
+        assert!(
+            file(json!("stdout"))
+                .unwrap_err()
+                .details
+                .contains("carries the CNI result")
+        );
+        assert!(
+            file(json!("plugin.log"))
+                .unwrap_err()
+                .details
+                .contains("relative")
+        );
     }
 
     #[test]

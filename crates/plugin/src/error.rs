@@ -1,5 +1,7 @@
 //! Everything that can go wrong in the plugin, and — in [`PluginError::to_cni`], the one place
-//! that does it — the CNI error code and message each failure is reported with.
+//! that does it — the CNI error code and message each failure is reported with. The
+//! plugin-specific codes are [`plugin_code`] (the table in the crate's README lists them);
+//! which codes the agent may send is [`agent_code_is_valid`].
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -8,7 +10,9 @@ use cni::{CniError, code};
 use dataplane::{DataplaneError, TeardownError};
 use proto::{AttachmentKey, ProtoError};
 
-/// Plugin-specific error codes (the spec reserves 0–99).
+use crate::input::StdinError;
+
+/// Plugin-specific error codes (the spec reserves 0–99). Each is in the README's table.
 pub mod plugin_code {
     /// Wiring the pod's network (veth, addresses, routes, rules) failed.
     pub const POD_SETUP_FAILED: u32 = 100;
@@ -16,6 +20,34 @@ pub mod plugin_code {
     pub const CHECK_FAILED: u32 = 101;
     /// Some of the pod's network could not be removed (DEL or GC).
     pub const TEARDOWN_FAILED: u32 = 102;
+    /// The agent broke the protocol: an error code it may not send (the message names it), a
+    /// reply that does not fit the request, a malformed or oversized frame, another protocol
+    /// version.
+    pub const AGENT_PROTOCOL_ERROR: u32 = 103;
+    /// The call's deadline ran out (10 s; STATUS 3 s): stdin not closed, the agent's socket
+    /// not accepting (listen backlog full), the agent not answering (in full) in time.
+    pub const DEADLINE_EXCEEDED: u32 = 104;
+    /// `pluginLogFile` names something that cannot be used as the log: not a regular file
+    /// (FIFO, device, directory, symlink, the plugin's stdout), or not creatable/writable.
+    pub const LOG_FILE_UNUSABLE: u32 = 105;
+
+    /// Every plugin-specific code, for the README's table and its test.
+    pub const ALL: &[u32] = &[
+        POD_SETUP_FAILED,
+        CHECK_FAILED,
+        TEARDOWN_FAILED,
+        AGENT_PROTOCOL_ERROR,
+        DEADLINE_EXCEEDED,
+        LOG_FILE_UNUSABLE,
+    ];
+}
+
+/// Whether the agent may answer with `code` (passed through to the runtime as is): the
+/// spec's codes 1–11 and 999 (internal, libcni's, what the agent sends when its handler
+/// fails). Anything else becomes [`plugin_code::AGENT_PROTOCOL_ERROR`] naming the value.
+pub fn agent_code_is_valid(code: u32) -> bool {
+    (code::INCOMPATIBLE_CNI_VERSION..=code::TRY_AGAIN_LATER).contains(&code)
+        || code == code::INTERNAL
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +116,22 @@ pub enum PluginError {
     #[error("teardown failed: {}", gc_details(failed))]
     GcTeardown { failed: Vec<GcFailure> },
 
+    /// stdin was not closed in time, is too large, or cannot be read.
+    #[error(transparent)]
+    Stdin(#[from] StdinError),
+
+    /// `pluginLogFile` cannot be used as the log.
+    #[error("pluginLogFile {path} {reason}")]
+    LogFile { path: PathBuf, reason: String },
+
+    /// GC: the deadline ran out before these released attachments' host routes and rules
+    /// were removed.
+    #[error("teardown not attempted before the deadline: {}", keys(skipped))]
+    GcOutOfTime {
+        failed: Vec<GcFailure>,
+        skipped: Vec<(AttachmentKey, Ipv4Addr)>,
+    },
+
     /// A panic, reported rather than leaving stdout empty.
     #[error("internal error: {0}")]
     Internal(String),
@@ -118,6 +166,14 @@ fn gc_details(failed: &[GcFailure]) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+fn keys(skipped: &[(AttachmentKey, Ipv4Addr)]) -> String {
+    skipped
+        .iter()
+        .map(|(k, ip)| format!("{k} ({ip})"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What became of the address after a failed ADD.
@@ -156,39 +212,52 @@ impl PluginError {
                 "refusing to wire the node's namespace as a pod".to_string(),
             ),
             PluginError::Agent { socket, source } => {
-                let (msg, details) = if source.is_unreachable() {
-                    (
-                        format!(
-                            "the vpc-cni agent is not reachable at {}; try again later",
-                            socket.display()
-                        ),
+                let socket = socket.display();
+                if source.is_unreachable() {
+                    CniError::new(
+                        code::TRY_AGAIN_LATER,
+                        format!("the vpc-cni agent is not reachable at {socket}; try again later"),
                         format!(
                             "{source}. Check that the vpc-cni-agent pod is running on this node \
-                             and ready, that it created {}, and that agentSocket in the CNI \
-                             config matches the agent's VPC_CNI_AGENT_SOCKET",
-                            socket.display()
+                             and ready, that it created {socket}, and that agentSocket in the CNI \
+                             config matches the agent's VPC_CNI_AGENT_SOCKET"
                         ),
                     )
-                } else {
-                    (
-                        format!(
-                            "talking to the vpc-cni agent at {} failed; try again later",
-                            socket.display()
-                        ),
+                } else if source.is_timeout() {
+                    let msg = match source {
+                        ProtoError::Timeout {
+                            stage: proto::Stage::Start,
+                            ..
+                        } => format!("no time was left to call the vpc-cni agent at {socket}"),
+                        _ => format!("the vpc-cni agent at {socket} did not answer in time"),
+                    };
+                    CniError::new(plugin_code::DEADLINE_EXCEEDED, msg, source.to_string())
+                } else if source.is_protocol_violation() {
+                    CniError::new(
+                        plugin_code::AGENT_PROTOCOL_ERROR,
+                        format!("the vpc-cni agent at {socket} broke the protocol"),
                         source.to_string(),
                     )
-                };
-                CniError::new(code::TRY_AGAIN_LATER, msg, details)
+                } else {
+                    CniError::new(
+                        code::TRY_AGAIN_LATER,
+                        format!("talking to the vpc-cni agent at {socket} failed; try again later"),
+                        source.to_string(),
+                    )
+                }
             }
-            // The agent speaks CNI codes; 0 would read as success, so it becomes internal.
-            PluginError::AgentRefused { code: 0, message } => {
-                CniError::new(code::INTERNAL, message.clone(), "the agent sent code 0")
-            }
-            PluginError::AgentRefused { code, message } => {
+            PluginError::AgentRefused { code, message } if agent_code_is_valid(*code) => {
                 CniError::new(*code, message.clone(), String::new())
             }
+            // 0 would read as success, 4294967295 as nothing at all: a code the agent may not
+            // send is reported as what it is, with the agent's message kept.
+            PluginError::AgentRefused { code, message } => CniError::new(
+                plugin_code::AGENT_PROTOCOL_ERROR,
+                format!("the vpc-cni agent answered with error code {code}, which it may not send"),
+                format!("the agent's message: {message}; codes it may send: 1-11 and 999"),
+            ),
             PluginError::AgentUnexpected { request, got } => CniError::new(
-                code::INTERNAL,
+                plugin_code::AGENT_PROTOCOL_ERROR,
                 format!("unexpected reply from the vpc-cni agent to {request}"),
                 got.clone(),
             ),
@@ -234,6 +303,42 @@ impl PluginError {
                 "some of the pod network could not be removed",
                 gc_details(failed),
             ),
+            PluginError::Stdin(e @ StdinError::TooLarge { .. }) => CniError::new(
+                code::INVALID_NETWORK_CONFIG,
+                e.to_string(),
+                "a network configuration is a few KiB; the rest was not read",
+            ),
+            PluginError::Stdin(e @ StdinError::NotClosed { .. }) => CniError::new(
+                plugin_code::DEADLINE_EXCEEDED,
+                "stdin was not closed in time",
+                e.to_string(),
+            ),
+            PluginError::Stdin(e @ StdinError::Io(_)) => {
+                CniError::new(code::IO_FAILURE, e.to_string(), String::new())
+            }
+            PluginError::LogFile { path, reason } => CniError::new(
+                plugin_code::LOG_FILE_UNUSABLE,
+                format!("pluginLogFile {} cannot be used", path.display()),
+                format!(
+                    "{} {reason}; set pluginLogFile to the absolute path of a regular file, or to \"stderr\" (or empty) for stderr",
+                    path.display()
+                ),
+            ),
+            PluginError::GcOutOfTime { failed, skipped } => CniError::new(
+                plugin_code::TEARDOWN_FAILED,
+                "some of the pod network could not be removed",
+                {
+                    let mut d = format!(
+                        "the call's deadline ran out before the host routes and rules of {} were removed (the agent released their addresses)",
+                        keys(skipped)
+                    );
+                    if !failed.is_empty() {
+                        d.push_str("; ");
+                        d.push_str(&gc_details(failed));
+                    }
+                    d
+                },
+            ),
             PluginError::Internal(what) => {
                 CniError::new(code::INTERNAL, "internal error in vpc-cni", what.clone())
             }
@@ -262,6 +367,112 @@ mod tests {
     }
 
     #[test]
+    fn agent_codes_are_validated() {
+        for ok in (1..=11).chain([999]) {
+            assert!(agent_code_is_valid(ok), "{ok}");
+            let e = PluginError::AgentRefused {
+                code: ok,
+                message: "m".into(),
+            }
+            .to_cni();
+            assert_eq!((e.code, e.msg.as_str()), (ok, "m"));
+        }
+        for bad in [0, 12, 50, 51, 99, 100, 101, 103, 998, 1000, 4294967295] {
+            assert!(!agent_code_is_valid(bad), "{bad}");
+            let e = PluginError::AgentRefused {
+                code: bad,
+                message: "the agent's words".into(),
+            }
+            .to_cni();
+            assert_eq!(e.code, plugin_code::AGENT_PROTOCOL_ERROR, "{bad}");
+            assert!(e.msg.contains(&bad.to_string()), "{e}");
+            assert!(e.details.contains("the agent's words"), "{e}");
+        }
+    }
+
+    #[test]
+    fn agent_failures_by_kind() {
+        let agent = |source| {
+            PluginError::Agent {
+                socket: "/s".into(),
+                source,
+            }
+            .to_cni()
+        };
+        let e = agent(ProtoError::Timeout {
+            stage: proto::Stage::Receive,
+            waited: std::time::Duration::from_millis(7700),
+        });
+        assert_eq!(e.code, plugin_code::DEADLINE_EXCEEDED);
+        assert!(e.details.contains("did not answer within 7.7s"), "{e}");
+        let e = agent(ProtoError::Timeout {
+            stage: proto::Stage::Connect,
+            waited: std::time::Duration::from_secs(7),
+        });
+        assert_eq!(e.code, 104);
+        assert!(e.details.contains("backlog"), "{e}");
+        assert_eq!(agent(ProtoError::TooLarge(1 << 30)).code, 103);
+        assert_eq!(agent(ProtoError::Version { peer: 7 }).code, 103);
+        let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+        assert_eq!(agent(ProtoError::Io(eof)).code, 11);
+        let e = PluginError::AgentUnexpected {
+            request: "ADD",
+            got: "Status".into(),
+        };
+        assert_eq!(e.to_cni().code, 103);
+    }
+
+    #[test]
+    fn stdin_and_log_file_codes() {
+        let c = |e: PluginError| e.to_cni();
+        let e = c(StdinError::TooLarge { limit: 1 << 20 }.into());
+        assert_eq!(e.code, 7);
+        assert!(e.msg.contains("1048576"), "{e}");
+        let e = c(StdinError::NotClosed {
+            waited: std::time::Duration::from_millis(9750),
+            got: 14,
+        }
+        .into());
+        assert_eq!(e.code, 104);
+        assert!(
+            e.details.contains("9.8s") && e.details.contains("14 bytes"),
+            "{e}"
+        );
+        let e = c(StdinError::Io(std::io::Error::from_raw_os_error(9)).into());
+        assert_eq!(e.code, 5);
+        let e = c(PluginError::LogFile {
+            path: "/tmp/fifo".into(),
+            reason: "is a FIFO, not a regular file".into(),
+        });
+        assert_eq!(e.code, 105);
+        assert!(e.msg.contains("/tmp/fifo"), "{e}");
+        assert!(e.details.contains("is a FIFO"), "{e}");
+    }
+
+    #[test]
+    fn the_readme_documents_every_plugin_code() {
+        let readme = include_str!("../README.md");
+        for c in plugin_code::ALL {
+            assert!(
+                readme.contains(&format!("\n| {c} | plugin | ")),
+                "crates/plugin/README.md has no row for code {c}"
+            );
+        }
+    }
+
+    #[test]
+    fn plugin_codes_are_unique_and_plugin_specific() {
+        let mut all = plugin_code::ALL.to_vec();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), plugin_code::ALL.len());
+        assert!(
+            all.iter()
+                .all(|c| *c >= code::FIRST_PLUGIN_SPECIFIC && *c < 999)
+        );
+    }
+
+    #[test]
     fn codes() {
         let c = |e: PluginError| e.to_cni().code;
         assert_eq!(c(PluginError::NetnsMissing { path: "/x".into() }), 4);
@@ -278,7 +489,7 @@ mod tests {
                 code: 0,
                 message: "?".into()
             }),
-            999
+            103
         );
         assert_eq!(
             c(PluginError::NotAvailable {

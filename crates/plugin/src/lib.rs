@@ -1,14 +1,17 @@
 //! The `vpc-cni` CNI plugin: a thin synchronous shim that asks `vpc-cni-agent` for an
 //! address and wires the pod through crate `dataplane`.
 //!
-//! Flow: [`Invocation::parse`] (environment + stdin, every CNI validation) → [`execute`] (the
-//! verb, against a [`Backend`]) → [`Reply`] (what goes on stdout, and the exit code).
-//! Logs never go to stdout.
+//! Flow: [`input::read_stdin`] (by the deadline, capped) → [`Invocation::parse`] (the
+//! environment and stdin, every CNI validation) → [`logging::init`] → [`execute`] (the verb,
+//! against a [`Backend`]) → [`Reply`] (what goes on stdout, and the exit code). One
+//! [`Deadline`] per call bounds all of it. Logs never go to stdout.
 
 pub mod backend;
 pub mod commands;
 pub mod config;
+pub mod deadline;
 pub mod error;
+pub mod input;
 pub mod logging;
 
 #[cfg(test)]
@@ -21,7 +24,8 @@ use serde_json::Value;
 
 pub use backend::{Backend, NetnsState, RealBackend};
 pub use config::PluginConfig;
-pub use error::{GcFailure, PluginError, Release, plugin_code};
+pub use deadline::Deadline;
+pub use error::{GcFailure, PluginError, Release, agent_code_is_valid, plugin_code};
 
 /// A validated request.
 #[derive(Debug, Clone)]
@@ -67,8 +71,13 @@ impl Invocation {
     }
 }
 
-/// Run the verb. `Some(json)` is printed on success (ADD's result, VERSION's info).
-pub fn execute(inv: &Invocation, backend: &dyn Backend) -> Result<Option<Value>, PluginError> {
+/// Run the verb by `deadline`. `Some(json)` is printed on success (ADD's result, VERSION's
+/// info).
+pub fn execute(
+    inv: &Invocation,
+    backend: &dyn Backend,
+    deadline: Deadline,
+) -> Result<Option<Value>, PluginError> {
     let (env, conf, cfg) = match inv {
         Invocation::Version => return Ok(Some(cni::version_info())),
         Invocation::Verb(v) => (&v.env, &v.conf, &v.cfg),
@@ -78,6 +87,7 @@ pub fn execute(inv: &Invocation, backend: &dyn Backend) -> Result<Option<Value>,
         conf,
         cfg,
         backend,
+        deadline,
     };
     match env.command {
         Command::Add => commands::add(&ctx).map(Some),

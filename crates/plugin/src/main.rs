@@ -1,14 +1,28 @@
 //! `vpc-cni`: the CNI plugin binary. Reads `CNI_*` and stdin, prints the result or a CNI
-//! error object on stdout, exits 0 or 1.
+//! error object on stdout, exits 0 or 1 — by the call's deadline (10 s, STATUS 3 s) whatever
+//! stdin, the files named in the configuration or the agent do.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::process::ExitCode;
+use std::time::Instant;
 
-use plugin::{Invocation, PluginError, RealBackend, Reply, execute, logging};
+use plugin::{Deadline, Invocation, PluginError, RealBackend, Reply, execute, input, logging};
 
 fn main() -> ExitCode {
-    let reply = run();
+    let started = Instant::now();
+    let command = std::env::var_os("CNI_COMMAND");
+    let deadline = Deadline::for_command(command.as_deref(), started);
+    logging::install_panic_hook(&deadline);
+    // Whatever happens, one JSON object on stdout: a panic anywhere is a CNI error too.
+    let reply = catch_unwind(AssertUnwindSafe(|| run(&deadline))).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        Reply::new(Err(PluginError::Internal(what)), None)
+    });
     let mut out = std::io::stdout().lock();
     // Nothing sensible is left to do if stdout is gone.
     let _ = out.write_all(reply.stdout.as_bytes());
@@ -16,44 +30,43 @@ fn main() -> ExitCode {
     ExitCode::from(reply.exit_code)
 }
 
-fn run() -> Reply {
-    // VERSION needs nothing but CNI_COMMAND; do not block on a stdin nobody writes to.
+fn run(deadline: &Deadline) -> Reply {
+    // VERSION needs nothing but CNI_COMMAND: it reads no stdin, opens no file, calls no agent.
     let is_version = std::env::var_os("CNI_COMMAND").is_some_and(|c| c == "VERSION");
-    let mut stdin = Vec::new();
-    if !is_version && let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
-        let err = cni::CniError::new(
-            cni::code::IO_FAILURE,
-            "cannot read the network configuration from stdin",
-            e.to_string(),
-        );
-        return Reply::new(Err(err.into()), None);
-    }
+    let stdin = if is_version {
+        Vec::new()
+    } else {
+        match input::read_stdin(deadline) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let _ = logging::init(None, deadline);
+                tracing::warn!(error = %e, "rejected invocation");
+                return Reply::new(Err(e.into()), None);
+            }
+        }
+    };
     let version = cni::peek_version(&stdin);
 
     let inv = match Invocation::parse(std::env::vars_os(), &stdin) {
         Ok(inv) => inv,
         Err(e) => {
-            logging::init(None);
+            let _ = logging::init(None, deadline);
             tracing::warn!(error = %e, "rejected invocation");
             return Reply::new(Err(e), version);
         }
     };
-    logging::init(inv.config());
+    // A log file that cannot be used fails the call (naming the value) before it does anything.
+    if let Err(e) = logging::init(inv.config(), deadline) {
+        tracing::error!(error = %e, "failed");
+        return Reply::new(Err(e), version);
+    }
     if let Invocation::Verb(v) = &inv {
         tracing::debug!(command = %v.env.command, container = v.env.container_id(),
             ifname = v.env.ifname(), netns = ?v.env.netns, network = %v.conf.name,
             version = %v.conf.cni_version, "invoked");
     }
 
-    let outcome =
-        catch_unwind(AssertUnwindSafe(|| execute(&inv, &RealBackend))).unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "panic".into());
-            Err(PluginError::Internal(what))
-        });
+    let outcome = execute(&inv, &RealBackend, *deadline);
     if let Err(e) = &outcome {
         tracing::error!(error = %e, "failed");
     }

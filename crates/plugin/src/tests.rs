@@ -4,14 +4,15 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dataplane::{DataplaneError, NetError, PodLinks, PodSpec, PodTeardown, TeardownError};
 use nix::errno::Errno;
 use proto::{Allocation, AttachmentKey, ProtoError, Request, Response, StatusReply};
 use serde_json::{Value, json};
 
-use crate::{Backend, Invocation, NetnsState, PluginError, Reply, execute};
+use crate::deadline::{CALL_BUDGET, LOCAL_WORK_RESERVE, STATUS_BUDGET};
+use crate::{Backend, Deadline, Invocation, NetnsState, PluginError, Reply, execute};
 
 #[derive(Debug, Clone, PartialEq)]
 struct Setup {
@@ -51,6 +52,10 @@ struct Fake {
     answers: RefCell<VecDeque<Response>>,
     requests: RefCell<Vec<Request>>,
     sockets: RefCell<Vec<PathBuf>>,
+    /// The deadline each agent call was given.
+    deadlines: RefCell<Vec<Instant>>,
+    /// Answer an empty queue with a timeout instead of "unreachable".
+    agent_hangs: bool,
     /// Scripted dataplane failures (made afresh for each call: the errors are not `Clone`).
     setup_error: Option<fn() -> DataplaneError>,
     check_error: Option<fn() -> DataplaneError>,
@@ -80,17 +85,24 @@ impl Backend for Fake {
         &self,
         socket: &Path,
         req: &Request,
-        _: Duration,
+        deadline: Instant,
     ) -> Result<Response, ProtoError> {
         self.sockets.borrow_mut().push(socket.into());
         self.requests.borrow_mut().push(req.clone());
-        self.answers
-            .borrow_mut()
-            .pop_front()
-            .ok_or_else(|| ProtoError::Connect {
-                path: socket.display().to_string(),
-                source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
-            })
+        self.deadlines.borrow_mut().push(deadline);
+        self.answers.borrow_mut().pop_front().ok_or_else(|| {
+            if self.agent_hangs {
+                ProtoError::Timeout {
+                    stage: proto::Stage::Receive,
+                    waited: Duration::from_millis(7750),
+                }
+            } else {
+                ProtoError::Connect {
+                    path: socket.display().to_string(),
+                    source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+                }
+            }
+        })
     }
     fn setup_pod(&self, spec: &PodSpec) -> Result<PodLinks, DataplaneError> {
         self.setups.borrow_mut().push(Setup::of(spec));
@@ -176,8 +188,22 @@ fn run(
     stdin: &[u8],
     fake: &Fake,
 ) -> Result<Option<Value>, PluginError> {
+    run_by(
+        vars,
+        stdin,
+        fake,
+        Deadline::new(Instant::now(), CALL_BUDGET),
+    )
+}
+
+fn run_by(
+    vars: Vec<(String, String)>,
+    stdin: &[u8],
+    fake: &Fake,
+    deadline: Deadline,
+) -> Result<Option<Value>, PluginError> {
     let inv = Invocation::parse(vars, stdin)?;
-    execute(&inv, fake)
+    execute(&inv, fake, deadline)
 }
 
 fn code(r: Result<Option<Value>, PluginError>) -> u32 {
@@ -650,7 +676,14 @@ fn gc_tears_down_what_the_agent_released() {
 #[test]
 fn version_verb_and_error_replies() {
     let inv = Invocation::parse([("CNI_COMMAND", "VERSION")], b"").unwrap();
-    let r = Reply::new(execute(&inv, &Fake::new()), None);
+    let r = Reply::new(
+        execute(
+            &inv,
+            &Fake::new(),
+            Deadline::new(Instant::now(), CALL_BUDGET),
+        ),
+        None,
+    );
     assert_eq!(r.exit_code, 0);
     let v: Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["supportedVersions"].as_array().unwrap().len(), 5);
@@ -668,4 +701,127 @@ fn version_verb_and_error_replies() {
     assert_eq!(v["code"], 7);
     assert_eq!(v["cniVersion"], "0.4.0");
     assert!(v["msg"].as_str().unwrap().contains("mtu"));
+}
+
+#[test]
+fn the_agent_gets_the_deadline_less_the_reserve_for_local_work() {
+    let t0 = Instant::now();
+    let call = Deadline::new(t0, CALL_BUDGET);
+    let agent = call.reserving(LOCAL_WORK_RESERVE).at();
+
+    // ADD: the agent's share, then the release after a failed wiring gets what is left
+    let mut fake = Fake::new()
+        .answer(Response::Added {
+            allocation: alloc(POD_IP, 254),
+            existing: false,
+        })
+        .answer(Response::Deleted { released: None });
+    fake.setup_error = Some(eth0_exists);
+    run_by(vars("ADD"), &conf("1.0.0", json!({})), &fake, call).unwrap_err();
+    assert_eq!(*fake.deadlines.borrow(), vec![agent, call.at()]);
+
+    let fake = Fake::new().answer(Response::Deleted { released: None });
+    run_by(vars("DEL"), &conf("1.0.0", json!({})), &fake, call).unwrap();
+    assert_eq!(*fake.deadlines.borrow(), vec![agent]);
+
+    let c = conf("1.0.0", json!({"prevResult": prev_result("10.99.0.7")}));
+    let fake = Fake::new().answer(Response::Checked {
+        allocation: alloc(POD_IP, 2),
+    });
+    run_by(vars("CHECK"), &c, &fake, call).unwrap();
+    assert_eq!(*fake.deadlines.borrow(), vec![agent]);
+
+    let c = conf("1.1.0", json!({"cni.dev/valid-attachments": []}));
+    let fake = Fake::new().answer(Response::Collected { released: vec![] });
+    run_by(vars("GC"), &c, &fake, call).unwrap();
+    assert_eq!(*fake.deadlines.borrow(), vec![agent]);
+
+    // STATUS: nothing follows the answer, the whole (shorter) budget is the agent's
+    let status = Deadline::new(t0, STATUS_BUDGET);
+    let fake = Fake::new().answer(Response::Status(StatusReply {
+        ready: true,
+        message: "ok".into(),
+        free_ips: 1,
+        assigned_ips: 0,
+    }));
+    run_by(vars("STATUS"), &conf("1.1.0", json!({})), &fake, status).unwrap();
+    assert_eq!(*fake.deadlines.borrow(), vec![status.at()]);
+}
+
+#[test]
+fn an_agent_out_of_time_is_code_104_and_del_still_tears_down() {
+    let mut fake = Fake::new();
+    fake.agent_hangs = true;
+    let e = run(vars("ADD"), &conf("1.0.0", json!({})), &fake)
+        .unwrap_err()
+        .to_cni();
+    assert_eq!(e.code, 104);
+    assert!(e.msg.contains("did not answer in time"), "{e}");
+    assert!(fake.setups.borrow().is_empty());
+
+    let c = conf("1.0.0", json!({"prevResult": prev_result("10.99.0.9")}));
+    assert_eq!(run(vars("DEL"), &c, &fake).unwrap(), None);
+    assert_eq!(
+        fake.teardowns.borrow()[0].ip,
+        Some(Ipv4Addr::new(10, 99, 0, 9))
+    );
+
+    let e = run(vars("STATUS"), &conf("1.1.0", json!({})), &fake)
+        .unwrap_err()
+        .to_cni();
+    assert_eq!(e.code, 50);
+    assert!(e.details.contains("did not answer in time"), "{e}");
+}
+
+#[test]
+fn codes_the_agent_may_not_send_are_an_agent_protocol_error() {
+    for (verb, version) in [("ADD", "1.0.0"), ("DEL", "1.0.0"), ("GC", "1.1.0")] {
+        let fake = Fake::new().answer(Response::Error {
+            code: u32::MAX,
+            message: "garbage".into(),
+        });
+        let c = conf(version, json!({"cni.dev/valid-attachments": []}));
+        let e = run(vars(verb), &c, &fake).unwrap_err().to_cni();
+        assert_eq!(e.code, 103, "{verb}: {e}");
+        assert!(e.msg.contains("4294967295"), "{verb}: {e}");
+        assert!(e.details.contains("garbage"), "{verb}: {e}");
+    }
+    // a valid one passes
+    let fake = Fake::new().answer(Response::Error {
+        code: 5,
+        message: "checkpoint".into(),
+    });
+    assert_eq!(code(run(vars("ADD"), &conf("1.0.0", json!({})), &fake)), 5);
+    // and a reply that does not fit the request is one too
+    let fake = Fake::new().answer(Response::Deleted { released: None });
+    assert_eq!(
+        code(run(vars("ADD"), &conf("1.0.0", json!({})), &fake)),
+        103
+    );
+}
+
+#[test]
+fn gc_stops_tearing_down_at_the_deadline_and_says_what_is_left() {
+    let gone = |c: &str| AttachmentKey {
+        network: "vpc-cni".into(),
+        container_id: c.into(),
+        ifname: "eth0".into(),
+    };
+    let fake = Fake::new().answer(Response::Collected {
+        released: vec![
+            (gone("a"), Ipv4Addr::new(10, 99, 0, 3)),
+            (gone("b"), Ipv4Addr::new(10, 99, 0, 4)),
+        ],
+    });
+    let c = conf("1.1.0", json!({"cni.dev/valid-attachments": []}));
+    let past = Deadline::new(Instant::now(), Duration::ZERO);
+    let e = run_by(vars("GC"), &c, &fake, past).unwrap_err().to_cni();
+    assert_eq!(e.code, 102);
+    assert!(
+        e.details.contains("vpc-cni/a/eth0 (10.99.0.3)")
+            && e.details.contains("vpc-cni/b/eth0 (10.99.0.4)")
+            && e.details.contains("deadline"),
+        "{e}"
+    );
+    assert!(fake.teardowns.borrow().is_empty());
 }

@@ -5,11 +5,9 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-
-use common::{TestNetns, run_plugin};
+use common::{Foreign, TestNetns, run_plugin};
 use serde_json::{Value, json};
-use testkit::{is_root, require_root};
+use testkit::require_root;
 
 const NO_AGENT: &str = "/nonexistent/vpc-cni-test/agent.sock";
 
@@ -36,56 +34,6 @@ fn env<'a>(cmd: &'a str, netns: &'a str) -> Vec<(&'a str, &'a str)> {
             "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=cli",
         ),
     ]
-}
-
-/// A network namespace that is not ours, for as long as this lives.
-enum Foreign {
-    Named(TestNetns),
-    /// `unshare -rn sleep`: its /proc/<pid>/ns/net (killed by PID on drop).
-    Unshared(Child),
-}
-
-impl Foreign {
-    fn new(tag: &str) -> Option<Foreign> {
-        if is_root() {
-            return Some(Foreign::Named(TestNetns::new(tag)));
-        }
-        let child = Command::new("unshare")
-            .args(["-rn", "sleep", "60"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let f = Foreign::Unshared(child);
-        // wait until the child is in its own namespace
-        for _ in 0..100 {
-            let own = std::fs::read_link("/proc/self/ns/net").ok();
-            if std::fs::read_link(f.path())
-                .ok()
-                .is_some_and(|l| Some(l) != own)
-            {
-                return Some(f);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        None
-    }
-
-    fn path(&self) -> String {
-        match self {
-            Foreign::Named(n) => n.path_str(),
-            Foreign::Unshared(c) => format!("/proc/{}/ns/net", c.id()),
-        }
-    }
-}
-
-impl Drop for Foreign {
-    fn drop(&mut self) {
-        if let Foreign::Unshared(c) = self {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 #[test]

@@ -11,13 +11,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use proto::{Allocation, AttachmentKey, Request, Response, StatusReply};
 use serde_json::Value;
+use testkit::is_root;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vpc-cni");
 
@@ -98,6 +99,57 @@ pub fn run_plugin(env: &[(&str, &str)], stdin: &[u8], netns: Option<&Path>) -> R
         status: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A network namespace that is not ours, for as long as this lives: `ip netns add` as root,
+/// else an `unshare -rn sleep` process's.
+pub enum Foreign {
+    Named(TestNetns),
+    /// `unshare -rn sleep`: its /proc/<pid>/ns/net (killed by PID on drop).
+    Unshared(Child),
+}
+
+impl Foreign {
+    pub fn new(tag: &str) -> Option<Foreign> {
+        if is_root() {
+            return Some(Foreign::Named(TestNetns::new(tag)));
+        }
+        let child = Command::new("unshare")
+            .args(["-rn", "sleep", "60"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let f = Foreign::Unshared(child);
+        // wait until the child is in its own namespace
+        for _ in 0..100 {
+            let own = std::fs::read_link("/proc/self/ns/net").ok();
+            if std::fs::read_link(f.path())
+                .ok()
+                .is_some_and(|l| Some(l) != own)
+            {
+                return Some(f);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn path(&self) -> String {
+        match self {
+            Foreign::Named(n) => n.path_str(),
+            Foreign::Unshared(c) => format!("/proc/{}/ns/net", c.id()),
+        }
+    }
+}
+
+impl Drop for Foreign {
+    fn drop(&mut self) {
+        if let Foreign::Unshared(c) = self {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
