@@ -287,6 +287,14 @@ impl NetOps for FakeNet {
         Ok(())
     }
 
+    fn set_link_group(&mut self, index: u32, group: u32) -> Result<(), NetError> {
+        let op = format!("set link #{index} group {group}");
+        self.mutate(op.clone())?;
+        self.need_link(index, &op)?;
+        self.with(|n| n.links.get_mut(&index).map(|l| l.group = group))?;
+        Ok(())
+    }
+
     fn rename_link(&mut self, index: u32, name: &str) -> Result<(), NetError> {
         let op = format!("rename link #{index} to {name}");
         self.mutate(op.clone())?;

@@ -6,14 +6,16 @@
 //! * pod: `<ip>/32` on `eth0`, `169.254.1.1/32 dev eth0 scope link`,
 //!   `default via 169.254.1.1 dev eth0`, permanent neighbour `169.254.1.1` → host veth MAC;
 //! * host: `<ip>/32 dev <veth> scope link` in `main` and in [`TO_POD_TABLE`]; one rule
-//!   `from all lookup 512 pref 512`; for pods on a secondary ENI
-//!   `from <ip>/32 lookup <eni table> pref 1536`;
+//!   `from all lookup 512 pref 512`; the host veth of a pod on a secondary ENI in that ENI's
+//!   device group ([`pod_group`]), which the nftables table turns into the ENI's mark for the
+//!   one rule per ENI `fwmark <mark>/0x3f00 lookup <eni table> pref 1536`;
 //! * node: `fwmark 0x80/0x80 lookup main pref 1024`, ENI tables `device number + 1`, ENI
 //!   primary-IP rules at 32765, and the nftables table `ip vpc-cni` (connmark + SNAT).
 //!
 //! Every operation goes through [`ops::NetOps`] (real: [`netlink::Netlink`], fake:
 //! [`fake::FakeNet`]), so the sequencing is unit-tested without root.
 
+mod aws_node;
 pub mod fake;
 mod host;
 pub mod netlink;
@@ -26,6 +28,11 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
+pub use aws_node::{
+    adopt_pod, adopt_pod_with, aws_iptables_script, aws_removal_script, install_aws_iptables,
+    legacy_pods, legacy_pods_with, release_pod, release_pod_with, remove_aws_iptables,
+    remove_our_rules, remove_our_rules_with,
+};
 pub use host::{
     EniSetup, HostSetup, link_name_by_mac, setup_eni, setup_eni_with, setup_host, setup_host_with,
     teardown_eni, teardown_eni_with,
@@ -131,6 +138,9 @@ pub enum DataplaneError {
     /// An argument is unusable.
     #[error("invalid {what}: {value}")]
     Invalid { what: &'static str, value: String },
+    /// iptables (aws-node's rules, when swapping with it) failed.
+    #[error("{command}: {msg}")]
+    Iptables { command: String, msg: String },
     /// `nft` rejected or could not apply the table.
     #[error("nftables table ip {table}: {msg}")]
     Nft { table: String, msg: String },

@@ -567,6 +567,17 @@ impl NetOps for Netlink {
         )
     }
 
+    fn set_link_group(&mut self, index: u32, group: u32) -> Result<(), NetError> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        m.attributes.push(LinkAttribute::Group(group));
+        self.request(
+            RouteNetlinkMessage::SetLink(m),
+            0,
+            &format!("set link #{index} group {group}"),
+        )
+    }
+
     fn rename_link(&mut self, index: u32, name: &str) -> Result<(), NetError> {
         let mut m = LinkMessage::default();
         m.header.index = index;

@@ -326,6 +326,8 @@ pub trait NetOps {
     fn delete_link(&mut self, index: u32) -> Result<(), NetError>;
     /// Sets the link down and moves it into device group `group`; cheap, unlike deleting it.
     fn retire_link(&mut self, index: u32, group: u32) -> Result<(), NetError>;
+    /// Moves a link into device group `group` (its state otherwise unchanged).
+    fn set_link_group(&mut self, index: u32, group: u32) -> Result<(), NetError>;
     /// Renames a link (the kernel refuses while it is up).
     fn rename_link(&mut self, index: u32, name: &str) -> Result<(), NetError>;
     /// Deletes every link of device group `group` in one kernel batch. Returns whether there

@@ -601,8 +601,9 @@ pub fn reap_retired_links_with<N: NetOps>(n: &mut N) -> Result<bool, DataplaneEr
 #[cfg(test)]
 mod tests;
 
-/// The addresses this node's data path serves: every `<ip>/32` in the to-pod table. An
-/// allocation whose address is not here has no pod wired on the node.
+/// The addresses this node's data path serves: every `<ip>/32` in the to-pod table, and every
+/// `<ip>/32` in `main` through a veth (a pod wired by aws-node, which routes pods from `main`
+/// only). An allocation whose address is not here has no pod wired on the node.
 pub fn wired_pod_ips() -> Result<std::collections::BTreeSet<Ipv4Addr>, DataplaneError> {
     wired_pod_ips_with(&mut crate::netlink::Netlink::new()?)
 }
@@ -610,8 +611,19 @@ pub fn wired_pod_ips() -> Result<std::collections::BTreeSet<Ipv4Addr>, Dataplane
 pub fn wired_pod_ips_with<N: NetOps>(
     n: &mut N,
 ) -> Result<std::collections::BTreeSet<Ipv4Addr>, DataplaneError> {
+    let veths: std::collections::BTreeSet<u32> = n
+        .links()?
+        .into_iter()
+        .filter(|l| l.kind.as_deref() == Some("veth"))
+        .map(|l| l.index)
+        .collect();
+    let main_via_veth = n
+        .routes(Some(MAIN_TABLE))?
+        .into_iter()
+        .filter(|r| r.oif.is_some_and(|i| veths.contains(&i)));
     Ok(n.routes(Some(TO_POD_TABLE))?
         .into_iter()
+        .chain(main_via_veth)
         .filter(|r| r.dst.prefix_len() == 32)
         .map(|r| r.dst.addr())
         .collect())
