@@ -36,6 +36,8 @@ pub struct NetworkInterface {
     pub security_groups: Vec<String>,
     pub tags: Tags,
     pub attachment: Option<EniAttachment>,
+    /// EC2's `InterfaceType`: `interface` (a plain ENI), `trunk`, `efa`, `efa-only`, `branch`, …
+    pub interface_type: String,
 }
 
 impl NetworkInterface {
@@ -527,6 +529,10 @@ fn eni_from_sdk(
         }),
     };
     Ok(NetworkInterface {
+        interface_type: n
+            .interface_type()
+            .map_or("interface", |t| t.as_str())
+            .to_owned(),
         mac: ec2_str(call, "MacAddress", n.mac_address())?.to_ascii_lowercase(),
         subnet_id: ec2_str(call, "SubnetId", n.subnet_id())?,
         vpc_id: ec2_str(call, "VpcId", n.vpc_id())?,

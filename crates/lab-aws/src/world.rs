@@ -286,6 +286,7 @@ mod tests {
         primary: &str,
     ) -> cloud::NetworkInterface {
         cloud::NetworkInterface {
+            interface_type: "interface".into(),
             id: id.into(),
             mac: format!("02:00:00:00:00:{:02x}", id.len()),
             subnet_id: "subnet-a".into(),
