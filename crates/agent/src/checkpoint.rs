@@ -5,6 +5,11 @@
 //! vpc-cni in place; vpc-cni adds a `cooldowns` list, which the reference ignores.
 //! Writes are atomic: a temporary file in the same directory, fsync, rename, fsync of the
 //! directory. A crash leaves either the old or the new file, never a torn one.
+//!
+//! At start the agent reads it with [`load_for_start`]: a file that is empty, truncated, not
+//! JSON or of another format version is renamed aside (`ipam.json.corrupt-<unix seconds>`)
+//! for inspection, and the agent rebuilds its allocations from the node instead
+//! (`crate::recovery`).
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -32,6 +37,25 @@ pub struct Checkpoint {
     /// The instance type's limits as DescribeInstanceTypes gave them (asked once per node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_limits: Option<InstanceLimitsRecord>,
+    /// The agent's clock when this file was written (`crate::clock`): lets the next process
+    /// of the same boot carry every time above across the restart exactly, whatever the wall
+    /// clock did meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<ClockRecord>,
+}
+
+/// A reading of the agent's clock together with the kernel's boot clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClockRecord {
+    /// The agent's time (milliseconds, Unix epoch based) the file was written at.
+    pub agent_ms: u64,
+    /// `CLOCK_BOOTTIME` at the same instant, in milliseconds.
+    pub boot_ms: u64,
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`): `boot_ms` compares only
+    /// within one boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +75,7 @@ impl Default for Checkpoint {
             intents: Vec::new(),
             enis: Vec::new(),
             instance_limits: None,
+            clock: None,
         }
     }
 }
@@ -82,7 +107,7 @@ pub struct AllocationMetadata {
 #[serde(rename_all = "camelCase")]
 pub struct CooldownRecord {
     pub ipv4: Ipv4Addr,
-    /// Unix time in milliseconds when the address was released.
+    /// When the address was released: the agent's clock, milliseconds (Unix epoch based).
     pub released_ms: u64,
 }
 
@@ -124,9 +149,7 @@ pub enum CheckpointError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(
-        "checkpoint {path} is not valid JSON ({source}); move it aside to start with no allocations"
-    )]
+    #[error("checkpoint {path} is not valid JSON ({source})")]
     Parse {
         path: PathBuf,
         source: serde_json::Error,
@@ -164,6 +187,107 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
         });
     }
     Ok(cp)
+}
+
+/// What [`load_for_start`] found.
+#[derive(Debug)]
+pub enum Loaded {
+    /// A sound checkpoint.
+    Found(Checkpoint),
+    /// No file: a new node, or one whose state was removed.
+    Missing,
+    /// A file that cannot be used; it has been moved aside (or could not be).
+    Damaged(Damage),
+}
+
+/// Why a checkpoint file was unusable, and where it went.
+#[derive(Debug)]
+pub struct Damage {
+    pub kind: DamageKind,
+    /// The parser's words.
+    pub detail: String,
+    /// Where the file was kept for inspection, or why it could not be moved.
+    pub kept: Result<PathBuf, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DamageKind {
+    /// Zero bytes, or only white space.
+    Empty,
+    /// Valid JSON up to a premature end.
+    Truncated,
+    /// Not JSON, or JSON of another shape.
+    Corrupt,
+    /// Another format version (e.g. written by a newer agent).
+    Version,
+}
+
+impl DamageKind {
+    /// The label used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DamageKind::Empty => "empty",
+            DamageKind::Truncated => "truncated",
+            DamageKind::Corrupt => "corrupt",
+            DamageKind::Version => "version",
+        }
+    }
+}
+
+/// Loads the checkpoint at start-up. A file that is empty, truncated, corrupt or of another
+/// version is renamed to `<name>.corrupt-<unix_s>` (never overwritten: `-1`, `-2`… on a
+/// clash) and reported as [`Loaded::Damaged`]. Only a file that exists and cannot be read
+/// (permissions, I/O error) is an error: the agent cannot tell what it holds.
+pub fn load_for_start(path: &Path, unix_s: u64) -> Result<Loaded, CheckpointError> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::Missing),
+        Err(source) => {
+            return Err(CheckpointError::Read {
+                path: path.into(),
+                source,
+            });
+        }
+    };
+    let (kind, detail) = if bytes.iter().all(u8::is_ascii_whitespace) {
+        (DamageKind::Empty, format!("{} bytes, no JSON", bytes.len()))
+    } else {
+        match serde_json::from_slice::<Checkpoint>(&bytes) {
+            Ok(cp) if cp.version == FORMAT_VERSION => return Ok(Loaded::Found(cp)),
+            Ok(cp) => (
+                DamageKind::Version,
+                format!(
+                    "format version {:?}; this agent reads {FORMAT_VERSION:?}",
+                    cp.version
+                ),
+            ),
+            Err(e) if e.is_eof() => (
+                DamageKind::Truncated,
+                format!("ends early after {} bytes: {e}", bytes.len()),
+            ),
+            Err(e) => (DamageKind::Corrupt, e.to_string()),
+        }
+    };
+    let kept = keep_aside(path, unix_s).map_err(|e| e.to_string());
+    Ok(Loaded::Damaged(Damage { kind, detail, kept }))
+}
+
+/// Renames `path` to `<name>.corrupt-<unix_s>[-n]` in the same directory (durably).
+fn keep_aside(path: &Path, unix_s: u64) -> std::io::Result<PathBuf> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("ipam.json");
+    let mut target = dir.join(format!("{name}.corrupt-{unix_s}"));
+    let mut n = 0;
+    while fs::symlink_metadata(&target).is_ok() {
+        n += 1;
+        target = dir.join(format!("{name}.corrupt-{unix_s}-{n}"));
+    }
+    fs::rename(path, &target)?;
+    File::open(dir)?.sync_all()?;
+    Ok(target)
 }
 
 /// Writes the checkpoint atomically and durably.
@@ -233,6 +357,11 @@ mod tests {
                 max_enis: 3,
                 ipv4_per_eni: 10,
             }),
+            clock: Some(ClockRecord {
+                agent_ms: 1_700_000_000_500,
+                boot_ms: 86_400_000,
+                boot_id: Some("b1".into()),
+            }),
         }
     }
 
@@ -290,5 +419,92 @@ mod tests {
         fs::write(&path, r#"{"version":"other/9","allocations":[]}"#).unwrap();
         let e = load(&path).unwrap_err().to_string();
         assert!(e.contains("other/9"), "{e}");
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn start_keeps_damaged_files_aside_and_classifies_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ipam.json");
+        assert!(matches!(load_for_start(&path, 7).unwrap(), Loaded::Missing));
+        store(&path, &sample()).unwrap();
+        match load_for_start(&path, 7).unwrap() {
+            Loaded::Found(cp) => assert_eq!(cp, sample()),
+            other => panic!("{other:?}"),
+        }
+        let good = serde_json::to_vec(&sample()).unwrap();
+        let cases: Vec<(Vec<u8>, DamageKind)> = vec![
+            (Vec::new(), DamageKind::Empty),
+            (b"  \n".to_vec(), DamageKind::Empty),
+            (good[..good.len() / 2].to_vec(), DamageKind::Truncated),
+            (b"\x00\x00\x00garbage".to_vec(), DamageKind::Corrupt),
+            (
+                br#"{"version":"vpc-cni-ipam/1","allocations":{}}"#.to_vec(),
+                DamageKind::Corrupt,
+            ),
+            (
+                br#"{"version":"vpc-cni-ipam/9"}"#.to_vec(),
+                DamageKind::Version,
+            ),
+        ];
+        for (i, (bytes, kind)) in cases.iter().enumerate() {
+            fs::write(&path, bytes).unwrap();
+            let Loaded::Damaged(d) = load_for_start(&path, 7).unwrap() else {
+                panic!("case {i} not damaged")
+            };
+            assert_eq!(d.kind, *kind, "case {i}: {}", d.detail);
+            let kept = d.kept.unwrap();
+            assert_eq!(fs::read(&kept).unwrap(), *bytes, "case {i}: kept as it was");
+            assert!(!path.exists(), "case {i}: moved, not copied");
+        }
+        // Six damaged files, none overwritten.
+        assert_eq!(
+            names_in(dir.path()),
+            vec![
+                "ipam.json.corrupt-7",
+                "ipam.json.corrupt-7-1",
+                "ipam.json.corrupt-7-2",
+                "ipam.json.corrupt-7-3",
+                "ipam.json.corrupt-7-4",
+                "ipam.json.corrupt-7-5",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unreadable_checkpoint_is_an_error_not_a_fresh_start() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: reading fails with EISDIR.
+        let path = dir.path().join("ipam.json");
+        fs::create_dir(&path).unwrap();
+        let e = load_for_start(&path, 1).unwrap_err().to_string();
+        assert!(e.contains("cannot read checkpoint"), "{e}");
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_old_file_and_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ipam.json");
+        store(&path, &sample()).unwrap();
+        // A full disk: the temporary file is /dev/full, whose writes fail with ENOSPC.
+        let tmp = dir.path().join(".ipam.json.tmp");
+        std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+        let e = store(&path, &Checkpoint::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ipam.json") && e.contains("No space left"),
+            "{e}"
+        );
+        assert_eq!(load(&path).unwrap(), sample(), "the old file is intact");
+        assert_eq!(names_in(dir.path()), vec!["ipam.json"]);
     }
 }

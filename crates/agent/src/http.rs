@@ -20,6 +20,67 @@ use tracing::{info, warn};
 
 use crate::state::State;
 
+/// Why the plugin socket refused or dropped a client (`reason` of
+/// `vpccni_rejected_client_requests_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Rejection {
+    /// The request frame did not arrive whole within the read deadline.
+    Deadline,
+    /// The length prefix exceeds the frame limit.
+    Oversized,
+    /// The frame is not a request (bad JSON, unknown operation).
+    Malformed,
+    /// The request speaks another protocol version.
+    Version,
+    /// The client closed or reset the connection before its request was whole.
+    Incomplete,
+    /// Closed to make room: the connection limit was reached and this client had waited
+    /// longest (sending its request, or not reading its answer).
+    Evicted,
+    /// Refused at once: the connection limit was reached and every connection was being
+    /// answered.
+    Busy,
+    /// The client did not take its answer within the write deadline.
+    WriteDeadline,
+    /// accept(2) failed (e.g. out of file descriptors).
+    Accept,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 9] = [
+        Rejection::Deadline,
+        Rejection::Oversized,
+        Rejection::Malformed,
+        Rejection::Version,
+        Rejection::Incomplete,
+        Rejection::Evicted,
+        Rejection::Busy,
+        Rejection::WriteDeadline,
+        Rejection::Accept,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::Deadline => "deadline",
+            Rejection::Oversized => "oversized",
+            Rejection::Malformed => "malformed",
+            Rejection::Version => "version",
+            Rejection::Incomplete => "incomplete",
+            Rejection::Evicted => "evicted",
+            Rejection::Busy => "busy",
+            Rejection::WriteDeadline => "write_deadline",
+            Rejection::Accept => "accept_error",
+        }
+    }
+
+    fn index(self) -> usize {
+        Rejection::ALL
+            .iter()
+            .position(|r| *r == self)
+            .expect("listed in ALL")
+    }
+}
+
 /// Request counters kept by the plugin socket.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -27,6 +88,20 @@ pub struct Counters {
     pub del: AtomicU64,
     /// ADDs that found no free address.
     pub no_address: AtomicU64,
+    /// Clients refused or dropped, by [`Rejection`].
+    rejected: [AtomicU64; Rejection::ALL.len()],
+    /// Plugin connections open now.
+    pub connections: AtomicU64,
+}
+
+impl Counters {
+    pub fn reject(&self, why: Rejection) {
+        self.rejected[why.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rejected(&self, why: Rejection) -> u64 {
+        self.rejected[why.index()].load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Clone)]
@@ -67,10 +142,16 @@ fn label_escape(v: &str) -> String {
 
 pub fn render_metrics(s: &Shared) -> String {
     let mut out = Exposition(String::new());
-    let (stats, usage) = {
+    let (stats, usage, rebuilt, write_failures, recovered_from) = {
         let st = s.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = st.now();
-        (st.pool().stats(now), st.pool().usage(now))
+        (
+            st.pool().stats(now),
+            st.pool().usage(now),
+            st.rebuilt().len(),
+            st.write_failures(),
+            st.recovered_from,
+        )
     };
     out.single(
         "awscni_eni_allocated",
@@ -144,6 +225,54 @@ pub fn render_metrics(s: &Shared) -> String {
         "The number of pod IP assignments that fail due to no available IP addresses",
         c.no_address.load(Ordering::Relaxed) as f64,
     );
+    let rejected: Vec<(String, f64)> = Rejection::ALL
+        .iter()
+        .map(|r| {
+            (
+                format!("{{reason=\"{}\"}}", r.label()),
+                c.rejected(*r) as f64,
+            )
+        })
+        .collect();
+    out.metric(
+        "vpccni_rejected_client_requests_total",
+        "counter",
+        "Plugin socket clients refused or dropped: deadline (request not whole in time), oversized, malformed, version, incomplete (closed early), evicted (stalled, closed to make room), busy (connection limit), write_deadline, accept_error",
+        &rejected,
+    );
+    out.single(
+        "vpccni_plugin_connections",
+        "gauge",
+        "Plugin socket connections open now",
+        c.connections.load(Ordering::Relaxed) as f64,
+    );
+    out.single(
+        "vpccni_checkpoint_write_failures_total",
+        "counter",
+        "Checkpoint writes that failed (the change was undone and the request refused)",
+        write_failures as f64,
+    );
+    let rebuilds: Vec<(String, f64)> = ["missing", "empty", "truncated", "corrupt", "version"]
+        .iter()
+        .map(|r| {
+            (
+                format!("{{reason=\"{r}\"}}"),
+                f64::from(u8::from(recovered_from == Some(*r))),
+            )
+        })
+        .collect();
+    out.metric(
+        "vpccni_checkpoint_rebuilds_total",
+        "counter",
+        "Starts at which the checkpoint was unusable (kept aside as ipam.json.corrupt-<time>) or missing with pods on the node, and the allocations were rebuilt from the node",
+        &rebuilds,
+    );
+    out.single(
+        "vpccni_rebuilt_ip_addresses",
+        "gauge",
+        "Addresses held for pods found wired on the node that no checkpoint record held (released when the pod goes)",
+        rebuilt as f64,
+    );
     if let Some(ec2) = &s.ec2 {
         let api = ec2.api_stats();
         let reqs: Vec<(String, f64)> = api
@@ -197,6 +326,8 @@ fn introspection(s: &Shared) -> serde_json::Value {
         })
         .collect();
     json!({
+        "checkpointRebuiltFrom": st.recovered_from,
+        "checkpointWriteFailures": st.write_failures(),
         "stats": st.pool().stats(now),
         "enis": st.pool().usage(now),
         "pods": pods,
@@ -294,6 +425,9 @@ mod tests {
             }),
         };
         shared.counters.add.fetch_add(1, Ordering::Relaxed);
+        shared.counters.reject(Rejection::Oversized);
+        shared.counters.reject(Rejection::Oversized);
+        shared.state.lock().unwrap().recovered_from = Some("truncated");
         let text = render_metrics(&shared);
         for line in [
             "awscni_total_ip_addresses 2",
@@ -302,6 +436,14 @@ mod tests {
             "awscni_ip_max 27",
             "# TYPE awscni_add_ip_req_count counter",
             "awscni_add_ip_req_count 1",
+            "# TYPE vpccni_rejected_client_requests_total counter",
+            "vpccni_rejected_client_requests_total{reason=\"oversized\"} 2",
+            "vpccni_rejected_client_requests_total{reason=\"busy\"} 0",
+            "vpccni_plugin_connections 0",
+            "vpccni_checkpoint_write_failures_total 0",
+            "vpccni_checkpoint_rebuilds_total{reason=\"truncated\"} 1",
+            "vpccni_checkpoint_rebuilds_total{reason=\"corrupt\"} 0",
+            "vpccni_rebuilt_ip_addresses 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -312,6 +312,17 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
         Some(a)
     }
 
+    /// Takes back an assignment that was never handed out (its record could not be written):
+    /// the address becomes free at once, with no cooldown. Returns what `key` held.
+    pub fn cancel(&mut self, key: &K) -> Option<Assignment> {
+        let a = self.lookup(key)?;
+        self.by_key.remove(key);
+        if let Some(eni) = self.enis.get_mut(&a.eni.id) {
+            eni.ips.insert(a.ip, Slot::Free);
+        }
+        Some(a)
+    }
+
     /// Every assignment, in key order.
     pub fn assignments(&self) -> Vec<(K, Assignment)> {
         self.by_key
@@ -562,6 +573,18 @@ mod tests {
         assert!(!p.has_eni("eni-2"), "a refused ENI is not half-added");
         assert!(p.add_ips("eni-1", &[ip(21), ip(21)]).is_err());
         assert_eq!(p.stats(0).total, 3);
+    }
+
+    #[test]
+    fn cancel_frees_without_cooldown() {
+        let mut p: Pool<String> = Pool::new(30_000);
+        p.add_eni(eni("eni-1", 1), &[ip(11)]).unwrap();
+        let a = p.assign("a".into(), 5).unwrap();
+        assert_eq!(p.cancel(&"a".into()), Some(a.clone()));
+        assert_eq!(p.cancel(&"a".into()), None);
+        let s = p.stats(5);
+        assert_eq!((s.assigned, s.cooling, s.available), (0, 0, 1));
+        assert_eq!(p.assign("b".into(), 5).unwrap().ip, a.ip);
     }
 
     #[test]
