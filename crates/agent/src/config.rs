@@ -1,7 +1,14 @@
 //! The agent's configuration: the reference's environment variables, same names and meanings,
 //! validated at start with an error that names the variable and the bad value.
+//!
+//! [`REFERENCE_README`] lists every variable of the reference's README (v1.23) and
+//! [`OTHERS`] the further variables the agent knows, each with its [`Status`]: implemented
+//! (parsed into [`Config`]), accepted without effect (logged), or refused at start when set to
+//! a value that asks for behaviour vpc-cni does not have. README.md's Configuration tables list
+//! the same variables (a unit test keeps them in step).
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 
 use dataplane::Randomize;
@@ -9,7 +16,11 @@ use ipnet::Ipv4Net;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// False with DISABLE_NETWORK_RESOURCE_PROVISIONING=true or ENABLE_IMDS_ONLY_MODE=true:
+    /// the agent then uses only the ENIs and addresses IMDS lists and makes no EC2 call.
     pub provisioning: bool,
+    /// ENABLE_IMDS_ONLY_MODE=true: no EC2 call at all (implies `provisioning == false`).
+    pub imds_only: bool,
     pub warm_eni_target: u32,
     pub warm_ip_target: Option<u32>,
     pub minimum_ip_target: Option<u32>,
@@ -27,11 +38,16 @@ pub struct Config {
     pub eni_mtu: u32,
     pub pod_mtu: u32,
     pub veth_prefix: String,
+    /// ENABLE_BANDWIDTH_PLUGIN: chain the upstream `bandwidth` plugin.
+    pub enable_bandwidth_plugin: bool,
     pub checkpoint: PathBuf,
     pub socket: PathBuf,
     pub cni_bin_dir: PathBuf,
     pub cni_conf_dir: PathBuf,
     pub plugin_binary: Option<PathBuf>,
+    /// Where the chained plugins (portmap, bandwidth) are copied from (`VPC_CNI_CHAINED_PLUGINS_DIR`).
+    pub chained_plugins_dir: Option<PathBuf>,
+    /// The plugin's log file; empty: stderr (AWS_VPC_K8S_PLUGIN_LOG_FILE `stderr` or set empty).
     pub plugin_log_file: String,
     pub plugin_log_level: String,
     pub log_file: String,
@@ -40,44 +56,509 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// `None` when DISABLE_INTROSPECTION=true.
     pub introspection_addr: Option<std::net::SocketAddr>,
+    /// What the operator should know about accepted variables that change nothing (or not
+    /// what the reference would): logged once logging is set up.
+    pub notices: Vec<Notice>,
+}
+
+/// A variable that was accepted but does not do in vpc-cni what it does in the reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub var: &'static str,
+    /// vpc-cni behaves differently from the reference with this value (log as a warning);
+    /// false: the variable simply has no effect here (log as information).
+    pub differs: bool,
+    pub message: String,
+}
+
+impl std::fmt::Display for Notice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{var}={value:?}: {reason}")]
-pub struct ConfigError {
-    pub var: &'static str,
-    pub value: String,
-    pub reason: String,
+pub enum ConfigError {
+    /// The value is not one the variable takes.
+    #[error("{var}={value:?}: {reason}")]
+    Invalid {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// The value asks for behaviour vpc-cni does not implement (yet).
+    #[error("{var}={value:?}: vpc-cni does not implement {feature} yet; {todo}")]
+    NotImplemented {
+        var: &'static str,
+        value: String,
+        feature: &'static str,
+        todo: String,
+    },
+}
+
+impl ConfigError {
+    /// The variable the error is about.
+    pub fn var(&self) -> &'static str {
+        match self {
+            ConfigError::Invalid { var, .. } | ConfigError::NotImplemented { var, .. } => var,
+        }
+    }
+
+    /// The value the variable was set to.
+    pub fn value(&self) -> &str {
+        match self {
+            ConfigError::Invalid { value, .. } | ConfigError::NotImplemented { value, .. } => value,
+        }
+    }
 }
 
 fn err(var: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
+    ConfigError::Invalid {
         var,
         value: value.to_string(),
         reason: reason.into(),
     }
 }
 
-struct Env<'a>(&'a HashMap<String, String>);
+/// A boolean as Go's `strconv.ParseBool` reads it (the reference's "Boolean as a String").
+pub fn parse_bool(var: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(err(
+            var,
+            value,
+            "expected a boolean: true or false (also 1, t, T, TRUE, True, 0, f, F, FALSE, False)",
+        )),
+    }
+}
 
-impl Env<'_> {
-    /// A set, non-empty value (the reference treats empty as unset).
-    fn get(&self, var: &str) -> Option<&str> {
-        self.0.get(var).map(|s| s.trim()).filter(|s| !s.is_empty())
+/// What vpc-cni does with a variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Parsed into [`Config`] with the reference's meaning.
+    Implemented,
+    /// Accepted and without effect in vpc-cni (`why`); logged when set. A `boolean` one must
+    /// still be a valid boolean.
+    NoEffect { boolean: bool, why: &'static str },
+    /// A boolean accepted with either value, but vpc-cni always behaves as the reference does
+    /// with `behaves_as` (`why`). Logged as a difference when the value in effect (set, or the
+    /// reference's `default`) is the other one.
+    BehavesAs {
+        behaves_as: bool,
+        default: bool,
+        why: &'static str,
+    },
+    /// Not implemented: a value outside `keeps` (which keep the reference's default
+    /// behaviour) is refused at start, naming `feature`; `hint` says more on what to do.
+    /// `note`, when a kept value is set, is logged as a difference.
+    Refused {
+        keeps: Keep,
+        feature: &'static str,
+        hint: Option<&'static str>,
+        note: Option<&'static str>,
+    },
+}
+
+/// The values of a refused variable that vpc-cni accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// A boolean with this value (the reference's default).
+    Bool(bool),
+    /// Nothing: unset or empty.
+    Empty,
+    /// One of `kept` (case-insensitive); the others of `valid` are refused, anything else is
+    /// invalid.
+    OneOf {
+        valid: &'static [&'static str],
+        kept: &'static [&'static str],
+    },
+}
+
+impl Keep {
+    /// What to do instead, for the refusal message.
+    fn todo(&self) -> String {
+        match self {
+            Keep::Bool(b) => format!("unset it or set it to {b} (the reference's default)"),
+            Keep::Empty => "unset it (the reference's default is empty)".to_string(),
+            Keep::OneOf { kept, .. } => format!("unset it or set it to {}", kept.join(" or ")),
+        }
+    }
+}
+
+/// One environment variable and what vpc-cni does with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Var {
+    pub name: &'static str,
+    pub status: Status,
+}
+
+const fn implemented(name: &'static str) -> Var {
+    Var {
+        name,
+        status: Status::Implemented,
+    }
+}
+
+const fn no_effect(name: &'static str, boolean: bool, why: &'static str) -> Var {
+    Var {
+        name,
+        status: Status::NoEffect { boolean, why },
+    }
+}
+
+const fn refused(name: &'static str, keeps: Keep, feature: &'static str) -> Var {
+    Var {
+        name,
+        status: Status::Refused {
+            keeps,
+            feature,
+            hint: None,
+            note: None,
+        },
+    }
+}
+
+const fn refused_hint(
+    name: &'static str,
+    keeps: Keep,
+    feature: &'static str,
+    hint: &'static str,
+) -> Var {
+    Var {
+        name,
+        status: Status::Refused {
+            keeps,
+            feature,
+            hint: Some(hint),
+            note: None,
+        },
+    }
+}
+
+const CUSTOM_NETWORKING_ONLY: &str = "read only with custom networking \
+    (AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true), which vpc-cni refuses";
+
+/// Every variable of the reference's README (v1.23), in its order.
+pub const REFERENCE_README: &[Var] = &[
+    Var {
+        name: "AWS_MANAGE_ENIS_NON_SCHEDULABLE",
+        status: Status::BehavesAs {
+            behaves_as: true,
+            default: false,
+            why: "vpc-cni does not read the node object, so it keeps adding and releasing ENIs \
+                  and addresses on a cordoned (unschedulable) node",
+        },
+    },
+    implemented("AWS_VPC_CNI_NODE_PORT_SUPPORT"),
+    refused(
+        "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG",
+        Keep::Bool(false),
+        "custom networking (ENIConfig subnets and security groups)",
+    ),
+    no_effect("ENI_CONFIG_ANNOTATION_DEF", false, CUSTOM_NETWORKING_ONLY),
+    no_effect("ENI_CONFIG_LABEL_DEF", false, CUSTOM_NETWORKING_ONLY),
+    implemented("HOST_CNI_BIN_PATH"),
+    implemented("HOST_CNI_CONFDIR_PATH"),
+    implemented("AWS_VPC_ENI_MTU"),
+    implemented("AWS_VPC_K8S_CNI_EXTERNALSNAT"),
+    implemented("AWS_VPC_K8S_CNI_RANDOMIZESNAT"),
+    implemented("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS"),
+    implemented("POD_MTU"),
+    implemented("WARM_ENI_TARGET"),
+    implemented("WARM_IP_TARGET"),
+    implemented("MINIMUM_IP_TARGET"),
+    implemented("MAX_ENI"),
+    implemented("AWS_VPC_K8S_CNI_LOGLEVEL"),
+    implemented("AWS_VPC_K8S_CNI_LOG_FILE"),
+    implemented("AWS_VPC_K8S_PLUGIN_LOG_FILE"),
+    implemented("AWS_VPC_K8S_PLUGIN_LOG_LEVEL"),
+    implemented("INTROSPECTION_BIND_ADDRESS"),
+    implemented("DISABLE_INTROSPECTION"),
+    implemented("DISABLE_METRICS"),
+    implemented("AWS_VPC_K8S_CNI_VETHPREFIX"),
+    implemented("ADDITIONAL_ENI_TAGS"),
+    no_effect(
+        "AWS_VPC_K8S_CNI_CONFIGURE_RPFILTER",
+        true,
+        "deprecated, a no-op in the reference too; vpc-cni always sets the primary \
+         interface's rp_filter to 2 (loose)",
+    ),
+    implemented("CLUSTER_NAME"),
+    no_effect(
+        "CLUSTER_ENDPOINT",
+        false,
+        "vpc-cni does not talk to the Kubernetes API server",
+    ),
+    refused(
+        "ENABLE_POD_ENI",
+        Keep::Bool(false),
+        "security groups for pods (trunk and branch ENIs)",
+    ),
+    no_effect(
+        "POD_SECURITY_GROUP_ENFORCING_MODE",
+        false,
+        "read only with security groups for pods (ENABLE_POD_ENI=true), which vpc-cni refuses",
+    ),
+    refused_hint(
+        "DISABLE_TCP_EARLY_DEMUX",
+        Keep::Bool(false),
+        "turning off net.ipv4.tcp_early_demux",
+        "it is needed only with ENABLE_POD_ENI=true, which vpc-cni refuses",
+    ),
+    Var {
+        name: "ENABLE_SUBNET_DISCOVERY",
+        status: Status::BehavesAs {
+            behaves_as: false,
+            default: true,
+            why: "vpc-cni creates secondary ENIs in the primary ENI's subnet only: subnets \
+                  tagged kubernetes.io/role/cni are not considered and a primary subnet tagged \
+                  kubernetes.io/role/cni=0 is still used (with true, the reference does the \
+                  same when no subnet carries the tag)",
+        },
+    },
+    refused_hint(
+        "ENABLE_PREFIX_DELEGATION",
+        Keep::Bool(false),
+        "prefix delegation",
+        "pods then get secondary IPs",
+    ),
+    no_effect(
+        "WARM_PREFIX_TARGET",
+        false,
+        "read only with prefix delegation (ENABLE_PREFIX_DELEGATION=true), which vpc-cni refuses",
+    ),
+    implemented("DISABLE_NETWORK_RESOURCE_PROVISIONING"),
+    implemented("ENABLE_BANDWIDTH_PLUGIN"),
+    refused(
+        "ANNOTATE_POD_IP",
+        Keep::Bool(false),
+        "the vpc.amazonaws.com/pod-ips pod annotation",
+    ),
+    refused_hint(
+        "ENABLE_IPv4",
+        Keep::Bool(true),
+        "clusters without IPv4",
+        "vpc-cni runs IPv4 clusters only",
+    ),
+    refused_hint(
+        "ENABLE_IPv6",
+        Keep::Bool(false),
+        "IPv6 clusters",
+        "vpc-cni runs IPv4 clusters only",
+    ),
+    no_effect(
+        "ENABLE_NFTABLES",
+        true,
+        "deprecated in the reference; vpc-cni always programs its own nftables table \
+         (ip vpc-cni) and does not use iptables",
+    ),
+    refused(
+        "AWS_EXTERNAL_SERVICE_CIDRS",
+        Keep::Empty,
+        "routing external service CIDRs through the main table",
+    ),
+    refused_hint(
+        "AWS_EC2_ENDPOINT",
+        Keep::Empty,
+        "a custom EC2 endpoint through AWS_EC2_ENDPOINT",
+        "set AWS_ENDPOINT_URL_EC2 to the endpoint instead (vpc-cni's EC2 client reads the \
+         AWS SDK's standard variable)",
+    ),
+    refused_hint(
+        "DISABLE_LEAKED_ENI_CLEANUP",
+        Keep::Bool(false),
+        "turning off the leaked-ENI clean-up",
+        "with provisioning, vpc-cni deletes this instance's detached ENIs when it starts; to \
+         make no EC2 call at all, set DISABLE_NETWORK_RESOURCE_PROVISIONING=true or \
+         ENABLE_IMDS_ONLY_MODE=true",
+    ),
+    refused(
+        "ENABLE_V6_EGRESS",
+        Keep::Bool(false),
+        "IPv6 egress for pods of an IPv4 cluster",
+    ),
+    no_effect(
+        "ENABLE_V4_EGRESS",
+        true,
+        "read only in IPv6 clusters (ENABLE_IPv6=true), which vpc-cni refuses",
+    ),
+    implemented("IP_COOLDOWN_PERIOD"),
+    refused(
+        "DISABLE_POD_V6",
+        Keep::Bool(false),
+        "disabling IPv6 in pods (the chained tuning plugin)",
+    ),
+    Var {
+        name: "NETWORK_POLICY_ENFORCING_MODE",
+        status: Status::Refused {
+            keeps: Keep::OneOf {
+                valid: &["none", "strict", "standard"],
+                kept: &["standard", "none"],
+            },
+            feature: "strict network policy enforcement",
+            hint: Some(
+                "a new pod starts default-deny only when the CNI calls the network policy \
+                 agent as it sets the pod up, which vpc-cni does not do",
+            ),
+            note: Some(
+                "vpc-cni does not call the network policy agent when it sets up a pod: a new \
+                 pod starts with the default allow until the agent applies its policies (the \
+                 standard mode's window)",
+            ),
+        },
+    },
+    implemented("ENABLE_IMDS_ONLY_MODE"),
+    refused(
+        "ENABLE_MULTI_NIC",
+        Keep::Bool(false),
+        "network cards other than card 0 (multi-NIC)",
+    ),
+];
+
+/// Variables outside the reference's README: from the reference's code, and vpc-cni's own.
+pub const OTHERS: &[Var] = &[
+    implemented("AWS_VPC_K8S_CNI_CONNMARK"),
+    implemented("AWS_VPC_K8S_CNI_BACKING_STORE"),
+    refused(
+        "MANAGE_UNTAGGED_ENI",
+        Keep::Bool(true),
+        "leaving alone the ENIs without this instance's node.k8s.amazonaws.com/instance_id tag",
+    ),
+    implemented("METRICS_BIND_ADDRESS"),
+    implemented("VPC_CNI_AGENT_SOCKET"),
+    implemented("VPC_CNI_PLUGIN_BINARY"),
+    implemented("VPC_CNI_CHAINED_PLUGINS_DIR"),
+    implemented("VPC_CNI_MIN_ENI_AGE"),
+];
+
+/// Every variable the agent knows.
+pub fn variables() -> impl Iterator<Item = &'static Var> {
+    REFERENCE_README.iter().chain(OTHERS)
+}
+
+/// Checks every variable that is not [`Status::Implemented`]: refuses what vpc-cni does not
+/// implement, and returns what to log about the rest.
+fn check_unimplemented(vars: &HashMap<String, String>) -> Result<Vec<Notice>, ConfigError> {
+    let mut notices = Vec::new();
+    for v in variables() {
+        let name = v.name;
+        let value = vars.get(name).map(|s| s.trim()).filter(|s| !s.is_empty());
+        match v.status {
+            Status::Implemented => {}
+            Status::NoEffect { boolean, why } => {
+                if let Some(value) = value {
+                    if boolean {
+                        parse_bool(name, value)?;
+                    }
+                    notices.push(Notice {
+                        var: name,
+                        differs: false,
+                        message: format!("{name}={value:?}: accepted, no effect: {why}"),
+                    });
+                }
+            }
+            Status::BehavesAs {
+                behaves_as,
+                default,
+                why,
+            } => {
+                let in_effect = match value {
+                    Some(value) => parse_bool(name, value)?,
+                    None => default,
+                };
+                if in_effect != behaves_as {
+                    let shown = match value {
+                        Some(value) => format!("{name}={value:?}"),
+                        None => format!("{name} unset (the reference's default {default})"),
+                    };
+                    notices.push(Notice {
+                        var: name,
+                        differs: true,
+                        message: format!("{shown}: vpc-cni behaves as with {behaves_as}: {why}"),
+                    });
+                }
+            }
+            Status::Refused {
+                keeps,
+                feature,
+                hint,
+                note,
+            } => {
+                let Some(value) = value else { continue };
+                let kept = match keeps {
+                    Keep::Bool(b) => parse_bool(name, value)? == b,
+                    Keep::Empty => false,
+                    Keep::OneOf { valid, kept } => {
+                        let lower = value.to_ascii_lowercase();
+                        if !valid.contains(&lower.as_str()) {
+                            return Err(err(
+                                name,
+                                value,
+                                format!("expected one of {}", valid.join(", ")),
+                            ));
+                        }
+                        kept.contains(&lower.as_str())
+                    }
+                };
+                if !kept {
+                    let mut todo = keeps.todo();
+                    if let Some(hint) = hint {
+                        todo = format!("{todo}; {hint}");
+                    }
+                    return Err(ConfigError::NotImplemented {
+                        var: name,
+                        value: value.to_string(),
+                        feature,
+                        todo,
+                    });
+                }
+                if let Some(note) = note {
+                    notices.push(Notice {
+                        var: name,
+                        differs: true,
+                        message: format!("{name}={value:?}: {note}"),
+                    });
+                }
+            }
+        }
+    }
+    Ok(notices)
+}
+
+/// The environment, remembering which variables the parser read.
+struct Env<'a> {
+    vars: &'a HashMap<String, String>,
+    read: RefCell<BTreeSet<&'static str>>,
+}
+
+impl<'a> Env<'a> {
+    fn new(vars: &'a HashMap<String, String>) -> Self {
+        Env {
+            vars,
+            read: RefCell::default(),
+        }
     }
 
-    fn string(&self, var: &str, default: &str) -> String {
+    /// The value as set (trimmed), empty included.
+    fn raw(&self, var: &'static str) -> Option<&'a str> {
+        self.read.borrow_mut().insert(var);
+        self.vars.get(var).map(|s| s.trim())
+    }
+
+    /// A set, non-empty value (the reference treats empty as unset).
+    fn get(&self, var: &'static str) -> Option<&'a str> {
+        self.raw(var).filter(|s| !s.is_empty())
+    }
+
+    fn string(&self, var: &'static str, default: &str) -> String {
         self.get(var).unwrap_or(default).to_string()
     }
 
     fn boolean(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
         match self.get(var) {
             None => Ok(default),
-            Some(v) => match v.to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" => Ok(true),
-                "false" | "0" | "no" => Ok(false),
-                _ => Err(err(var, v, "expected true or false")),
-            },
+            Some(v) => parse_bool(var, v),
         }
     }
 
@@ -88,6 +569,21 @@ impl Env<'_> {
                     .map_err(|_| err(var, v, "expected a non-negative whole number"))
             })
             .transpose()
+    }
+
+    /// An optional target: a whole number, where zero or less means unset (the reference's
+    /// "non-positive is the same as not setting the variable").
+    fn target(&self, var: &'static str) -> Result<Option<u32>, ConfigError> {
+        match self.get(var) {
+            None => Ok(None),
+            Some(v) => match v.parse::<i64>() {
+                Ok(n) if n <= 0 => Ok(None),
+                Ok(n) => u32::try_from(n)
+                    .map(Some)
+                    .map_err(|_| err(var, v, "expected a number of addresses")),
+                Err(_) => Err(err(var, v, "expected a whole number")),
+            },
+        }
     }
 }
 
@@ -109,38 +605,20 @@ fn parse_mtu(var: &'static str, v: &str) -> Result<u32, ConfigError> {
     }
 }
 
-/// Parses the agent configuration from environment variables.
+/// Parses the agent configuration from environment variables. A variable set to a value
+/// vpc-cni does not implement is refused here, before the agent touches the node.
 pub fn from_env(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
-    let env = Env(vars);
+    let notices = check_unimplemented(vars)?;
+    let env = Env::new(vars);
+    parse(&env, notices)
+}
 
-    if env.boolean("ENABLE_IPv6", false)? {
-        return Err(err(
-            "ENABLE_IPv6",
-            env.get("ENABLE_IPv6").unwrap_or_default(),
-            "IPv6 clusters are not supported yet; unset it (IPv4 is the default)",
-        ));
-    }
-    if let Some(v) = env.get("ENABLE_IPv4")
-        && !env.boolean("ENABLE_IPv4", true)?
-    {
-        return Err(err(
-            "ENABLE_IPv4",
-            v,
-            "IPv4 is the only supported mode; set it to true",
-        ));
-    }
-    if env.boolean("ENABLE_PREFIX_DELEGATION", false)? {
-        return Err(err(
-            "ENABLE_PREFIX_DELEGATION",
-            env.get("ENABLE_PREFIX_DELEGATION").unwrap_or_default(),
-            "prefix delegation is not supported yet; unset it to use secondary IPs",
-        ));
-    }
-
-    let provisioning = !env.boolean("DISABLE_NETWORK_RESOURCE_PROVISIONING", false)?;
+fn parse(env: &Env, notices: Vec<Notice>) -> Result<Config, ConfigError> {
+    let imds_only = env.boolean("ENABLE_IMDS_ONLY_MODE", false)?;
+    let provisioning = !env.boolean("DISABLE_NETWORK_RESOURCE_PROVISIONING", false)? && !imds_only;
     let warm_eni_target = env.number::<u32>("WARM_ENI_TARGET")?.unwrap_or(1);
-    let warm_ip_target = env.number::<u32>("WARM_IP_TARGET")?.filter(|n| *n > 0);
-    let minimum_ip_target = env.number::<u32>("MINIMUM_IP_TARGET")?.filter(|n| *n > 0);
+    let warm_ip_target = env.target("WARM_IP_TARGET")?;
+    let minimum_ip_target = env.target("MINIMUM_IP_TARGET")?;
     let max_eni = match env.get("MAX_ENI") {
         None => None,
         Some(v) => match v.parse::<i64>() {
@@ -248,27 +726,43 @@ pub fn from_env(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
         }
         Ok(PathBuf::from(v))
     };
-    let plugin_log_file = env.string(
-        "AWS_VPC_K8S_PLUGIN_LOG_FILE",
-        "/var/log/aws-routed-eni/plugin.log",
-    );
-    if plugin_log_file.eq_ignore_ascii_case("stdout") {
-        return Err(err(
-            "AWS_VPC_K8S_PLUGIN_LOG_FILE",
-            &plugin_log_file,
-            "the plugin's stdout carries the CNI result; use stderr or a file path",
-        ));
-    }
+    // The plugin logs to stderr when its pluginLogFile is empty; the reference reads an
+    // empty AWS_VPC_K8S_PLUGIN_LOG_FILE as stderr too.
+    let plugin_log_file = match env.raw("AWS_VPC_K8S_PLUGIN_LOG_FILE") {
+        None => "/var/log/aws-routed-eni/plugin.log".to_string(),
+        Some(v) if v.is_empty() || v.eq_ignore_ascii_case("stderr") => String::new(),
+        Some(v) if v.eq_ignore_ascii_case("stdout") => {
+            return Err(err(
+                "AWS_VPC_K8S_PLUGIN_LOG_FILE",
+                v,
+                "the plugin's stdout carries the CNI result; use stderr or a file path",
+            ));
+        }
+        Some(v) => v.to_string(),
+    };
     let level = |var: &'static str| -> Result<String, ConfigError> {
         let v = env.string(var, "info").to_ascii_lowercase();
         match v.as_str() {
             "trace" | "debug" | "info" | "warn" | "error" => Ok(v),
-            _ => Err(err(var, &v, "expected trace, debug, info, warn or error")),
+            "fatal" => Ok("error".to_string()),
+            _ => Err(err(
+                var,
+                &v,
+                "expected trace, debug, info, warn, error or fatal",
+            )),
         }
     };
 
     let addr = |var: &'static str, default: &str| -> Result<std::net::SocketAddr, ConfigError> {
         let v = env.string(var, default);
+        if v.starts_with("unix:") {
+            return Err(ConfigError::NotImplemented {
+                var,
+                value: v,
+                feature: "endpoints on a Unix socket",
+                todo: format!("unset it or set an address such as {default}"),
+            });
+        }
         v.parse()
             .map_err(|_| err(var, &v, "expected an address such as 127.0.0.1:61679"))
     };
@@ -287,6 +781,7 @@ pub fn from_env(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
         metrics_addr,
         introspection_addr,
         provisioning,
+        imds_only,
         warm_eni_target,
         warm_ip_target,
         minimum_ip_target,
@@ -303,6 +798,7 @@ pub fn from_env(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
         eni_mtu,
         pod_mtu,
         veth_prefix,
+        enable_bandwidth_plugin: env.boolean("ENABLE_BANDWIDTH_PLUGIN", false)?,
         checkpoint: path(
             "AWS_VPC_K8S_CNI_BACKING_STORE",
             "/var/run/aws-node/ipam.json",
@@ -311,10 +807,15 @@ pub fn from_env(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
         cni_bin_dir: path("HOST_CNI_BIN_PATH", "/host/opt/cni/bin")?,
         cni_conf_dir: path("HOST_CNI_CONFDIR_PATH", "/host/etc/cni/net.d")?,
         plugin_binary: env.get("VPC_CNI_PLUGIN_BINARY").map(PathBuf::from),
+        chained_plugins_dir: env
+            .get("VPC_CNI_CHAINED_PLUGINS_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from),
         plugin_log_file,
         plugin_log_level: level("AWS_VPC_K8S_PLUGIN_LOG_LEVEL")?,
         log_file: env.string("AWS_VPC_K8S_CNI_LOG_FILE", "stderr"),
         log_level: level("AWS_VPC_K8S_CNI_LOGLEVEL")?,
+        notices,
     })
 }
 
@@ -400,14 +901,375 @@ mod tests {
             ("ENABLE_IPv6", "true"),
             ("MAX_ENI", "1000"),
             ("INTROSPECTION_BIND_ADDRESS", "localhost"),
+            ("INTROSPECTION_BIND_ADDRESS", "unix:/run/introspection.sock"),
+            ("AWS_VPC_K8S_CNI_LOGLEVEL", "verbose"),
+            ("WARM_IP_TARGET", "five"),
+            ("NETWORK_POLICY_ENFORCING_MODE", "lenient"),
             ("ADDITIONAL_ENI_TAGS", "{not json"),
             ("ADDITIONAL_ENI_TAGS", r#"{"node.k8s.amazonaws.com/x":"y"}"#),
         ] {
             let e = parse(&[(var, value)]).unwrap_err();
-            assert_eq!(e.var, var);
+            assert_eq!(e.var(), var);
             let text = e.to_string();
             assert!(text.starts_with(var), "{text}");
-            assert_eq!(e.value, value, "{text}");
+            assert_eq!(e.value(), value, "{text}");
         }
+    }
+
+    /// The variables of the reference's README (v1.23), from its headings.
+    const REFERENCE_README_V1_23: [&str; 50] = [
+        "AWS_MANAGE_ENIS_NON_SCHEDULABLE",
+        "AWS_VPC_CNI_NODE_PORT_SUPPORT",
+        "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG",
+        "ENI_CONFIG_ANNOTATION_DEF",
+        "ENI_CONFIG_LABEL_DEF",
+        "HOST_CNI_BIN_PATH",
+        "HOST_CNI_CONFDIR_PATH",
+        "AWS_VPC_ENI_MTU",
+        "AWS_VPC_K8S_CNI_EXTERNALSNAT",
+        "AWS_VPC_K8S_CNI_RANDOMIZESNAT",
+        "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
+        "POD_MTU",
+        "WARM_ENI_TARGET",
+        "WARM_IP_TARGET",
+        "MINIMUM_IP_TARGET",
+        "MAX_ENI",
+        "AWS_VPC_K8S_CNI_LOGLEVEL",
+        "AWS_VPC_K8S_CNI_LOG_FILE",
+        "AWS_VPC_K8S_PLUGIN_LOG_FILE",
+        "AWS_VPC_K8S_PLUGIN_LOG_LEVEL",
+        "INTROSPECTION_BIND_ADDRESS",
+        "DISABLE_INTROSPECTION",
+        "DISABLE_METRICS",
+        "AWS_VPC_K8S_CNI_VETHPREFIX",
+        "ADDITIONAL_ENI_TAGS",
+        "AWS_VPC_K8S_CNI_CONFIGURE_RPFILTER",
+        "CLUSTER_NAME",
+        "CLUSTER_ENDPOINT",
+        "ENABLE_POD_ENI",
+        "POD_SECURITY_GROUP_ENFORCING_MODE",
+        "DISABLE_TCP_EARLY_DEMUX",
+        "ENABLE_SUBNET_DISCOVERY",
+        "ENABLE_PREFIX_DELEGATION",
+        "WARM_PREFIX_TARGET",
+        "DISABLE_NETWORK_RESOURCE_PROVISIONING",
+        "ENABLE_BANDWIDTH_PLUGIN",
+        "ANNOTATE_POD_IP",
+        "ENABLE_IPv4",
+        "ENABLE_IPv6",
+        "ENABLE_NFTABLES",
+        "AWS_EXTERNAL_SERVICE_CIDRS",
+        "AWS_EC2_ENDPOINT",
+        "DISABLE_LEAKED_ENI_CLEANUP",
+        "ENABLE_V6_EGRESS",
+        "ENABLE_V4_EGRESS",
+        "IP_COOLDOWN_PERIOD",
+        "DISABLE_POD_V6",
+        "NETWORK_POLICY_ENFORCING_MODE",
+        "ENABLE_IMDS_ONLY_MODE",
+        "ENABLE_MULTI_NIC",
+    ];
+
+    const TRUE_SPELLINGS: [&str; 6] = ["1", "t", "T", "TRUE", "true", "True"];
+    const FALSE_SPELLINGS: [&str; 6] = ["0", "f", "F", "FALSE", "false", "False"];
+
+    fn spellings(b: bool) -> [&'static str; 6] {
+        if b { TRUE_SPELLINGS } else { FALSE_SPELLINGS }
+    }
+
+    #[test]
+    fn the_list_holds_every_variable_of_the_reference_readme_once() {
+        let names: Vec<&str> = REFERENCE_README.iter().map(|v| v.name).collect();
+        assert_eq!(names, REFERENCE_README_V1_23);
+        let all: BTreeSet<&str> = variables().map(|v| v.name).collect();
+        assert_eq!(
+            all.len(),
+            REFERENCE_README.len() + OTHERS.len(),
+            "a name twice"
+        );
+    }
+
+    /// What the parser reads is exactly the implemented variables: an implemented one the
+    /// parser ignores, or one it reads that the list calls unimplemented, fails here.
+    #[test]
+    fn the_parser_reads_exactly_the_implemented_variables() {
+        let vars = HashMap::new();
+        let env = Env::new(&vars);
+        super::parse(&env, Vec::new()).unwrap();
+        let read = env.read.into_inner();
+        let implemented: BTreeSet<&str> = variables()
+            .filter(|v| v.status == Status::Implemented)
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(read, implemented);
+    }
+
+    /// Every refused variable, over the whole list: each value that asks for what vpc-cni
+    /// does not implement is refused with the variable named and what to do; each value that
+    /// keeps the reference's default is accepted.
+    #[test]
+    fn every_refused_variable_is_refused() {
+        let mut refused = 0;
+        for v in variables() {
+            let Status::Refused { keeps, feature, .. } = v.status else {
+                continue;
+            };
+            refused += 1;
+            let (changing, kept): (Vec<&str>, Vec<&str>) = match keeps {
+                Keep::Bool(b) => (spellings(!b).to_vec(), spellings(b).to_vec()),
+                Keep::Empty => (vec!["10.0.0.0/8", "https://ec2.example"], vec![]),
+                Keep::OneOf { valid, kept } => (
+                    valid
+                        .iter()
+                        .filter(|x| !kept.contains(x))
+                        .copied()
+                        .collect(),
+                    kept.to_vec(),
+                ),
+            };
+            assert!(!changing.is_empty(), "{}: no value to refuse", v.name);
+            for value in changing {
+                let e = parse(&[(v.name, value)]).unwrap_err();
+                let ConfigError::NotImplemented {
+                    var, feature: f, ..
+                } = &e
+                else {
+                    panic!("{}={value}: not a refusal: {e}", v.name);
+                };
+                assert_eq!((*var, *f), (v.name, feature));
+                assert_eq!(e.value(), value);
+                let text = e.to_string();
+                assert!(text.starts_with(v.name), "{text}");
+                assert!(text.contains("does not implement"), "{text}");
+                assert!(text.contains("unset it"), "{text}");
+            }
+            for value in kept.into_iter().chain(["", "  "]) {
+                parse(&[(v.name, value)])
+                    .unwrap_or_else(|e| panic!("{}={value:?} refused: {e}", v.name));
+            }
+        }
+        assert!(refused >= 13, "{refused}");
+    }
+
+    #[test]
+    fn a_refusal_says_what_to_do() {
+        let e = parse(&[("ENABLE_POD_ENI", "true")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "ENABLE_POD_ENI=\"true\": vpc-cni does not implement security groups for pods \
+             (trunk and branch ENIs) yet; unset it or set it to false (the reference's default)"
+        );
+        let e = parse(&[("AWS_EC2_ENDPOINT", "https://ec2.example")]).unwrap_err();
+        assert!(e.to_string().contains("set AWS_ENDPOINT_URL_EC2"), "{e}");
+        let e = parse(&[("NETWORK_POLICY_ENFORCING_MODE", "Strict")]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("unset it or set it to standard or none"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn booleans_are_read_as_go_parse_bool_reads_them() {
+        for (b, spelling) in TRUE_SPELLINGS
+            .iter()
+            .map(|s| (true, *s))
+            .chain(FALSE_SPELLINGS.iter().map(|s| (false, *s)))
+        {
+            assert_eq!(parse_bool("DISABLE_METRICS", spelling), Ok(b), "{spelling}");
+            let c = parse(&[
+                ("DISABLE_METRICS", spelling),
+                ("ENABLE_BANDWIDTH_PLUGIN", spelling),
+            ])
+            .unwrap();
+            assert_eq!(c.metrics_addr.is_none(), b, "{spelling}");
+            assert_eq!(c.enable_bandwidth_plugin, b, "{spelling}");
+        }
+        for bad in ["yes", "no", "on", "tRUE", "2", "truthy"] {
+            assert!(parse_bool("X", bad).is_err(), "{bad}");
+        }
+        // Every boolean: implemented, without effect, behaving as one value, refused.
+        for var in [
+            "DISABLE_METRICS",
+            "AWS_VPC_K8S_CNI_EXTERNALSNAT",
+            "ENABLE_BANDWIDTH_PLUGIN",
+            "ENABLE_IMDS_ONLY_MODE",
+            "ENABLE_NFTABLES",
+            "AWS_MANAGE_ENIS_NON_SCHEDULABLE",
+            "ENABLE_POD_ENI",
+            "ENABLE_IPv4",
+        ] {
+            let e = parse(&[(var, "yes")]).unwrap_err();
+            assert!(matches!(e, ConfigError::Invalid { .. }), "{e}");
+            assert_eq!((e.var(), e.value()), (var, "yes"));
+            assert!(e.to_string().starts_with(&format!("{var}=\"yes\"")), "{e}");
+        }
+    }
+
+    #[test]
+    fn variables_without_effect_are_accepted_and_noted() {
+        for v in variables() {
+            let Status::NoEffect { boolean, .. } = v.status else {
+                continue;
+            };
+            let value = if boolean { "true" } else { "anything" };
+            let c = parse(&[(v.name, value)]).unwrap();
+            assert!(
+                c.notices.iter().any(|n| n.var == v.name && !n.differs),
+                "{}: {:?}",
+                v.name,
+                c.notices
+            );
+            assert!(!parse(&[]).unwrap().notices.iter().any(|n| n.var == v.name));
+        }
+    }
+
+    #[test]
+    fn a_difference_from_the_reference_is_noted_when_in_effect() {
+        // The reference's defaults (its manifest sets ENABLE_SUBNET_DISCOVERY=true and
+        // NETWORK_POLICY_ENFORCING_MODE=standard).
+        let c = parse(&[
+            ("ENABLE_SUBNET_DISCOVERY", "true"),
+            ("NETWORK_POLICY_ENFORCING_MODE", "standard"),
+        ])
+        .unwrap();
+        let noted: Vec<&str> = c
+            .notices
+            .iter()
+            .filter(|n| n.differs)
+            .map(|n| n.var)
+            .collect();
+        assert_eq!(
+            noted,
+            [
+                "AWS_MANAGE_ENIS_NON_SCHEDULABLE",
+                "ENABLE_SUBNET_DISCOVERY",
+                "NETWORK_POLICY_ENFORCING_MODE"
+            ]
+        );
+        // Set to what vpc-cni does: nothing to say.
+        let c = parse(&[
+            ("ENABLE_SUBNET_DISCOVERY", "false"),
+            ("AWS_MANAGE_ENIS_NON_SCHEDULABLE", "true"),
+        ])
+        .unwrap();
+        assert!(c.notices.is_empty(), "{:?}", c.notices);
+    }
+
+    #[test]
+    fn the_reference_manifest_environment_is_accepted() {
+        // config/master/aws-k8s-cni.yaml (v1.23), aws-node container.
+        let c = parse(&[
+            ("ADDITIONAL_ENI_TAGS", "{}"),
+            ("AWS_VPC_CNI_NODE_PORT_SUPPORT", "true"),
+            ("AWS_VPC_ENI_MTU", "9001"),
+            ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "false"),
+            ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "false"),
+            ("AWS_VPC_K8S_CNI_LOGLEVEL", "DEBUG"),
+            (
+                "AWS_VPC_K8S_CNI_LOG_FILE",
+                "/host/var/log/aws-routed-eni/ipamd.log",
+            ),
+            ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "prng"),
+            ("AWS_VPC_K8S_CNI_VETHPREFIX", "eni"),
+            (
+                "AWS_VPC_K8S_PLUGIN_LOG_FILE",
+                "/var/log/aws-routed-eni/plugin.log",
+            ),
+            ("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "DEBUG"),
+            ("DISABLE_INTROSPECTION", "false"),
+            ("DISABLE_METRICS", "false"),
+            ("DISABLE_NETWORK_RESOURCE_PROVISIONING", "false"),
+            ("ENABLE_IMDS_ONLY_MODE", "false"),
+            ("ENABLE_IPv4", "true"),
+            ("ENABLE_IPv6", "false"),
+            ("ENABLE_MULTI_NIC", "false"),
+            ("ENABLE_POD_ENI", "false"),
+            ("ENABLE_PREFIX_DELEGATION", "false"),
+            ("ENABLE_SUBNET_DISCOVERY", "true"),
+            ("NETWORK_POLICY_ENFORCING_MODE", "standard"),
+            ("WARM_ENI_TARGET", "1"),
+            ("WARM_PREFIX_TARGET", "1"),
+            ("DISABLE_TCP_EARLY_DEMUX", "false"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.log_level.as_str(), c.plugin_log_level.as_str()),
+            ("debug", "debug")
+        );
+        assert!(c.provisioning);
+    }
+
+    #[test]
+    fn reference_spellings_of_implemented_values() {
+        let c = parse(&[
+            ("ENABLE_IMDS_ONLY_MODE", "true"),
+            ("AWS_VPC_K8S_CNI_LOGLEVEL", "FATAL"),
+            ("AWS_VPC_K8S_PLUGIN_LOG_FILE", "stderr"),
+            ("WARM_IP_TARGET", "-1"),
+            ("MINIMUM_IP_TARGET", "-3"),
+        ])
+        .unwrap();
+        assert!(c.imds_only && !c.provisioning);
+        assert_eq!(c.log_level, "error");
+        assert_eq!(c.plugin_log_file, "", "empty: the plugin logs to stderr");
+        assert_eq!((c.warm_ip_target, c.minimum_ip_target), (None, None));
+        let c = parse(&[("AWS_VPC_K8S_PLUGIN_LOG_FILE", "")]).unwrap();
+        assert_eq!(c.plugin_log_file, "");
+        assert!(parse(&[]).unwrap().provisioning);
+    }
+
+    /// The status words README.md's Configuration tables use for a variable.
+    fn readme_status(status: &Status) -> String {
+        match status {
+            Status::Implemented => "implemented".into(),
+            Status::NoEffect { .. } => "accepted, no effect".into(),
+            Status::BehavesAs { behaves_as, .. } => {
+                format!("accepted, behaves as `{behaves_as}`")
+            }
+            Status::Refused { .. } => "refused".into(),
+        }
+    }
+
+    /// README.md lists every variable of the list in the table of its kind (the reference's
+    /// README, or the others), with its status, and no other.
+    #[test]
+    fn the_readme_tables_match_the_list() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let section = text
+            .split("\n## ")
+            .find(|s| s.starts_with("Configuration"))
+            .expect("README.md has a ## Configuration section");
+        let mut tables: HashMap<&str, Vec<(String, String)>> = HashMap::new();
+        let mut current = "";
+        for line in section.lines() {
+            if let Some(h) = line.strip_prefix("### ") {
+                current = h.trim();
+            } else if let Some(row) = line.strip_prefix("| `") {
+                let cells: Vec<&str> = row.split(" | ").collect();
+                let name = cells[0].trim_end_matches('`').to_string();
+                let status = cells.get(2).copied().unwrap_or_default().to_string();
+                tables.entry(current).or_default().push((name, status));
+            }
+        }
+        for (heading, list) in [
+            ("Variables of the reference's README", REFERENCE_README),
+            ("Other variables", OTHERS),
+        ] {
+            let rows = tables.remove(heading).unwrap_or_default();
+            let listed: Vec<&str> = list.iter().map(|v| v.name).collect();
+            let in_readme: Vec<&str> = rows.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(in_readme, listed, "README.md table {heading:?}");
+            for (v, (_, status)) in list.iter().zip(&rows) {
+                let want = readme_status(&v.status);
+                assert!(
+                    status.starts_with(&want),
+                    "README.md: {} has status {status:?}, want {want:?}…",
+                    v.name
+                );
+            }
+        }
+        assert!(tables.is_empty(), "variables in other tables: {tables:?}");
     }
 }
