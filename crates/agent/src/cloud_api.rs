@@ -99,6 +99,23 @@ impl Cloud for Ec2 {
     }
 }
 
+/// The tag with which an operator tells aws-node (and vpc-cni) to leave an ENI alone.
+pub const TAG_NO_MANAGE: &str = "node.k8s.amazonaws.com/no_manage";
+
+/// Why an attached ENI is not ours to use, as aws-node decides it: tagged
+/// [`TAG_NO_MANAGE`]`=true`, or a trunk (security groups for pods) or EFA interface. Its
+/// addresses never go to pods and it is never detached or deleted; its device index stays
+/// taken.
+pub fn unmanaged_reason(e: &NetworkInterface) -> Option<String> {
+    if e.tags.get(TAG_NO_MANAGE).map(String::as_str) == Some("true") {
+        return Some(format!("tagged {TAG_NO_MANAGE}=true"));
+    }
+    match e.interface_type.as_str() {
+        t @ ("trunk" | "efa" | "efa-only" | "branch") => Some(format!("a {t} interface")),
+        _ => None,
+    }
+}
+
 /// Limits of common instance types (ENIs, IPv4 addresses per ENI), used when
 /// DescribeInstanceTypes cannot be reached. Values from EC2's published limits.
 pub fn builtin_limits(instance_type: &str) -> Option<InstanceTypeLimits> {

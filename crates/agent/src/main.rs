@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use agent::config::{self, Config};
 use anyhow::Context;
-use tracing::error;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(cfg: &Config) -> anyhow::Result<()> {
@@ -41,18 +42,66 @@ fn init_logging(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start(started: Instant) -> anyhow::Result<()> {
+/// The node agent of vpc-cni. Configured by the reference's environment variables (see the
+/// README); without a subcommand it runs until SIGTERM.
+#[derive(Debug, Parser)]
+#[command(name = "vpc-cni-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Hand this node back to another CNI with every running pod keeping its address (run it
+    /// with the agent stopped and the agent's environment).
+    Uninstall {
+        /// The CNI that takes the node over.
+        #[arg(long, value_enum)]
+        to: Target,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Target {
+    /// aws/amazon-vpc-cni-k8s v1.23 (its DaemonSet aws-node).
+    AwsNode,
+}
+
+async fn start(cli: Cli, started: Instant) -> anyhow::Result<()> {
     let vars: HashMap<String, String> = std::env::vars().collect();
     let cfg = config::from_env(&vars).context("invalid configuration")?;
     init_logging(&cfg)?;
+    if let Some(Cmd::Uninstall {
+        to: Target::AwsNode,
+    }) = cli.cmd
+    {
+        let done = agent::swap::uninstall_to_aws_node(&cfg)
+            .await
+            .context("handing the node back to aws-node")?;
+        println!(
+            "the node is aws-node's again: {} pods kept their addresses; {} written; start aws-node now",
+            done.pods,
+            done.conflist.display()
+        );
+        return Ok(());
+    }
+    for n in &cfg.notices {
+        if n.differs {
+            warn!(var = n.var, "{n}");
+        } else {
+            info!(var = n.var, "{n}");
+        }
+    }
     agent::run(cfg, started).await?;
     Ok(())
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
     agent::housekeeping::tune_malloc();
     let result = match agent::runtime() {
-        Ok(rt) => rt.block_on(start(Instant::now())),
+        Ok(rt) => rt.block_on(start(cli, Instant::now())),
         Err(e) => Err(anyhow::Error::new(e).context("starting the tokio runtime")),
     };
     match result {

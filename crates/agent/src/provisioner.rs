@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::checkpoint::{IntentOp, IntentRecord};
-use crate::cloud_api::Cloud;
+use crate::cloud_api::{Cloud, TAG_NO_MANAGE};
 use crate::node_net::{NodeError, NodeNet};
 use crate::state::State;
 
@@ -31,7 +31,6 @@ pub const TAG_INSTANCE: &str = "node.k8s.amazonaws.com/instance_id";
 pub const TAG_CREATED: &str = "node.k8s.amazonaws.com/createdAt";
 pub const TAG_CLUSTER: &str = "cluster.k8s.amazonaws.com/name";
 pub const TAG_OWNER: &str = "eks:eni:owner";
-pub const TAG_NO_MANAGE: &str = "node.k8s.amazonaws.com/no_manage";
 /// vpc-cni's own tag: the id of the intent that created the ENI.
 pub const TAG_INTENT: &str = "vpc-cni.k8s.aws/intent";
 
@@ -59,6 +58,9 @@ pub struct Settings {
     pub subnet_full_backoff: Duration,
     /// How often the pool is re-planned when nothing wakes the provisioner.
     pub interval: Duration,
+    /// Device indexes of attached ENIs that are not ours ([`crate::cloud_api::unmanaged_reason`]):
+    /// never used for a new ENI (and not counted in `limits.max_enis`).
+    pub reserved_devices: Vec<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -448,6 +450,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
 
     fn next_device_index(&self, st: &State) -> u32 {
         let mut used: Vec<u32> = st.pool().enis().iter().map(|e| e.device_number).collect();
+        used.extend(&self.settings.reserved_devices);
         used.extend(st.intents.values().filter_map(|i| i.device_index));
         (1..)
             .find(|d| !used.contains(d))

@@ -15,10 +15,13 @@ use crate::config::Config;
 use crate::install::InstallError;
 use crate::node_net::KernelNode;
 use crate::provisioner::{NodeIdentity, Provisioner, Settings};
+use crate::recovery::RecoveryError;
 use crate::server::ServerError;
 use crate::startup::StartupError;
 use crate::state::State;
-use crate::{checkpoint, cloud_api, housekeeping, http, install, server, startup, state};
+use crate::{
+    checkpoint, cloud_api, housekeeping, http, install, recovery, server, startup, state, swap,
+};
 
 /// Why the agent could not start, or stopped serving.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +38,8 @@ pub enum AgentError {
     Housekeeping(#[source] std::io::Error),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Recovery(#[from] RecoveryError),
     #[error(transparent)]
     Limits(#[from] LimitsError),
     #[error("IMDS lists no primary ENI (device number 0)")]
@@ -105,33 +110,60 @@ pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
         "provisioning is disabled (DISABLE_NETWORK_RESOURCE_PROVISIONING=true): assign more secondary IPs to this node's ENIs, or delete pods".to_string()
     };
     let mut state = State::new(node.pool, node.vpc_cidrs, cfg.checkpoint.clone(), hint);
-    let cp = checkpoint::load(&cfg.checkpoint)?;
-    for w in state.restore(&cp) {
-        warn!("{w}");
+    // The checkpoint, or (torn, missing) the node's pod wiring: every address a running pod
+    // has is held before any ADD is served. Allocations whose pod was deleted while the agent
+    // was down (the plugin tore it down from its prevResult) are released.
+    let wired = tokio::task::spawn_blocking(recovery::wired_pods)
+        .await?
+        .map_err(|e| e.to_string());
+    let recovered = recovery::recover(&mut state, &cfg.checkpoint, wired, state::now_ms() / 1000)?;
+    recovered.log();
+    let rescan = Arc::new(tokio::sync::Notify::new());
+    state.rescan = Some(rescan.clone());
+    // A node aws-node wired: its pods move to our layout before any ADD is served.
+    let assigned = state.assigned_routes();
+    let adopted = tokio::task::spawn_blocking(move || swap::adopt_pods(&assigned)).await?;
+    if !adopted.moved.is_empty() {
+        info!(
+            pods = adopted.moved.len(),
+            "pods wired by aws-node moved to vpc-cni's layout"
+        );
     }
-    // Pods whose DEL ran while the agent was down were torn down from their prevResult by
-    // the plugin; their addresses are still allocated here. Release them.
-    match tokio::task::spawn_blocking(dataplane::wired_pod_ips).await? {
-        Ok(wired) => {
-            for (key, ip) in state.prune_unwired(&wired, 60_000) {
-                warn!(%key, %ip, "released: no pod on this node is wired to the address (deleted while the agent was down)");
-            }
-        }
-        Err(e) => warn!("cannot list the node's pod routes; not pruning: {e}"),
+    for ip in &adopted.unknown {
+        warn!(%ip, "a pod is wired aws-node's way to an address the checkpoint does not hold; left as it is");
     }
-    let s = state.pool().stats(state::now_ms());
+    for e in &adopted.errors {
+        warn!("adopting aws-node's pods: {e}");
+    }
+    let s = state.pool().stats(state.now());
     info!(
-        restored = cp.allocations.len(),
+        rebuilt = recovered.rebuilt.len(),
         total = s.total,
         assigned = s.assigned,
         cooling = s.cooling,
         "pool ready"
     );
     let state = Arc::new(Mutex::new(state));
+    tokio::spawn(recovery::watch_rebuilt(
+        state.clone(),
+        rescan,
+        || {
+            recovery::wired_pods()
+                .map(|w| w.into_keys().collect())
+                .map_err(|e| e.to_string())
+        },
+        recovery::RESCAN_SETTLE,
+        recovery::RESCAN_PERIOD,
+    ));
 
     let mut limits = None;
     if let Some(ec2) = &ec2 {
-        let provisioner = provisioner(&cfg, &md, ec2.clone(), state.clone()).await?;
+        let reserved: Vec<u32> = enis
+            .iter()
+            .filter(|e| e.unmanaged.is_some())
+            .map(|e| e.device_number)
+            .collect();
+        let provisioner = provisioner(&cfg, &md, ec2.clone(), state.clone(), reserved).await?;
         limits = Some(provisioner.settings.limits);
         if let Err(e) = provisioner.recover().await {
             warn!("recovering unfinished ENI operations: {e}; will retry");
@@ -159,10 +191,28 @@ pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
             .with_file_name(install::PLUGIN_NAME),
     };
     let plugin = install::install_plugin(&plugin_src, &cfg.cni_bin_dir)?;
-    let conflist = install::write_conflist(&cfg)?;
+    let chained_src = cfg.chained_plugins_dir.clone();
+    let agent_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(std::path::Path::to_path_buf));
+    let chained = install::install_chained(&cfg, chained_src.as_deref(), agent_dir.as_deref())?;
+    for p in &chained.plugins {
+        let from = p.copied_from.as_ref().map_or_else(
+            || "already in the CNI bin dir".to_string(),
+            |f| f.display().to_string(),
+        );
+        info!(plugin = p.name, path = %p.path.display(), %from, versions = ?p.versions, "chained plugin");
+    }
+    let conflist = install::write_conflist(&cfg, &chained)?;
+    // Ours is live: aws-node's conflist and iptables rules go (never before).
+    let retire_cfg = cfg.clone();
+    let (done, failed) =
+        tokio::task::spawn_blocking(move || swap::retire_aws_node(&retire_cfg)).await?;
+    swap::log_retired(&done, &failed);
     info!(
         plugin = %plugin.display(),
         conflist = %conflist.display(),
+        cni_versions = ?chained.cni_versions,
         socket = %cfg.socket.display(),
         startup_ms = started.elapsed().as_millis() as u64,
         "ready"
@@ -186,6 +236,7 @@ async fn provisioner(
     md: &cloud::InstanceMetadata,
     ec2: Arc<cloud::Ec2>,
     state: Arc<Mutex<State>>,
+    reserved_devices: Vec<u32>,
 ) -> Result<Arc<Provisioner<cloud::Ec2, KernelNode>>, AgentError> {
     let cached = state
         .lock()
@@ -221,6 +272,8 @@ async fn provisioner(
         );
         max_enis = expressible;
     }
+    // ENIs that are not ours take slots of the instance's limit, as in the reference.
+    max_enis = max_enis.saturating_sub(reserved_devices.len() as u32);
     let ips_per_eni = limits.ipv4_per_eni.saturating_sub(1);
     let primary = md.primary_eni().ok_or(AgentError::NoPrimaryEni)?;
     let settings = Settings {
@@ -240,6 +293,7 @@ async fn provisioner(
         decrease_interval: Duration::from_secs(30),
         subnet_full_backoff: Duration::from_secs(120),
         interval: Duration::from_secs(5),
+        reserved_devices,
     };
     info!(r#type = %md.instance_type, max_enis, ips_per_eni, targets = ?settings.targets, "provisioning through EC2");
     let node = NodeIdentity {

@@ -78,6 +78,8 @@ pub struct EniView {
     pub subnet: Ipv4Net,
     pub primary_ip: std::net::Ipv4Addr,
     pub secondary_ips: Vec<std::net::Ipv4Addr>,
+    /// Why the ENI is left alone ([`crate::cloud_api::unmanaged_reason`]); `None` for ours.
+    pub unmanaged: Option<String>,
 }
 
 /// The ENIs as IMDS lists them (used when provisioning is disabled).
@@ -91,6 +93,7 @@ pub fn enis_from_imds(md: &InstanceMetadata) -> Vec<EniView> {
             subnet: e.subnet_cidr,
             primary_ip: e.primary_ip,
             secondary_ips: e.secondary_ips.clone(),
+            unmanaged: None,
         })
         .collect()
 }
@@ -122,6 +125,10 @@ pub async fn enis_from_ec2<C: Cloud>(
             warn!(eni = %e.id, subnet = %e.subnet_id, "skipping an attached ENI whose subnet IMDS does not describe yet");
             continue;
         };
+        let unmanaged = crate::cloud_api::unmanaged_reason(&e).filter(|_| att.device_index > 0);
+        if let Some(why) = &unmanaged {
+            info!(eni = %e.id, device = att.device_index, "leaving an ENI alone: {why}");
+        }
         out.push(EniView {
             id: e.id.clone(),
             mac: e.mac.clone(),
@@ -129,6 +136,7 @@ pub async fn enis_from_ec2<C: Cloud>(
             subnet,
             primary_ip: e.primary_ip,
             secondary_ips: e.secondary_ips.clone(),
+            unmanaged,
         });
     }
     out.sort_by_key(|e| e.device_number);
@@ -146,6 +154,26 @@ pub struct StartedNode {
 fn dp(what: impl Into<String>) -> impl FnOnce(dataplane::DataplaneError) -> StartupError {
     let what = what.into();
     move |source| StartupError::Dataplane { what, source }
+}
+
+/// The egress (SNAT, connmark) settings of this node.
+pub fn snat_config(
+    cfg: &Config,
+    primary_ip: std::net::Ipv4Addr,
+    vpc_cidrs: &[Ipv4Net],
+    primary_ifname: &str,
+) -> SnatConfig {
+    SnatConfig {
+        primary_ifname: primary_ifname.to_string(),
+        primary_ip,
+        vpc_cidrs: vpc_cidrs.to_vec(),
+        exclude_cidrs: cfg.exclude_snat_cidrs.clone(),
+        external_snat: cfg.external_snat,
+        randomize: cfg.randomize_snat,
+        connmark: cfg.connmark,
+        veth_prefix: cfg.veth_prefix.clone(),
+        node_port_support: cfg.node_port_support,
+    }
 }
 
 /// Sets up the host and every secondary ENI, and builds the pool. Blocking (netlink, nft):
@@ -169,7 +197,10 @@ pub fn setup(
     })
     .map_err(dp(format!("the host (primary interface {primary_ifname})")))?;
 
-    for eni in enis.iter().filter(|e| e.device_number > 0) {
+    for eni in enis
+        .iter()
+        .filter(|e| e.device_number > 0 && e.unmanaged.is_none())
+    {
         let setup = EniSetup {
             mac: eni.mac.clone(),
             device_number: eni.device_number,
@@ -192,21 +223,11 @@ pub fn setup(
     }
 
     let vpc_cidrs = primary.vpc_cidrs.clone();
-    let snat = SnatConfig {
-        primary_ifname: primary_ifname.clone(),
-        primary_ip: md.local_ipv4,
-        vpc_cidrs: vpc_cidrs.clone(),
-        exclude_cidrs: cfg.exclude_snat_cidrs.clone(),
-        external_snat: cfg.external_snat,
-        randomize: cfg.randomize_snat,
-        connmark: cfg.connmark,
-        veth_prefix: cfg.veth_prefix.clone(),
-        node_port_support: cfg.node_port_support,
-    };
+    let snat = snat_config(cfg, md.local_ipv4, &vpc_cidrs, &primary_ifname);
     dataplane::apply_snat(&snat).map_err(dp("the egress table ip vpc-cni"))?;
 
     let mut pool = Pool::new(cfg.ip_cooldown_s * 1000);
-    for eni in enis {
+    for eni in enis.iter().filter(|e| e.unmanaged.is_none()) {
         pool.add_eni(
             EniInfo {
                 id: eni.id.clone(),

@@ -1,10 +1,16 @@
 //! The agent's allocation state: the pool, who holds what, and the checkpoint that makes it
 //! survive restarts. Every change is written to the checkpoint before it is answered; a change
-//! whose checkpoint write fails is rolled back and reported.
+//! whose checkpoint write fails is rolled back and reported (code 5, I/O failure): a full or
+//! read-only disk fails ADDs instead of handing out addresses the agent could not remember.
+//!
+//! Times (`now`) come from [`Clock`]: monotonic within the process, carried exactly across a
+//! restart within one boot, so a wall-clock step neither shortens nor stretches a cooldown.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipam::{Assignment, Pool, PoolError};
@@ -15,6 +21,22 @@ use tracing::{info, warn};
 use crate::checkpoint::{
     self, AllocationMetadata, AllocationRecord, Checkpoint, CooldownRecord, EniRecord, IntentRecord,
 };
+use crate::clock::{CarryKind, Clock};
+
+/// Network name of the allocations rebuilt from the node (a pod found wired to an address no
+/// checkpoint record holds). Not a valid CNI network name (`:`), so no runtime's GC of a real
+/// network ever lists or releases them; the container id is the pod's host veth and the
+/// interface name is the address (`vpc-cni:rebuilt/eni0123456789a/10.0.1.5`).
+pub const REBUILT_NETWORK: &str = "vpc-cni:rebuilt";
+
+/// The key an address found wired to `veth` is held under until its pod goes.
+pub fn rebuilt_key(ip: Ipv4Addr, veth: &str) -> AttachmentKey {
+    AttachmentKey {
+        network: REBUILT_NETWORK.to_string(),
+        container_id: veth.to_string(),
+        ifname: ip.to_string(),
+    }
+}
 
 /// CNI error codes the agent answers with (the plugin passes them through).
 pub mod code {
@@ -23,6 +45,7 @@ pub mod code {
     pub const TRY_AGAIN_LATER: u32 = 11;
 }
 
+/// The wall clock in Unix milliseconds (for display; the pool's times come from [`Clock`]).
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -41,7 +64,15 @@ pub struct State {
     checkpoint: PathBuf,
     /// Hint appended to "no free address" errors: what the operator can do.
     exhausted_hint: String,
-    clock: fn() -> u64,
+    clock: Clock,
+    /// Checkpoint writes that failed since start.
+    write_failures: AtomicU64,
+    /// Why this process rebuilt its allocations from the node at start (`corrupt`,
+    /// `truncated`, `empty`, `version`, `missing`), if it did.
+    pub recovered_from: Option<&'static str>,
+    /// Woken when a DEL or GC may have removed a pod held under a rebuilt key: the agent then
+    /// looks at the node again (`crate::recovery::watch_rebuilt`).
+    pub rescan: Option<Arc<tokio::sync::Notify>>,
     /// ENI operations in flight (persisted; see [`IntentRecord`]).
     pub intents: BTreeMap<String, IntentRecord>,
     /// Creation time of ENIs the agent attached.
@@ -74,7 +105,10 @@ impl State {
             vpc_cidrs,
             checkpoint,
             exhausted_hint,
-            clock: now_ms,
+            clock: Clock::system(),
+            write_failures: AtomicU64::new(0),
+            recovered_from: None,
+            rescan: None,
             intents: BTreeMap::new(),
             eni_created: BTreeMap::new(),
             pending: 0,
@@ -86,7 +120,7 @@ impl State {
     }
 
     pub fn now(&self) -> u64 {
-        (self.clock)()
+        self.clock.now()
     }
 
     pub fn pool_mut(&mut self) -> &mut Pool<AttachmentKey> {
@@ -94,18 +128,25 @@ impl State {
     }
 
     #[cfg(test)]
-    fn with_clock(mut self, clock: fn() -> u64) -> Self {
+    pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self
+    }
+
+    /// Checkpoint writes that failed since start.
+    pub fn write_failures(&self) -> u64 {
+        self.write_failures.load(Ordering::Relaxed)
     }
 
     pub fn pool(&self) -> &Pool<AttachmentKey> {
         &self.pool
     }
 
-    /// Restores allocations and cooldowns from a checkpoint. Returns one warning per record
-    /// that could not be placed in the pool.
-    pub fn restore(&mut self, cp: &Checkpoint) -> Vec<String> {
+    /// Restores allocations and cooldowns from a checkpoint, carrying its times onto this
+    /// process's clock (see `crate::clock`). Returns one warning per record that could not be
+    /// placed in the pool, and how the times were carried.
+    pub fn restore(&mut self, cp: &Checkpoint) -> Restored {
+        let carry = self.clock.carry(cp.clock.as_ref());
         let mut warnings = Vec::new();
         for rec in &cp.allocations {
             let key = AttachmentKey {
@@ -113,7 +154,7 @@ impl State {
                 container_id: rec.container_id.clone(),
                 ifname: rec.if_name.clone(),
             };
-            let since_ms = (rec.allocation_timestamp.max(0) / 1_000_000) as u64;
+            let since_ms = carry.map((rec.allocation_timestamp.max(0) / 1_000_000) as u64);
             match self.pool.restore(key.clone(), rec.ipv4, since_ms) {
                 Ok(_) => {
                     self.pods.insert(
@@ -132,20 +173,121 @@ impl State {
             }
         }
         for c in &cp.cooldowns {
-            self.pool.restore_cooldown(c.ipv4, c.released_ms);
+            self.pool.restore_cooldown(c.ipv4, carry.map(c.released_ms));
         }
         self.intents = cp
             .intents
             .iter()
-            .map(|i| (i.id.clone(), i.clone()))
+            .map(|i| {
+                let mut i = i.clone();
+                i.started_ms = carry.map(i.started_ms);
+                (i.id.clone(), i)
+            })
             .collect();
         self.eni_created = cp
             .enis
             .iter()
-            .map(|e| (e.id.clone(), e.created_ms))
+            .map(|e| (e.id.clone(), carry.map(e.created_ms)))
             .collect();
         self.instance_limits = cp.instance_limits.clone();
-        warnings
+        Restored {
+            warnings,
+            carry: carry.how,
+        }
+    }
+
+    /// Holds every address a pod on this node is wired to (`wired`: address → host veth)
+    /// that no allocation holds yet, under [`rebuilt_key`], so no ADD can hand it out again.
+    /// Addresses the pool does not have (not on this node's ENIs as EC2 or IMDS list them)
+    /// cannot be handed out anyway; they are returned for the log.
+    pub fn hold_wired(&mut self, wired: &BTreeMap<Ipv4Addr, String>) -> HeldWired {
+        let now = self.clock.now();
+        let held: BTreeSet<Ipv4Addr> = self
+            .pool
+            .assignments()
+            .into_iter()
+            .map(|(_, a)| a.ip)
+            .chain(self.orphans.values().map(|r| r.ipv4))
+            .collect();
+        let mut out = HeldWired::default();
+        for (ip, veth) in wired {
+            if held.contains(ip) {
+                continue;
+            }
+            let key = rebuilt_key(*ip, veth);
+            match self.pool.restore(key.clone(), *ip, now) {
+                Ok(_) => {
+                    self.pods.insert(key.clone(), PodRef::default());
+                    out.rebuilt.push((key, *ip));
+                }
+                Err(_) => out.outside.push((*ip, veth.clone())),
+            }
+        }
+        out
+    }
+
+    /// Allocations held under rebuilt keys.
+    pub fn rebuilt(&self) -> Vec<(AttachmentKey, Ipv4Addr)> {
+        self.pool
+            .assignments()
+            .into_iter()
+            .filter(|(k, _)| k.network == REBUILT_NETWORK)
+            .map(|(k, a)| (k, a.ip))
+            .collect()
+    }
+
+    /// Starts a cooldown now for every free address; returns how many. For a start whose
+    /// checkpoint (and so its cooldowns) was lost: any free address may have been released a
+    /// moment before, and other nodes may still send to its old pod.
+    pub fn cool_all_free(&mut self) -> usize {
+        let now = self.clock.now();
+        let free: Vec<Ipv4Addr> = self
+            .pool
+            .usage(now)
+            .into_iter()
+            .flat_map(|u| u.available)
+            .collect();
+        for ip in &free {
+            self.pool.restore_cooldown(*ip, now);
+        }
+        free.len()
+    }
+
+    /// Releases (into cooldown) the rebuilt allocations whose address no pod is wired to any
+    /// more: the runtime's DEL of such a pod finds no attachment here (its container id is
+    /// unknown), and the plugin then tears the pod down from its prevResult and host veth.
+    pub fn release_unwired_rebuilt(
+        &mut self,
+        wired: &BTreeSet<Ipv4Addr>,
+    ) -> Vec<(AttachmentKey, Ipv4Addr)> {
+        let now = self.clock.now();
+        let gone: Vec<(AttachmentKey, Ipv4Addr)> = self
+            .rebuilt()
+            .into_iter()
+            .filter(|(_, ip)| !wired.contains(ip))
+            .collect();
+        for (key, _) in &gone {
+            self.pool.release(key, now);
+            self.pods.remove(key);
+        }
+        if !gone.is_empty()
+            && let Err(e) = self.save()
+        {
+            warn!("writing the checkpoint after releasing rebuilt allocations: {e}");
+        }
+        gone
+    }
+
+    fn wake_rescan(&self) {
+        if let Some(n) = &self.rescan
+            && self
+                .pool
+                .assignments()
+                .iter()
+                .any(|(k, _)| k.network == REBUILT_NETWORK)
+        {
+            n.notify_one();
+        }
     }
 
     /// Releases allocations whose address no pod on this node is wired to (no host route),
@@ -157,7 +299,7 @@ impl State {
         wired: &std::collections::BTreeSet<Ipv4Addr>,
         min_age_ms: u64,
     ) -> Vec<(AttachmentKey, Ipv4Addr)> {
-        let now = (self.clock)();
+        let now = self.clock.now();
         let stale: Vec<(AttachmentKey, Ipv4Addr)> = self
             .pool
             .assignments()
@@ -202,7 +344,7 @@ impl State {
             allocations,
             cooldowns: self
                 .pool
-                .cooldowns((self.clock)())
+                .cooldowns(self.clock.now())
                 .into_iter()
                 .map(|(ipv4, released_ms)| CooldownRecord { ipv4, released_ms })
                 .collect(),
@@ -217,19 +359,32 @@ impl State {
                 })
                 .collect(),
             instance_limits: self.instance_limits.clone(),
+            clock: Some(self.clock.record()),
             ..Checkpoint::default()
         }
     }
 
     /// Writes the checkpoint now (after a change the caller made).
     pub fn save(&self) -> Result<(), checkpoint::CheckpointError> {
-        checkpoint::store(&self.checkpoint, &self.snapshot())
+        let r = checkpoint::store(&self.checkpoint, &self.snapshot());
+        if r.is_err() {
+            self.write_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 
-    fn persist(&self) -> Result<(), Response> {
-        checkpoint::store(&self.checkpoint, &self.snapshot()).map_err(|e| Response::Error {
-            code: code::IO_FAILURE,
-            message: e.to_string(),
+    /// Writes the checkpoint for a request's change; `undone` says what the caller undoes on
+    /// failure (the answer the runtime sees).
+    fn persist(&self, undone: &str) -> Result<(), Response> {
+        self.save().map_err(|e| {
+            warn!("{undone}: {e}");
+            Response::Error {
+                code: code::IO_FAILURE,
+                message: format!(
+                    "{undone}: {e}; the agent hands out and releases only what it can record: free space on (or make writable) the file system of {}, then retry",
+                    self.checkpoint.display()
+                ),
+            }
         })
     }
 
@@ -244,11 +399,42 @@ impl State {
         }
     }
 
+    /// The key under which `key`'s attachment is held: `key` itself, else the one attachment
+    /// with the same container id and interface whatever its network name. A node adopted from
+    /// aws-node holds its pods under `aws-cni`, and a runtime may release them under either
+    /// name (after a rollback, aws-node sees ours under `vpc-cni`).
+    fn resolve(&self, key: &AttachmentKey) -> AttachmentKey {
+        if self.pool.lookup(key).is_some() || self.orphans.contains_key(key) {
+            return key.clone();
+        }
+        let same = |k: &AttachmentKey| k.container_id == key.container_id && k.ifname == key.ifname;
+        self.pool
+            .assignments()
+            .into_iter()
+            .map(|(k, _)| k)
+            .chain(self.orphans.keys().cloned())
+            .find(same)
+            .unwrap_or_else(|| key.clone())
+    }
+
+    /// Every assigned address with the route table of its ENI (for moving pods between
+    /// aws-node's layout and ours).
+    pub fn assigned_routes(&self) -> Vec<(Ipv4Addr, u32)> {
+        self.pool
+            .assignments()
+            .into_iter()
+            .map(|(_, a)| (a.ip, dataplane::route_table_for_device(a.eni.device_number)))
+            .collect()
+    }
+
     pub fn handle(&mut self, req: Request) -> Response {
         match req {
             Request::Add { key, pod, netns: _ } => self.add(key, pod),
-            Request::Del { key } => self.del(&key),
-            Request::Check { key } => match self.pool.lookup(&key) {
+            Request::Del { key } => {
+                let key = self.resolve(&key);
+                self.del(&key)
+            }
+            Request::Check { key } => match self.pool.lookup(&self.resolve(&key)) {
                 Some(a) => Response::Checked {
                     allocation: self.allocation(&a),
                 },
@@ -258,11 +444,17 @@ impl State {
                 },
             },
             Request::Status => {
-                let s = self.pool.stats((self.clock)());
+                let s = self.pool.stats(self.clock.now());
+                let rebuilt = self.rebuilt().len();
+                let rebuilt = if rebuilt > 0 {
+                    format!(" ({rebuilt} held for pods found on the node, not in the checkpoint)")
+                } else {
+                    String::new()
+                };
                 Response::Status(StatusReply {
                     ready: true,
                     message: format!(
-                        "{} ENIs, {} addresses: {} assigned, {} available, {} cooling down",
+                        "{} ENIs, {} addresses: {} assigned{rebuilt}, {} available, {} cooling down",
                         s.enis, s.total, s.assigned, s.available, s.cooling
                     ),
                     free_ips: s.available as u32,
@@ -289,7 +481,7 @@ impl State {
                 ),
             };
         }
-        let now = (self.clock)();
+        let now = self.clock.now();
         let a = match self.pool.assign(key.clone(), now) {
             Ok(a) => a,
             Err(e @ PoolError::Exhausted { .. }) => {
@@ -315,9 +507,12 @@ impl State {
             }
         };
         self.pods.insert(key.clone(), pod.clone());
-        if let Err(resp) = self.persist() {
-            // Roll back: the address was never handed out. Its slot must not stay cooling.
-            self.pool.release(&key, 0);
+        if let Err(resp) = self.persist(&format!(
+            "no address assigned to {key}: recording {} failed, so the assignment was undone",
+            a.ip
+        )) {
+            // Roll back: the address was never handed out, so it does not cool down.
+            self.pool.cancel(&key);
             self.pods.remove(&key);
             return resp;
         }
@@ -330,18 +525,27 @@ impl State {
 
     fn del(&mut self, key: &AttachmentKey) -> Response {
         if let Some(rec) = self.orphans.remove(key) {
-            if let Err(resp) = self.persist() {
+            if let Err(resp) = self.persist(&format!(
+                "{key} still holds {}: recording its release failed",
+                rec.ipv4
+            )) {
                 self.orphans.insert(key.clone(), rec);
                 return resp;
             }
             return Response::Deleted { released: None };
         }
         let Some(before) = self.pool.lookup(key) else {
+            // Perhaps a pod the agent holds under a rebuilt key: look at the node again
+            // once the plugin has torn it down.
+            self.wake_rescan();
             return Response::Deleted { released: None };
         };
         let pod = self.pods.remove(key);
-        self.pool.release(key, (self.clock)());
-        if let Err(resp) = self.persist() {
+        self.pool.release(key, self.clock.now());
+        if let Err(resp) = self.persist(&format!(
+            "{key} still holds {}: recording its release failed",
+            before.ip
+        )) {
             // Put the assignment back exactly as it was.
             let _ = self.pool.restore(key.clone(), before.ip, before.since_ms);
             if let Some(pod) = pod {
@@ -356,6 +560,7 @@ impl State {
     }
 
     fn gc(&mut self, network: &str, valid: &[AttachmentKey]) -> Response {
+        self.wake_rescan();
         let stale: Vec<AttachmentKey> = self
             .pool
             .assignments()
@@ -380,9 +585,28 @@ impl State {
     }
 }
 
+/// What [`State::restore`] did.
+#[derive(Debug)]
+pub struct Restored {
+    /// One per checkpoint record that could not be placed in the pool.
+    pub warnings: Vec<String>,
+    /// How the checkpoint's times were carried onto this process's clock.
+    pub carry: CarryKind,
+}
+
+/// What [`State::hold_wired`] did.
+#[derive(Debug, Default)]
+pub struct HeldWired {
+    /// Addresses now held under a rebuilt key.
+    pub rebuilt: Vec<(AttachmentKey, Ipv4Addr)>,
+    /// Wired addresses the pool does not have: address and host veth.
+    pub outside: Vec<(Ipv4Addr, String)>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::fake::FakeTime;
     use ipam::EniInfo;
 
     fn key(c: &str) -> AttachmentKey {
@@ -434,7 +658,7 @@ mod tests {
             dir.path().join("ipam.json"),
             "attach more IPs".into(),
         )
-        .with_clock(|| 1_000_000)
+        .with_clock(FakeTime::new(1_000_000, 50_000, "boot-1").clock())
     }
 
     fn ip_of(r: &Response) -> Ipv4Addr {
@@ -476,8 +700,9 @@ mod tests {
         s.handle(Request::Del { key: key("b") });
 
         let mut again = state(&dir);
-        let warnings = again.restore(&checkpoint::load(&dir.path().join("ipam.json")).unwrap());
-        assert!(warnings.is_empty(), "{warnings:?}");
+        let r = again.restore(&checkpoint::load(&dir.path().join("ipam.json")).unwrap());
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        assert_eq!(r.carry, CarryKind::SameBoot { down_ms: 0 });
         assert_eq!(ip_of(&again.handle(Request::Check { key: key("a") })), a);
         assert_eq!(again.instance_limits, None);
         // b's address is still cooling down after the restart, so c cannot have it.
@@ -515,6 +740,43 @@ mod tests {
             s.handle(Request::Check { key: key("zz") }),
             Response::Error { code: 3, .. }
         ));
+    }
+
+    #[test]
+    fn del_and_check_find_an_attachment_under_another_network_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir);
+        let theirs = AttachmentKey {
+            network: "aws-cni".into(),
+            ..key("c1")
+        };
+        let ip = ip_of(&s.handle(Request::Add {
+            key: theirs.clone(),
+            pod: pod("a"),
+            netns: "/run/netns/x".into(),
+        }));
+        // The runtime now knows the pod under our network name (or the other way round).
+        let ours = key("c1");
+        assert!(matches!(
+            s.handle(Request::Check { key: ours.clone() }),
+            Response::Checked { .. }
+        ));
+        match s.handle(Request::Del { key: ours }) {
+            Response::Deleted { released: Some(a) } => assert_eq!(a.ip, ip),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.pool().assignments().is_empty());
+        // Another interface of the same container is a different attachment.
+        let other_if = AttachmentKey {
+            ifname: "net1".into(),
+            ..key("c2")
+        };
+        s.handle(add("c2"));
+        assert!(matches!(
+            s.handle(Request::Del { key: other_if }),
+            Response::Deleted { released: None }
+        ));
+        assert_eq!(s.pool().assignments().len(), 1);
     }
 
     #[test]
@@ -557,6 +819,148 @@ mod tests {
         );
     }
 
+    /// The checkpoint cannot be written (`break_it` makes it so): ADD fails with code 5 and a
+    /// message that says why, allocates nothing, and works again once the disk does.
+    fn add_fails_cleanly_when(break_it: impl Fn(&std::path::Path), needle: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir);
+        let kept = ip_of(&s.handle(add("kept")));
+        let path = dir.path().join("ipam.json");
+        let before = std::fs::read(&path).unwrap();
+        break_it(dir.path());
+        let r = s.handle(add("a"));
+        let Response::Error { code, message } = &r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(*code, code::IO_FAILURE);
+        for part in [
+            "no address assigned to vpc-cni/a/eth0",
+            "cannot write checkpoint",
+            needle,
+            "free space on (or make writable)",
+        ] {
+            assert!(message.contains(part), "{part:?} not in {message}");
+        }
+        let st = s.pool.stats(s.now());
+        assert_eq!(
+            (st.assigned, st.available, st.cooling),
+            (1, 1, 0),
+            "nothing was handed out"
+        );
+        assert!(s.pool.lookup(&key("a")).is_none());
+        assert_eq!(s.write_failures(), 1);
+        // A DEL that cannot be recorded keeps the address too.
+        break_it(dir.path());
+        let r = s.handle(Request::Del { key: key("kept") });
+        assert!(
+            matches!(&r, Response::Error { code: 5, message } if message.contains("vpc-cni/kept/eth0 still holds")),
+            "{r:?}"
+        );
+        assert_eq!(ip_of(&s.handle(Request::Check { key: key("kept") })), kept);
+        // The old checkpoint is intact.
+        if path.is_file() {
+            assert_eq!(std::fs::read(&path).unwrap(), before);
+        }
+        // Disk repaired: the next ADD gets the address the failed one would have had.
+        let _ = std::fs::remove_file(dir.path().join(".ipam.json.tmp"));
+        let _ = std::fs::remove_dir(dir.path().join(".ipam.json.tmp"));
+        if path.is_dir() {
+            std::fs::remove_dir(&path).unwrap();
+        }
+        let again = ip_of(&s.handle(add("a")));
+        assert_ne!(again, kept);
+        assert_eq!(checkpoint::load(&path).unwrap().allocations.len(), 2);
+    }
+
+    #[test]
+    fn add_fails_with_a_clear_error_on_a_full_disk() {
+        // The temporary file is /dev/full: every write fails with ENOSPC. (A failed write
+        // removes its temporary file, so the test puts it back before each request.)
+        add_fails_cleanly_when(
+            |d| std::os::unix::fs::symlink("/dev/full", d.join(".ipam.json.tmp")).unwrap(),
+            "No space left on device",
+        );
+    }
+
+    #[test]
+    fn add_fails_with_a_clear_error_when_the_file_cannot_be_replaced() {
+        // A directory where the checkpoint should be: the rename fails (as on a read-only
+        // or otherwise unwritable path, which root would not notice in a test).
+        add_fails_cleanly_when(
+            |d| {
+                let p = d.join("ipam.json");
+                if p.is_file() {
+                    std::fs::remove_file(&p).unwrap();
+                    std::fs::create_dir(&p).unwrap();
+                }
+            },
+            "Is a directory",
+        );
+    }
+
+    #[test]
+    fn wall_clock_steps_neither_shorten_nor_stretch_a_cooldown() {
+        const HOUR: i64 = 3_600_000;
+        for step in [-HOUR, HOUR] {
+            let dir = tempfile::tempdir().unwrap();
+            let t = FakeTime::new(1_700_000_000_000, 9_000, "boot-1");
+            let mut s = state(&dir).with_clock(t.clock());
+            ip_of(&s.handle(add("a")));
+            let b = ip_of(&s.handle(add("b")));
+            s.handle(Request::Del { key: key("b") });
+            t.advance(1_000);
+            t.step_wall(step);
+            // 29 s after the release b's address is still cooling…
+            t.advance(28_000);
+            assert!(
+                matches!(s.handle(add("c")), Response::Error { code: 11, .. }),
+                "step {step}: cooldown shortened"
+            );
+            // …and at 30 s it is free, not an hour later.
+            t.advance(1_000);
+            assert_eq!(
+                ip_of(&s.handle(add("c"))),
+                b,
+                "step {step}: cooldown stretched"
+            );
+        }
+    }
+
+    #[test]
+    fn a_restart_carries_cooldowns_across_a_wall_clock_step() {
+        const HOUR: i64 = 3_600_000;
+        let cooling_left = |s: &State| {
+            // Milliseconds until the one cooling address is free (probed by the pool).
+            let now = s.now();
+            (0..=30_000u64)
+                .step_by(500)
+                .find(|d| s.pool.stats(now + d).cooling == 0)
+                .unwrap()
+        };
+        for (step, reboot, left) in [
+            (-HOUR, false, 20_000), // same boot: exact, whatever the wall clock did
+            (HOUR, false, 20_000),
+            (-HOUR, true, 30_000), // a reboot and the wall clock back: at most the period
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let t = FakeTime::new(1_700_000_000_000, 9_000, "boot-1");
+            let mut s = state(&dir).with_clock(t.clock());
+            s.handle(add("a"));
+            s.handle(Request::Del { key: key("a") });
+            t.advance(4_000);
+            s.save().unwrap();
+            // The agent is down 6 s; the wall clock is stepped meanwhile.
+            t.advance(6_000);
+            t.step_wall(step);
+            if reboot {
+                t.reboot("boot-2", 3_000);
+            }
+            let mut again = state(&dir).with_clock(t.clock());
+            again.restore(&checkpoint::load(&dir.path().join("ipam.json")).unwrap());
+            assert_eq!(cooling_left(&again), left, "step {step}, reboot {reboot}");
+        }
+    }
+
     #[test]
     fn allocations_without_a_wired_pod_are_pruned_unless_young() {
         let dir = tempfile::tempdir().unwrap();
@@ -592,7 +996,7 @@ mod tests {
             }],
             ..Checkpoint::default()
         };
-        assert_eq!(s.restore(&cp).len(), 1);
+        assert_eq!(s.restore(&cp).warnings.len(), 1);
         s.handle(add("a"));
         let saved = checkpoint::load(&dir.path().join("ipam.json")).unwrap();
         assert_eq!(

@@ -38,6 +38,7 @@ impl FakeEc2 {
             ..Default::default()
         };
         let primary = NetworkInterface {
+            interface_type: "interface".into(),
             id: "eni-primary".into(),
             mac: "02:00:00:00:00:01".into(),
             subnet_id: "subnet-a".into(),
@@ -112,6 +113,7 @@ impl Cloud for FakeEc2 {
         self.gate().await;
         let n = self.next.fetch_add(1, Ordering::SeqCst);
         let eni = NetworkInterface {
+            interface_type: "interface".into(),
             id: format!("eni-{n:04}"),
             mac: format!("02:00:00:00:{:02x}:{:02x}", n / 256, n % 256),
             subnet_id: spec.subnet_id.clone(),
@@ -294,6 +296,7 @@ fn settings(targets: Targets) -> Settings {
         decrease_interval: Duration::ZERO,
         subnet_full_backoff: Duration::from_secs(120),
         interval: Duration::from_secs(5),
+        reserved_devices: vec![],
     }
 }
 
@@ -315,6 +318,14 @@ fn boot(
     ec2: &Arc<FakeEc2>,
     dir: &std::path::Path,
     targets: Targets,
+) -> Arc<Provisioner<FakeEc2, FakeNode>> {
+    boot_with(ec2, dir, settings(targets))
+}
+
+fn boot_with(
+    ec2: &Arc<FakeEc2>,
+    dir: &std::path::Path,
+    settings: Settings,
 ) -> Arc<Provisioner<FakeEc2, FakeNode>> {
     let mut pool = Pool::new(0);
     for e in ec2.enis.lock().unwrap().values() {
@@ -339,7 +350,7 @@ fn boot(
         Arc::new(FakeNode::default()),
         Arc::new(Mutex::new(st)),
         node(),
-        settings(targets),
+        settings,
     ))
 }
 
@@ -396,6 +407,42 @@ async fn scales_up_with_tags_and_reports_the_limit() {
         matches!(&r, proto::Response::Error { code: 11, message } if message.contains("node at its limit of 12 pod IPs: 3 ENIs × 4 secondary IPs for m5.large")),
         "{r:?}"
     );
+}
+
+#[tokio::test]
+async fn device_indexes_of_unmanaged_enis_are_never_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(4));
+    // Device 1 holds an ENI that is not ours (no_manage, trunk, EFA): one slot fewer.
+    let mut s = settings(WARM_ENI);
+    s.reserved_devices = vec![1];
+    s.limits.max_enis = 2;
+    s.limits.max_pods = 8;
+    let p = boot_with(&ec2, dir.path(), s);
+    converge(&p).await;
+    for i in 0..8 {
+        add_pod(&p, i).await;
+    }
+    let enis = ec2.non_primary();
+    assert_eq!(enis.len(), 1);
+    assert_eq!(enis[0].attachment.as_ref().unwrap().device_index, 2);
+}
+
+#[test]
+fn unmanaged_enis_are_those_aws_node_leaves_alone() {
+    use crate::cloud_api::unmanaged_reason;
+    let ec2_eni = |_: &str| FakeEc2::new(1).enis.lock().unwrap()["eni-primary"].clone();
+    let mut e = ec2_eni("eni-x");
+    assert_eq!(unmanaged_reason(&e), None);
+    e.tags.insert(TAG_NO_MANAGE.into(), "false".into());
+    assert_eq!(unmanaged_reason(&e), None);
+    e.tags.insert(TAG_NO_MANAGE.into(), "true".into());
+    assert!(unmanaged_reason(&e).unwrap().contains("no_manage"));
+    for t in ["trunk", "efa", "efa-only"] {
+        let mut e = ec2_eni("eni-y");
+        e.interface_type = t.into();
+        assert!(unmanaged_reason(&e).unwrap().contains(t), "{t}");
+    }
 }
 
 #[tokio::test]
