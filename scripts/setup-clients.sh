@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real CNI clients the conformance tests drive (run as root on Debian 12):
 #   - apt: containerd (with its CRI plugin), runc, busybox-static, Debian's CNI plugins
-#     (/usr/lib/cni: ptp, host-local, ...), Go (to build cnitool), iperf3, hyperfine, and protoc
+#     (/usr/lib/cni: ptp, host-local, ...; portmap and bandwidth, which the lab's agents chain
+#     after vpc-cni), Go (to build cnitool), iperf3, hyperfine, and protoc
 #     (protobuf-compiler: the k8s-cri crate of crates/conformance generates its CRI client at build time)
 #   - .cache/bin/cnitool, built offline from Debian's *source* package of the CNI library
 #     (no binary package ships it); /etc/apt is not touched: a private sources list and

@@ -298,6 +298,10 @@ fn fmt_list<T: std::fmt::Display>(v: &[T]) -> String {
         .join(", ")
 }
 
+/// Where Debian's containernetworking-plugins puts portmap and bandwidth (scripts/setup-clients.sh
+/// installs it): the agents copy the plugins they chain from here.
+pub const DEBIAN_CNI_PLUGINS: &str = "/usr/lib/cni";
+
 /// Starts the agent of `instance` inside its namespace.
 pub fn agent_start(instance: &str, extra: &[(String, String)], region: &str) -> Result<u32> {
     let ins = ns::instance_ns(instance);
@@ -311,15 +315,15 @@ pub fn agent_start(instance: &str, extra: &[(String, String)], region: &str) -> 
             "the agent of {instance} is already running (pid {p}); use `vpc-lab agent restart {instance}`"
         );
     }
-    let dir = paths::exe_dir()?;
-    let agent = dir.join("vpc-cni-agent");
-    if !agent.is_file() {
-        bail!(
-            "agent binary {} not found: build it with `cargo build -p agent` (or run `vpc-lab up --no-agents`)",
-            agent.display()
-        );
-    }
     make_node_dirs(instance)?;
+    // The conflist of an earlier run would make this run look ready before it has installed
+    // the plugin: readiness (`wait_agent_ready`) is this agent's own conflist.
+    let stale = paths::conf_dir(instance).join(paths::CONFLIST);
+    if let Err(e) = std::fs::remove_file(&stale)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(e).with_context(|| format!("removing the stale {}", stale.display()));
+    }
     // Extra env: what the last start used, with what is given now on top.
     let mut merged: Vec<(String, String)> = std::fs::read(paths::agent_env_file(instance))
         .ok()
@@ -331,7 +335,35 @@ pub fn agent_start(instance: &str, extra: &[(String, String)], region: &str) -> 
     }
     let extra = merged;
     std::fs::write(paths::agent_env_file(instance), serde_json::to_vec(&extra)?)?;
-    let mut cmd = ns::command(&ins, agent.to_str().context("agent path is not UTF-8")?)?;
+    let cmd = agent_command(instance, &extra, region)?;
+    let pid = procs::spawn_detached(
+        cmd,
+        &paths::agent_log(instance),
+        &paths::agent_pid(instance),
+    )?;
+    tracing::info!(instance, pid, "started agent");
+    Ok(pid)
+}
+
+/// The agent binary of the lab, to run inside `instance` with the lab's node environment (IMDS
+/// and EC2 endpoints, the node's paths) and `extra` on top.
+fn agent_command(
+    instance: &str,
+    extra: &[(String, String)],
+    region: &str,
+) -> Result<std::process::Command> {
+    let dir = paths::exe_dir()?;
+    let agent = dir.join("vpc-cni-agent");
+    if !agent.is_file() {
+        bail!(
+            "agent binary {} not found: build it with `cargo build -p agent` (or run `vpc-lab up --no-agents`)",
+            agent.display()
+        );
+    }
+    let mut cmd = ns::command(
+        &ns::instance_ns(instance),
+        agent.to_str().context("agent path is not UTF-8")?,
+    )?;
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     for (k, v) in [
         (
@@ -362,23 +394,45 @@ pub fn agent_start(instance: &str, extra: &[(String, String)], region: &str) -> 
             "VPC_CNI_PLUGIN_BINARY",
             dir.join("vpc-cni").display().to_string(),
         ),
+        // portmap (and bandwidth) chained after our plugin: Debian's containernetworking-plugins.
+        (
+            "VPC_CNI_CHAINED_PLUGINS_DIR",
+            DEBIAN_CNI_PLUGINS.to_string(),
+        ),
         ("DISABLE_NETWORK_RESOURCE_PROVISIONING", "true".to_string()),
         ("RUST_LOG", "info".to_string()),
     ] {
         env.insert(k.to_string(), v);
     }
-    for (k, v) in &extra {
+    for (k, v) in extra {
         env.insert(k.clone(), v.clone());
     }
     cmd.env_remove("AWS_EC2_METADATA_DISABLED");
     cmd.envs(&env);
-    let pid = procs::spawn_detached(
-        cmd,
-        &paths::agent_log(instance),
-        &paths::agent_pid(instance),
-    )?;
-    tracing::info!(instance, pid, "started agent");
-    Ok(pid)
+    Ok(cmd)
+}
+
+/// `vpc-lab agent uninstall <instance>`: runs `vpc-cni-agent uninstall --to aws-node` on the
+/// instance with its agent's environment (the agent must be stopped); returns its output.
+pub fn agent_uninstall_to_aws_node(instance: &str) -> Result<String> {
+    let region = store::load_world()?.region;
+    let extra: Vec<(String, String)> = std::fs::read(paths::agent_env_file(instance))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let out = agent_command(instance, &extra, &region)?
+        .args(["uninstall", "--to", "aws-node"])
+        .env("AWS_VPC_K8S_CNI_LOG_FILE", "stderr")
+        .output()
+        .context("running vpc-cni-agent uninstall")?;
+    if !out.status.success() {
+        bail!(
+            "vpc-cni-agent uninstall --to aws-node on {instance} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Waits until the agent of `instance` is ready: its conflist exists and its socket answers.

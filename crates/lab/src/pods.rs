@@ -5,7 +5,8 @@
 //! every plugin of the list is exec'd from `CNI_PATH` with the `CNI_*` variables and its config
 //! (plugin object + `cniVersion` + `name`, `prevResult` chained on ADD and the stored ADD result
 //! on DEL/CHECK) on stdin; the plugin runs inside the instance's network namespace, so its
-//! host side lands there.
+//! host side lands there. Capability arguments (`--port-mapping`) go into `runtimeConfig` of the
+//! plugins that declare the capability, on ADD and again on DEL and CHECK, as libcni does.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -16,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use lab_net::ns;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use testkit::cni::{ConfList, Outcome, PodRef, Runtime};
+use testkit::cni::{CapabilityArgs, ConfList, Outcome, PodRef, Runtime};
 
 use crate::paths;
 
@@ -34,6 +35,66 @@ pub struct PodRecord {
     /// The final ADD result of the plugin list.
     pub result: Value,
     pub add_ms: f64,
+    /// The capability arguments of the ADD (`portMappings`), passed again on DEL and CHECK.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub capability_args: CapabilityArgs,
+}
+
+/// A hostPort mapping, `HOST:CONTAINER[/tcp|/udp]` on the command line; the runtime passes it
+/// as the `portMappings` capability (Kubernetes' `hostPort` of a container port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortMapping {
+    pub host_port: u16,
+    pub container_port: u16,
+    pub udp: bool,
+}
+
+impl std::str::FromStr for PortMapping {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let usage = || {
+            anyhow::anyhow!(
+                "port mapping {s:?} is not HOST:CONTAINER[/tcp|/udp] (for example 8080:80/tcp)"
+            )
+        };
+        let (ports, proto) = match s.split_once('/') {
+            Some((p, proto)) => (p, proto),
+            None => (s, "tcp"),
+        };
+        let udp = match proto {
+            "tcp" => false,
+            "udp" => true,
+            _ => return Err(usage()),
+        };
+        let (h, c) = ports.split_once(':').ok_or_else(usage)?;
+        let port = |x: &str| x.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(usage);
+        Ok(PortMapping {
+            host_port: port(h)?,
+            container_port: port(c)?,
+            udp,
+        })
+    }
+}
+
+/// The capability arguments a runtime passes for `mappings` (none when there are none, as
+/// containerd omits an empty `portMappings`).
+pub fn capability_args(mappings: &[PortMapping]) -> CapabilityArgs {
+    let mut caps = CapabilityArgs::new();
+    if !mappings.is_empty() {
+        let list = mappings
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "hostPort": m.host_port,
+                    "containerPort": m.container_port,
+                    "protocol": if m.udp { "udp" } else { "tcp" },
+                })
+            })
+            .collect();
+        caps.insert("portMappings".into(), Value::Array(list));
+    }
+    caps
 }
 
 impl PodRecord {
@@ -238,6 +299,12 @@ fn write_record(r: &PodRecord) -> Result<()> {
     Ok(())
 }
 
+/// Records a pod wired by something other than [`add`] (`aws_node::wire`), so that
+/// `vpc-lab pod del|check`, `status` and the matrix see it like any runtime pod.
+pub fn save_record(r: &PodRecord) -> Result<()> {
+    write_record(r)
+}
+
 fn check_instance(instance: &str) -> Result<()> {
     if !ns::exists(&ns::instance_ns(instance)) {
         bail!(
@@ -275,6 +342,17 @@ pub enum Print {
 /// `vpc-lab pod add`. Prints as `print` says; fails (after
 /// cleaning up) when the plugin fails.
 pub fn add(instance: &str, pod: &str, print: Print) -> Result<PodRecord> {
+    add_with(instance, pod, print, &[])
+}
+
+/// [`add`] with hostPort mappings (`vpc-lab pod add --port-mapping`), passed to the plugins
+/// that declare the `portMappings` capability (portmap) and recorded for DEL and CHECK.
+pub fn add_with(
+    instance: &str,
+    pod: &str,
+    print: Print,
+    port_mappings: &[PortMapping],
+) -> Result<PodRecord> {
     check_instance(instance)?;
     let (pns, pname) = parse_pod(pod)?;
     let rec = record_path(instance, &pns, &pname);
@@ -295,7 +373,8 @@ pub fn add(instance: &str, pod: &str, print: Print) -> Result<PodRecord> {
         k8s_namespace: pns.clone(),
         k8s_name: pname.clone(),
     };
-    let (result, total) = match rt.add(&pod_ref)? {
+    let caps = capability_args(port_mappings);
+    let (result, total) = match rt.add_with(&pod_ref, &caps)? {
         Ok(ok) => ok,
         Err(failed) => {
             if print != Print::Quiet {
@@ -305,7 +384,7 @@ pub fn add(instance: &str, pod: &str, print: Print) -> Result<PodRecord> {
             // up to 10 s, as kubelet retries a sandbox teardown), then forget the pod.
             let t = Instant::now();
             loop {
-                match rt.del(&pod_ref, None) {
+                match rt.del_with(&pod_ref, None, &caps) {
                     Ok((left, _)) if left.is_empty() => break,
                     Ok((left, _)) => eprintln!(
                         "clean-up DEL after the failed ADD also failed: {}",
@@ -343,6 +422,7 @@ pub fn add(instance: &str, pod: &str, print: Print) -> Result<PodRecord> {
         cni_version: rt.conf.cni_version.clone(),
         result,
         add_ms: total,
+        capability_args: caps,
     };
     write_record(&r)?;
     match print {
@@ -372,7 +452,7 @@ pub fn del(instance: &str, pod: &str) -> Result<()> {
     let r = load_record(instance, pod)?;
     let rt = runtime(instance)?;
     // Like libcni: the cached ADD result is the prevResult of DEL from CNI 0.4.0 on.
-    let (failed, total) = rt.del(&r.pod_ref(), Some(&r.result))?;
+    let (failed, total) = rt.del_with(&r.pod_ref(), Some(&r.result), &r.capability_args)?;
     failed.iter().for_each(echo);
     let total = total.as_secs_f64() * 1000.0;
     let errors: Vec<String> = failed.iter().map(|o| o.stdout.trim().to_string()).collect();
@@ -404,7 +484,7 @@ pub fn check(instance: &str, pod: &str) -> Result<()> {
         println!("{}: disableCheck is set; CHECK skipped", rt.conf.origin);
         return Ok(());
     }
-    if let Some(failed) = rt.check(&r.pod_ref(), &r.result)? {
+    if let Some(failed) = rt.check_with(&r.pod_ref(), &r.result, &r.capability_args)? {
         echo(&failed);
         bail!(
             "CNI CHECK of {pod} on {instance} failed: {}",
@@ -463,7 +543,39 @@ mod tests {
             cni_version: "1.0.0".into(),
             result: serde_json::json!({"cniVersion":"1.0.0","ips":[{"address":"172.31.13.130/32"}]}),
             add_ms: 1.0,
+            capability_args: CapabilityArgs::new(),
         };
         assert_eq!(r.ips(), vec![Ipv4Addr::new(172, 31, 13, 130)]);
+        // A record without capability arguments reads as before (and older records still read).
+        let v = serde_json::to_value(&r).unwrap();
+        assert!(v.get("capability_args").is_none());
+        let back: PodRecord = serde_json::from_value(v).unwrap();
+        assert!(back.capability_args.is_empty());
+    }
+
+    #[test]
+    fn port_mappings_parse_and_become_capability_args() {
+        let m: PortMapping = "8080:80".parse().unwrap();
+        assert_eq!(
+            m,
+            PortMapping {
+                host_port: 8080,
+                container_port: 80,
+                udp: false
+            }
+        );
+        let u: PortMapping = "53:5353/udp".parse().unwrap();
+        assert!(u.udp);
+        for bad in ["8080", "0:80", "8080:80/sctp", "a:b", "70000:80", ":80"] {
+            assert!(bad.parse::<PortMapping>().is_err(), "{bad}");
+        }
+        assert!(capability_args(&[]).is_empty());
+        assert_eq!(
+            Value::Object(capability_args(&[m, u])),
+            serde_json::json!({"portMappings": [
+                {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+                {"hostPort": 53, "containerPort": 5353, "protocol": "udp"},
+            ]})
+        );
     }
 }

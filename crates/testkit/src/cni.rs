@@ -1,6 +1,7 @@
 //! A container runtime's side of CNI, as containerd and libcni do it: load the first network
 //! configuration of a conf dir, exec each plugin of the list with the CNI environment and its
-//! configuration (plus `prevResult`) on stdin, chain ADD results, DEL in reverse order.
+//! configuration (plus `prevResult`, and `runtimeConfig` for the capabilities it declares) on
+//! stdin, chain ADD results, DEL in reverse order.
 //!
 //! The lab's `pod add|del|check` and the benchmarks drive plugins through this one harness;
 //! the caller decides how a plugin is spawned (for example inside an instance's namespace).
@@ -37,6 +38,11 @@ pub enum CniExecError {
         stdout: String,
     },
 }
+
+/// What a runtime passes for the capabilities a plugin may declare (libcni's `CapabilityArgs`),
+/// by capability name: `{"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol":
+/// "tcp"}]}`, `{"bandwidth": {...}}`.
+pub type CapabilityArgs = Map<String, Value>;
 
 /// A network configuration list as a runtime loads it.
 #[derive(Debug, Clone)]
@@ -134,13 +140,61 @@ impl ConfList {
         parse(&self.cni_version) >= parse(min)
     }
 
+    /// A cached ADD result in this list's `cniVersion`, as libcni converts the cached result
+    /// before passing it as `prevResult` to DEL and CHECK (a pod added under an older network
+    /// configuration keeps working with the current one).
+    pub fn result_in_my_version(&self, result: &Value) -> Result<Value, CniExecError> {
+        let bad = |why: String| CniExecError::BadConfig {
+            origin: self.origin.clone(),
+            why: format!(
+                "converting the cached result to cniVersion {}: {why}",
+                self.cni_version
+            ),
+        };
+        let from = result
+            .get("cniVersion")
+            .and_then(Value::as_str)
+            .unwrap_or(&self.cni_version);
+        if from == self.cni_version {
+            return Ok(result.clone());
+        }
+        let parse = |v: &str| cni::Version::parse(v).map_err(|e| bad(e.to_string()));
+        let (from, to) = (parse(from)?, parse(&self.cni_version)?);
+        let r = cni::CniResult::from_json(result, from).map_err(|e| bad(e.to_string()))?;
+        Ok(r.to_json(to))
+    }
+
     /// The configuration a runtime passes on stdin to one plugin of the list.
     pub fn plugin_stdin(&self, plugin: &Map<String, Value>, prev: Option<&Value>) -> Vec<u8> {
+        self.plugin_stdin_with(plugin, prev, &CapabilityArgs::new())
+    }
+
+    /// [`plugin_stdin`](Self::plugin_stdin) with the runtime's capability arguments: as libcni's
+    /// `injectRuntimeConfig`, each argument whose key the plugin declares in `"capabilities"`
+    /// (with `true`) goes into `runtimeConfig`, which replaces any `runtimeConfig` of the plugin
+    /// object; nothing is added when the plugin declares none of them.
+    pub fn plugin_stdin_with(
+        &self,
+        plugin: &Map<String, Value>,
+        prev: Option<&Value>,
+        caps: &CapabilityArgs,
+    ) -> Vec<u8> {
         let mut cfg = plugin.clone();
         cfg.insert("cniVersion".into(), Value::String(self.cni_version.clone()));
         cfg.insert("name".into(), Value::String(self.name.clone()));
         if let Some(p) = prev {
             cfg.insert("prevResult".into(), p.clone());
+        }
+        let declared = plugin.get("capabilities").and_then(Value::as_object);
+        let runtime_config: Map<String, Value> = caps
+            .iter()
+            .filter(|(k, _)| {
+                declared.is_some_and(|d| d.get(k.as_str()).and_then(Value::as_bool) == Some(true))
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !runtime_config.is_empty() {
+            cfg.insert("runtimeConfig".into(), Value::Object(runtime_config));
         }
         serde_json::to_vec(&cfg).expect("a JSON map serializes")
     }
@@ -243,6 +297,19 @@ impl Runtime {
         pod: &PodRef,
         prev: Option<&Value>,
     ) -> Result<Outcome, CniExecError> {
+        self.call_with(plugin, verb, pod, prev, &CapabilityArgs::new())
+    }
+
+    /// [`call`](Self::call) with the runtime's capability arguments (see
+    /// [`ConfList::plugin_stdin_with`]).
+    pub fn call_with(
+        &self,
+        plugin: &Map<String, Value>,
+        verb: &str,
+        pod: &PodRef,
+        prev: Option<&Value>,
+        caps: &CapabilityArgs,
+    ) -> Result<Outcome, CniExecError> {
         let ty = plugin
             .get("type")
             .and_then(Value::as_str)
@@ -269,7 +336,7 @@ impl Runtime {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let stdin = self.conf.plugin_stdin(plugin, prev);
+        let stdin = self.conf.plugin_stdin_with(plugin, prev, caps);
         let t = Instant::now();
         let mut child = cmd.spawn().map_err(exec)?;
         // A plugin that exits without reading its stdin closes the pipe: that is its answer.
@@ -289,10 +356,20 @@ impl Runtime {
     /// last result and the total time, or the failed call (the caller tears down, as a runtime
     /// decides how hard to retry).
     pub fn add(&self, pod: &PodRef) -> Result<Result<(Value, Duration), Outcome>, CniExecError> {
+        self.add_with(pod, &CapabilityArgs::new())
+    }
+
+    /// [`add`](Self::add) with the runtime's capability arguments (for example a pod's
+    /// `portMappings`), passed as `runtimeConfig` to the plugins that declare them.
+    pub fn add_with(
+        &self,
+        pod: &PodRef,
+        caps: &CapabilityArgs,
+    ) -> Result<Result<(Value, Duration), Outcome>, CniExecError> {
         let mut prev: Option<Value> = None;
         let mut total = Duration::ZERO;
         for plugin in &self.conf.plugins {
-            let o = self.call(plugin, "ADD", pod, prev.as_ref())?;
+            let o = self.call_with(plugin, "ADD", pod, prev.as_ref(), caps)?;
             total += o.elapsed;
             if !o.ok() {
                 return Ok(Err(o));
@@ -316,11 +393,26 @@ impl Runtime {
         pod: &PodRef,
         result: Option<&Value>,
     ) -> Result<(Vec<Outcome>, Duration), CniExecError> {
-        let prev = result.filter(|_| self.conf.version_at_least("0.4.0"));
+        self.del_with(pod, result, &CapabilityArgs::new())
+    }
+
+    /// [`del`](Self::del) with the capability arguments of the ADD (libcni passes
+    /// `runtimeConfig` on DEL too: portmap needs it to find the rules to remove).
+    pub fn del_with(
+        &self,
+        pod: &PodRef,
+        result: Option<&Value>,
+        caps: &CapabilityArgs,
+    ) -> Result<(Vec<Outcome>, Duration), CniExecError> {
+        let prev = match result.filter(|_| self.conf.version_at_least("0.4.0")) {
+            Some(r) => Some(self.conf.result_in_my_version(r)?),
+            None => None,
+        };
+        let prev = prev.as_ref();
         let mut failed = Vec::new();
         let mut total = Duration::ZERO;
         for plugin in self.conf.plugins.iter().rev() {
-            let o = self.call(plugin, "DEL", pod, prev)?;
+            let o = self.call_with(plugin, "DEL", pod, prev, caps)?;
             total += o.elapsed;
             if !o.ok() {
                 failed.push(o);
@@ -331,8 +423,19 @@ impl Runtime {
 
     /// CHECK through the list with the cached ADD result; the first failed call, if any.
     pub fn check(&self, pod: &PodRef, result: &Value) -> Result<Option<Outcome>, CniExecError> {
+        self.check_with(pod, result, &CapabilityArgs::new())
+    }
+
+    /// [`check`](Self::check) with the capability arguments of the ADD.
+    pub fn check_with(
+        &self,
+        pod: &PodRef,
+        result: &Value,
+        caps: &CapabilityArgs,
+    ) -> Result<Option<Outcome>, CniExecError> {
+        let result = self.conf.result_in_my_version(result)?;
         for plugin in &self.conf.plugins {
-            let o = self.call(plugin, "CHECK", pod, Some(result))?;
+            let o = self.call_with(plugin, "CHECK", pod, Some(&result), caps)?;
             if !o.ok() {
                 return Ok(Some(o));
             }
@@ -375,6 +478,23 @@ mod tests {
     }
 
     #[test]
+    fn a_cached_result_is_converted_to_the_lists_version() {
+        let l = ConfList::from_value(
+            &json!({"cniVersion": "1.0.0", "name": "n", "type": "a"}),
+            "t",
+        )
+        .unwrap();
+        let old = json!({"cniVersion": "0.4.0", "interfaces": [{"name": "eth0", "sandbox": "/x"}],
+            "ips": [{"version": "4", "address": "10.0.0.2/32", "interface": 0}]});
+        let v = l.result_in_my_version(&old).unwrap();
+        assert_eq!(v["cniVersion"], "1.0.0");
+        assert!(v["ips"][0].get("version").is_none(), "{v}");
+        assert_eq!(v["ips"][0]["address"], "10.0.0.2/32");
+        let same = json!({"cniVersion": "1.0.0", "ips": []});
+        assert_eq!(l.result_in_my_version(&same).unwrap(), same);
+    }
+
+    #[test]
     fn bad_lists_are_refused_with_the_reason() {
         for (v, why) in [
             (json!({"plugins": []}), "no \"name\""),
@@ -402,6 +522,54 @@ mod tests {
         assert_eq!(
             s,
             json!({"type": "a", "x": 1, "cniVersion": "1.0.0", "name": "n", "prevResult": {"ips": []}})
+        );
+    }
+
+    #[test]
+    fn runtime_config_goes_only_to_plugins_declaring_the_capability() {
+        let l = ConfList::from_value(
+            &json!({"cniVersion": "1.0.0", "name": "n", "plugins": [
+                {"type": "main"},
+                {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true},
+                {"type": "bandwidth", "capabilities": {"bandwidth": true},
+                 "runtimeConfig": {"stale": 1}},
+                {"type": "off", "capabilities": {"portMappings": false}},
+            ]}),
+            "t",
+        )
+        .unwrap();
+        let pm = json!([{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]);
+        let caps: CapabilityArgs = [("portMappings".to_string(), pm.clone())]
+            .into_iter()
+            .collect();
+        let stdin = |i: usize, caps: &CapabilityArgs| -> Value {
+            serde_json::from_slice(&l.plugin_stdin_with(&l.plugins[i], None, caps)).unwrap()
+        };
+        assert!(stdin(0, &caps).get("runtimeConfig").is_none());
+        assert_eq!(
+            stdin(1, &caps)["runtimeConfig"],
+            json!({"portMappings": pm})
+        );
+        assert_eq!(stdin(1, &caps)["snat"], true);
+        // Nothing declared is passed: the plugin's own runtimeConfig stays as it is.
+        assert_eq!(stdin(2, &caps)["runtimeConfig"], json!({"stale": 1}));
+        assert!(stdin(3, &caps).get("runtimeConfig").is_none());
+        // Without capability arguments nothing is injected (as plugin_stdin).
+        assert!(
+            stdin(1, &CapabilityArgs::new())
+                .get("runtimeConfig")
+                .is_none()
+        );
+        let both: CapabilityArgs = [
+            ("portMappings".to_string(), pm.clone()),
+            ("bandwidth".to_string(), json!({"ingressRate": 1000})),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            stdin(2, &both)["runtimeConfig"],
+            json!({"bandwidth": {"ingressRate": 1000}}),
+            "a declared capability replaces the plugin's runtimeConfig, as libcni's InjectConf"
         );
     }
 
@@ -435,6 +603,28 @@ mod tests {
         assert!(v["args"].as_str().unwrap().contains("K8S_POD_NAME=p"));
         let (failed, _) = rt.del(&pod, Some(&v)).unwrap();
         assert_eq!(failed.len(), 1, "the fake plugin fails DEL");
+        // Capability arguments reach a declaring plugin on ADD and DEL (as libcni passes them).
+        let tee = dir.join("tee");
+        std::fs::write(&tee, "#!/bin/sh\ntee \"$0.$CNI_COMMAND\"\n").unwrap();
+        std::fs::set_permissions(&tee, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let conf = ConfList::from_value(
+            &json!({"cniVersion": "1.0.0", "name": "n",
+                    "plugins": [{"type": "tee", "capabilities": {"portMappings": true}}]}),
+            "t",
+        )
+        .unwrap();
+        let caps: CapabilityArgs = [("portMappings".to_string(), json!([{"hostPort": 1}]))]
+            .into_iter()
+            .collect();
+        let rt = Runtime::local(conf, dir.clone());
+        let (v, _) = rt.add_with(&pod, &caps).unwrap().unwrap();
+        assert_eq!(v["runtimeConfig"]["portMappings"][0]["hostPort"], 1);
+        let (failed, _) = rt.del_with(&pod, Some(&v), &caps).unwrap();
+        assert!(failed.is_empty());
+        let del: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("tee.DEL")).unwrap()).unwrap();
+        assert_eq!(del["runtimeConfig"]["portMappings"][0]["hostPort"], 1);
+        assert!(del["prevResult"].is_object());
         let missing = ConfList::from_value(&json!({"name": "n", "type": "nope"}), "t").unwrap();
         let e = Runtime::local(missing, dir.clone()).add(&pod).unwrap_err();
         assert!(matches!(e, CniExecError::PluginMissing { .. }), "{e}");

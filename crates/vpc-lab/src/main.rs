@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use lab::control::{self, UpOptions};
 use lab::store::LabState;
-use lab::{daemon, matrix, paths, pods};
+use lab::{aws_node, daemon, matrix, paths, pods};
 use lab_aws::{fidelity, seed};
 use lab_bench::{bench, perf};
 use lab_net::ns;
@@ -101,7 +101,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PodCmd,
     },
-    /// Start, stop (SIGTERM), kill (SIGKILL) or restart an instance's agent.
+    /// Start, stop (SIGTERM), kill (SIGKILL) or restart an instance's agent, or hand the
+    /// instance back to aws-node with the agent stopped (uninstall).
     Agent {
         action: AgentAction,
         instance: String,
@@ -122,6 +123,28 @@ enum Cmd {
     },
     /// Add the demo pods, print the routing state, run the matrix with negatives, delete them.
     Demo,
+    /// A node as aws-node (amazon-vpc-cni-k8s v1.23) leaves it: wire pods its way, or judge
+    /// whether aws-node would accept a node.
+    AwsNode {
+        #[command(subcommand)]
+        cmd: AwsNodeCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AwsNodeCmd {
+    /// Make the instance look as aws-node v1.23 leaves it with these pods (<ns>/<name>)
+    /// running: checkpoint, 10-aws.conflist, ENI tables and rules, iptables and nftables, and
+    /// per pod the veth, its route in main and its rules at 512 and 1536. The instance's
+    /// vpc-cni agent must be stopped. Prints `<pod> <ip> eth<N> <host veth>` per pod.
+    Wire {
+        instance: String,
+        #[arg(required = true, value_name = "NS/NAME")]
+        pods: Vec<String>,
+    },
+    /// Whether aws-node v1.23 started now would accept the instance and keep every running
+    /// pod working; lists the problems and exits 1 when it would not.
+    Check { instance: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,7 +162,14 @@ enum FidelityCmd {
 #[derive(Debug, Subcommand)]
 enum PodCmd {
     /// CNI ADD.
-    Add { instance: String, pod: String },
+    Add {
+        instance: String,
+        pod: String,
+        /// A hostPort: HOST:CONTAINER[/tcp|/udp] (repeatable), passed as the `portMappings`
+        /// capability to portmap (and again on DEL and CHECK).
+        #[arg(long = "port-mapping", value_name = "HOST:CONTAINER[/PROTO]")]
+        port_mappings: Vec<pods::PortMapping>,
+    },
     /// CNI DEL, then delete the pod's namespace and record.
     Del { instance: String, pod: String },
     /// CNI CHECK.
@@ -152,6 +182,9 @@ enum AgentAction {
     Stop,
     Kill,
     Restart,
+    /// Hand the node back to aws-node (`vpc-cni-agent uninstall --to aws-node`; stop the agent
+    /// first).
+    Uninstall,
 }
 
 fn require_root() -> Result<()> {
@@ -266,8 +299,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Status => control::status()?,
         Cmd::Daemon => daemon::main()?,
         Cmd::Pod { cmd } => match cmd {
-            PodCmd::Add { instance, pod } => {
-                pods::add(&instance, &pod, pods::Print::Pretty)?;
+            PodCmd::Add {
+                instance,
+                pod,
+                port_mappings,
+            } => {
+                pods::add_with(&instance, &pod, pods::Print::Pretty, &port_mappings)?;
             }
             PodCmd::Del { instance, pod } => pods::del(&instance, &pod)?,
             PodCmd::Check { instance, pod } => pods::check(&instance, &pod)?,
@@ -285,6 +322,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             AgentAction::Restart => {
                 let _ = control::agent_stop(&instance, false);
                 control::agent_start_ready(&instance, &agent_env)?;
+            }
+            AgentAction::Uninstall => {
+                print!("{}", control::agent_uninstall_to_aws_node(&instance)?);
             }
         },
         Cmd::Exec { target, cmd } => {
@@ -308,6 +348,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Cmd::AwsNode { cmd } => match cmd {
+            AwsNodeCmd::Wire { instance, pods } => {
+                let pods: Vec<&str> = pods.iter().map(String::as_str).collect();
+                let world = lab::store::load_world()?;
+                for r in aws_node::wire(&instance, &pods)? {
+                    let ip = r.ips().first().copied();
+                    let device = world
+                        .instance(&instance)
+                        .zip(ip)
+                        .and_then(|(i, ip)| aws_node::device_of(i, ip));
+                    println!(
+                        "{} {} eth{} {}",
+                        r.display(),
+                        ip.map(|i| i.to_string()).unwrap_or_default(),
+                        device.map(|d| d.to_string()).unwrap_or_else(|| "?".into()),
+                        aws_node::host_veth(&r.namespace, &r.name)
+                    );
+                }
+            }
+            AwsNodeCmd::Check { instance } => {
+                let problems = aws_node::check(&instance)?;
+                if !problems.is_empty() {
+                    println!(
+                        "aws-node v1.23 would not accept {instance} as it is ({} problems):",
+                        problems.len()
+                    );
+                    for p in &problems {
+                        println!("  - {p}");
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
+                println!("aws-node v1.23 would accept {instance} and keep its pods running");
+            }
+        },
     }
     Ok(ExitCode::SUCCESS)
 }

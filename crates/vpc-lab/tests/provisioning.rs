@@ -167,8 +167,10 @@ fn m5_large_scales_to_its_limit_and_back() {
     let _serial = serial();
     let _down = Down;
     let t0 = Instant::now();
+    // A new instance (primary ENI only), so every other ENI is one the agent creates and tags
+    // (the seed's layout has the lab's own untagged eth1, which the agent may keep or release).
     // Hot-plug: attached ENIs appear in the instance 1 s after the attach.
-    up(&["--attach-delay-ms", "1000"]);
+    up(&["--fresh-nodes", "--attach-delay-ms", "1000"]);
     let ec2 = Ec2::new();
     let i1 = instance_id("instance1");
     let (type_enis, per_eni) = limits(&ec2, "m5.large");
@@ -684,4 +686,80 @@ fn imds_10s_behind_ec2_releases_no_assigned_ip() {
         lab_ok(&["pod", "check", "instance1", p]);
     }
     eprintln!("imds test {:?}", t0.elapsed());
+}
+
+/// An operator's ENI tagged `node.k8s.amazonaws.com/no_manage=true` (as aws-node honours it):
+/// its addresses never go to pods, its device index is never reused, and it is neither
+/// detached nor deleted when the pool shrinks.
+#[test]
+#[ignore = "root: brings up the lab (network namespaces)"]
+fn an_eni_tagged_no_manage_is_left_alone() {
+    require_lab();
+    let _serial = serial();
+    let _down = Down;
+    lab_ok(&["up", "--fresh-nodes", "--no-agents"]);
+    let ec2 = Ec2::new();
+    let i1 = instance_id("instance1");
+    let subnet = ec2.attached(&i1)[0].subnet_id.clone();
+    let theirs = ec2
+        .rt
+        .block_on(ec2.ec2.create_network_interface(&cloud::NewEni {
+            subnet_id: subnet,
+            private_ip: None,
+            security_groups: vec![],
+            description: "an operator's ENI".into(),
+            tags: [("node.k8s.amazonaws.com/no_manage".into(), "true".into())].into(),
+            secondary_ip_count: 3,
+        }))
+        .expect("CreateNetworkInterface");
+    ec2.rt
+        .block_on(ec2.ec2.attach_network_interface(&theirs.id, &i1, 1))
+        .expect("AttachNetworkInterface");
+    let mut args = vec!["agent", "start", "instance1", "--agent-env"];
+    args.push("DISABLE_NETWORK_RESOURCE_PROVISIONING=false");
+    for kv in FAST.iter().filter(|a| !a.starts_with("--")) {
+        args.extend(["--agent-env", kv]);
+    }
+    lab_ok(&args);
+    // More pods than the primary ENI holds: a second ENI of ours is needed.
+    let mut pods = BTreeMap::new();
+    for n in 0..12 {
+        let name = format!("nm/p{n:02}");
+        let (ip, _) = pod_add_retry("instance1", &name, Duration::from_secs(60));
+        assert!(
+            !theirs.all_ips().any(|t| t == ip),
+            "{name} got {ip}, an address of the no_manage ENI {}",
+            theirs.id
+        );
+        pods.insert(name, ip);
+    }
+    let attached = ec2.attached(&i1);
+    let devices: Vec<(String, u32)> = attached
+        .iter()
+        .map(|e| (e.id.clone(), e.attachment.as_ref().unwrap().device_index))
+        .collect();
+    assert!(
+        devices.contains(&(theirs.id.clone(), 1)),
+        "the no_manage ENI stays at device 1: {devices:?}"
+    );
+    assert!(
+        devices.iter().any(|(id, d)| *d == 2 && id != &theirs.id),
+        "our second ENI took device 2: {devices:?}"
+    );
+    for p in pods.keys() {
+        pod_del_retry("instance1", p, Duration::from_secs(30));
+    }
+    // Back to the warm target: our surplus ENI goes, theirs stays.
+    std::thread::sleep(Duration::from_secs(8));
+    let after = ec2.attached(&i1);
+    assert!(
+        after.iter().any(|e| e.id == theirs.id),
+        "the no_manage ENI is still attached: {:?}",
+        after.iter().map(|e| &e.id).collect::<Vec<_>>()
+    );
+    let now = after.iter().find(|e| e.id == theirs.id).unwrap();
+    assert_eq!(
+        now.secondary_ips, theirs.secondary_ips,
+        "its addresses were not touched"
+    );
 }

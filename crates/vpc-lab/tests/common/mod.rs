@@ -127,10 +127,30 @@ pub fn down_and_assert_clean(pids: &[i32]) {
     lab_ok(&["down"]);
 }
 
-/// The lab tests share /run/vpc-lab and the namespace names: one at a time.
-pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+/// The lab tests share /run/vpc-lab and the namespace names: one at a time, in this process
+/// (a mutex) and across processes (an exclusive lock on `$TMPDIR/vpc-lab-tests.lock`, so two
+/// test binaries never tear down each other's lab).
+pub struct Serial {
+    _guard: std::sync::MutexGuard<'static, ()>,
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+pub fn serial() -> Serial {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let path = std::env::temp_dir().join("vpc-lab-tests.lock");
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map(|f| Serial {
+            _guard: guard,
+            _file: f,
+        })
+        .unwrap_or_else(|(_, e)| panic!("locking {}: {e}", path.display()))
 }
 
 /// The root network namespace carries nothing of the lab: no lab interface, no VPC or
