@@ -448,7 +448,10 @@ fn churn_with_agent_killed_leaks_nothing() {
     let mut growing = true;
     let mut next = 0;
     let mut ops = 0;
-    while ops < 300 {
+    // At least 300 operations, and on until the agent has been killed 10 times (a fast
+    // machine finishes 300 operations before ten kills land; at most 1000 operations).
+    let enough_kills = || kills.load(std::sync::atomic::Ordering::SeqCst) >= 10;
+    while ops < 300 || (!enough_kills() && ops < 1000) {
         if growing && live.len() >= high {
             growing = false;
         } else if !growing && live.len() <= 2 {
@@ -475,7 +478,7 @@ fn churn_with_agent_killed_leaks_nothing() {
             live.remove(&name);
         }
         ops += 1;
-        if rand::random::<u8>().is_multiple_of(20) {
+        if rand::random::<u8>().is_multiple_of(20) || (ops >= 300 && ops % 10 == 0) {
             let _ = kill_tx.send(());
         }
     }
@@ -483,7 +486,7 @@ fn churn_with_agent_killed_leaks_nothing() {
     drop(kill_tx);
     killer.join().expect("killer thread");
     let kills = kills.load(std::sync::atomic::Ordering::SeqCst);
-    eprintln!("300 ops with {kills} agent kills in {:?}", t0.elapsed());
+    eprintln!("{ops} ops with {kills} agent kills in {:?}", t0.elapsed());
     assert!(kills >= 10, "the agent was killed only {kills} times");
     // The agent is running (the killer restarts it after each kill); let it settle.
     assert_pods_hold_ec2_addresses(&ec2, &i1, &live);
