@@ -194,6 +194,7 @@ pub fn setup(
     dataplane::setup_host(&HostSetup {
         primary_ifname: primary_ifname.clone(),
         connmark: cfg.connmark,
+        mtu: cfg.eni_mtu,
     })
     .map_err(dp(format!("the host (primary interface {primary_ifname})")))?;
 

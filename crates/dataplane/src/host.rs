@@ -21,10 +21,13 @@ pub struct HostSetup {
     pub primary_ifname: String,
     /// Connmark bit used for pod egress / NodePort return traffic (reference default 0x80).
     pub connmark: u32,
+    /// MTU of the primary interface (`AWS_VPC_ENI_MTU`, as the reference sets it at start).
+    pub mtu: u32,
 }
 
-/// Sets `net.ipv4.ip_forward=1` and `net.ipv4.conf.<primary>.rp_filter=2` (written from
-/// the calling thread, i.e. in its netns), ensures the rules
+/// Sets the primary interface's MTU, `net.ipv4.ip_forward=1` and
+/// `net.ipv4.conf.<primary>.rp_filter=2` (written from the calling thread, i.e. in its
+/// netns), ensures the rules
 /// `fwmark <m>/<m> lookup main pref 1024` (a 1024 rule with another mark is replaced) and
 /// `from all lookup 512 pref 512`. Idempotent.
 pub fn setup_host(h: &HostSetup) -> Result<(), DataplaneError> {
@@ -39,6 +42,14 @@ pub fn setup_host_with<N: NetOps>(n: &mut N, h: &HostSetup) -> Result<(), Datapl
             what: "connmark (non-zero, and clear of the ENI mark bits 0x3f00)",
             value: format!("{:#x}", h.connmark),
         });
+    }
+    let primary =
+        n.link_by_name(&h.primary_ifname)?
+            .ok_or_else(|| DataplaneError::LinkNotFound {
+                what: format!("primary interface {}", h.primary_ifname),
+            })?;
+    if primary.mtu != h.mtu {
+        n.set_link_mtu(primary.index, h.mtu)?;
     }
     n.write_sysctl("net/ipv4/ip_forward", "1")?;
     n.write_sysctl(

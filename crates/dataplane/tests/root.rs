@@ -249,6 +249,7 @@ fn root_host_and_eni_setup() {
     let h = HostSetup {
         primary_ifname: "eth0".into(),
         connmark: 0x80,
+        mtu: 9001,
     };
     n.run(|| setup_host(&h)).unwrap().unwrap();
     n.run(|| setup_host(&h)).unwrap().unwrap();
@@ -373,6 +374,7 @@ fn root_snat_and_connmark_egress() {
     let h = HostSetup {
         primary_ifname: "eth0".into(),
         connmark: 0x80,
+        mtu: 9001,
     };
     node.run(|| setup_host(&h)).unwrap().unwrap();
     node.run(|| setup_pod(&spec)).unwrap().unwrap();
@@ -522,6 +524,7 @@ fn root_nodeport_return_path_uses_connmark() {
     let h = HostSetup {
         primary_ifname: "eth0".into(),
         connmark: 0x80,
+        mtu: 9001,
     };
     node.run(|| setup_host(&h)).unwrap().unwrap();
     node.run(|| setup_pod(&pod_spec(&pod_path, 3)))
@@ -641,6 +644,7 @@ fn root_parallel_pods_share_one_to_pod_rule() {
     let h = HostSetup {
         primary_ifname: "eth0".into(),
         connmark: 0x80,
+        mtu: 9001,
     };
     n.run(|| setup_host(&h)).unwrap().unwrap(); // forwarding on
     // table 2 (a secondary ENI) has a default route out of eth0: without the to-pod table,

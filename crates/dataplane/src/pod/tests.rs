@@ -464,6 +464,7 @@ fn teardown_continues_after_errors_and_reports_all() {
 fn host_setup_is_idempotent_and_replaces_an_old_fwmark_rule() {
     let w = FakeWorld::new(&["node"]);
     let mut n = FakeNet::new(&w, "node");
+    let eth0 = w.borrow_mut().add_link("node", "eth0", None, None);
     w.borrow_mut()
         .ns_mut("node")
         .rules
@@ -471,11 +472,16 @@ fn host_setup_is_idempotent_and_replaces_an_old_fwmark_rule() {
     let h = HostSetup {
         primary_ifname: "eth0".into(),
         connmark: 0x80,
+        mtu: 9001,
     };
     setup_host_with(&mut n, &h).unwrap();
     setup_host_with(&mut n, &h).unwrap();
     let wb = w.borrow();
     let ns = wb.ns("node");
+    assert_eq!(
+        ns.links[&eth0].mtu, 9001,
+        "the primary interface gets AWS_VPC_ENI_MTU"
+    );
     assert_eq!(
         ns.rules,
         vec![
