@@ -188,8 +188,7 @@ enum AgentAction {
 }
 
 fn require_root() -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !testkit::is_root() {
         bail!("vpc-lab needs root (it creates network namespaces); run it with sudo");
     }
     Ok(())
