@@ -94,13 +94,31 @@ pub struct AllocationRecord {
     pub metadata: AllocationMetadata,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AllocationMetadata {
     #[serde(default)]
     pub k8s_pod_namespace: String,
     #[serde(default)]
     pub k8s_pod_name: String,
+    /// The reference's count of the pod's interfaces (addresses) its DEL releases: always 1
+    /// here (no multi-NIC pods), written so a node handed back to aws-node releases on DEL.
+    #[serde(default = "one")]
+    pub interfaces_count: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for AllocationMetadata {
+    fn default() -> Self {
+        AllocationMetadata {
+            k8s_pod_namespace: String::new(),
+            k8s_pod_name: String::new(),
+            interfaces_count: one(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,6 +241,13 @@ pub enum DamageKind {
 }
 
 impl DamageKind {
+    pub const ALL: [DamageKind; 4] = [
+        DamageKind::Empty,
+        DamageKind::Truncated,
+        DamageKind::Corrupt,
+        DamageKind::Version,
+    ];
+
     /// The label used in logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -249,27 +274,34 @@ pub fn load_for_start(path: &Path, unix_s: u64) -> Result<Loaded, CheckpointErro
             });
         }
     };
-    let (kind, detail) = if bytes.iter().all(u8::is_ascii_whitespace) {
-        (DamageKind::Empty, format!("{} bytes, no JSON", bytes.len()))
-    } else {
-        match serde_json::from_slice::<Checkpoint>(&bytes) {
-            Ok(cp) if cp.version == FORMAT_VERSION => return Ok(Loaded::Found(cp)),
-            Ok(cp) => (
-                DamageKind::Version,
-                format!(
-                    "format version {:?}; this agent reads {FORMAT_VERSION:?}",
-                    cp.version
-                ),
-            ),
-            Err(e) if e.is_eof() => (
-                DamageKind::Truncated,
-                format!("ends early after {} bytes: {e}", bytes.len()),
-            ),
-            Err(e) => (DamageKind::Corrupt, e.to_string()),
-        }
+    let (kind, detail) = match parse_for_start(&bytes) {
+        Ok(cp) => return Ok(Loaded::Found(cp)),
+        Err(damage) => damage,
     };
     let kept = keep_aside(path, unix_s).map_err(|e| e.to_string());
     Ok(Loaded::Damaged(Damage { kind, detail, kept }))
+}
+
+/// The checkpoint in `bytes`, or why it cannot be used (the kind, and the parser's words).
+pub fn parse_for_start(bytes: &[u8]) -> Result<Checkpoint, (DamageKind, String)> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err((DamageKind::Empty, format!("{} bytes, no JSON", bytes.len())));
+    }
+    match serde_json::from_slice::<Checkpoint>(bytes) {
+        Ok(cp) if cp.version == FORMAT_VERSION => Ok(cp),
+        Ok(cp) => Err((
+            DamageKind::Version,
+            format!(
+                "format version {:?}; this agent reads {FORMAT_VERSION:?}",
+                cp.version
+            ),
+        )),
+        Err(e) if e.is_eof() => Err((
+            DamageKind::Truncated,
+            format!("ends early after {} bytes: {e}", bytes.len()),
+        )),
+        Err(e) => Err((DamageKind::Corrupt, e.to_string())),
+    }
 }
 
 /// Renames `path` to `<name>.corrupt-<unix_s>[-n]` in the same directory (durably).
@@ -334,6 +366,7 @@ mod tests {
                 metadata: AllocationMetadata {
                     k8s_pod_namespace: "default".into(),
                     k8s_pod_name: "web".into(),
+                    interfaces_count: 1,
                 },
             }],
             cooldowns: vec![CooldownRecord {
@@ -506,5 +539,209 @@ mod tests {
         );
         assert_eq!(load(&path).unwrap(), sample(), "the old file is intact");
         assert_eq!(names_in(dir.path()), vec!["ipam.json"]);
+    }
+}
+
+/// Property ("fuzz") tests of reading a checkpoint file: 256 cases each in `cargo test`,
+/// `PROPTEST_CASES=<n> cargo test -p agent fuzz_` for more (docs/testing.md).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `cases` cases, unless `PROPTEST_CASES` is set (proptest's default configuration reads
+    /// it); failures are not persisted to files in the tree.
+    fn config(cases: u32) -> ProptestConfig {
+        let mut c = ProptestConfig::default();
+        if std::env::var_os("PROPTEST_CASES").is_none() {
+            c.cases = cases;
+        }
+        c.failure_persistence = None;
+        c
+    }
+
+    fn ipv4() -> impl Strategy<Value = Ipv4Addr> {
+        any::<u32>().prop_map(Ipv4Addr::from)
+    }
+
+    fn allocation() -> impl Strategy<Value = AllocationRecord> {
+        (
+            ".{0,12}",
+            ".{0,64}",
+            ".{0,15}",
+            ipv4(),
+            any::<i64>(),
+            ".{0,12}",
+            ".{0,20}",
+        )
+            .prop_map(
+                |(network_name, container_id, if_name, ipv4, ts, ns, name)| AllocationRecord {
+                    network_name,
+                    container_id,
+                    if_name,
+                    ipv4,
+                    allocation_timestamp: ts,
+                    metadata: AllocationMetadata {
+                        k8s_pod_namespace: ns,
+                        k8s_pod_name: name,
+                        interfaces_count: 1,
+                    },
+                },
+            )
+    }
+
+    fn intent() -> impl Strategy<Value = IntentRecord> {
+        (
+            ".{0,12}",
+            prop_oneof![Just(IntentOp::Create), Just(IntentOp::Delete)],
+            prop::option::of(".{0,21}"),
+            prop::option::of(".{0,21}"),
+            prop::option::of(any::<u32>()),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(id, op, eni_id, attachment_id, device_index, started_ms)| IntentRecord {
+                    id,
+                    op,
+                    eni_id,
+                    attachment_id,
+                    device_index,
+                    started_ms,
+                },
+            )
+    }
+
+    fn checkpoint() -> impl Strategy<Value = Checkpoint> {
+        (
+            prop::collection::vec(allocation(), 0..6),
+            prop::collection::vec(
+                (ipv4(), any::<u64>())
+                    .prop_map(|(ipv4, released_ms)| CooldownRecord { ipv4, released_ms }),
+                0..4,
+            ),
+            prop::collection::vec(intent(), 0..3),
+            prop::collection::vec(
+                (".{0,21}", any::<u64>()).prop_map(|(id, created_ms)| EniRecord { id, created_ms }),
+                0..3,
+            ),
+            prop::option::of((".{0,12}", any::<u32>(), any::<u32>()).prop_map(
+                |(instance_type, max_enis, ipv4_per_eni)| InstanceLimitsRecord {
+                    instance_type,
+                    max_enis,
+                    ipv4_per_eni,
+                },
+            )),
+            prop::option::of(
+                (any::<u64>(), any::<u64>(), prop::option::of(".{0,36}")).prop_map(
+                    |(agent_ms, boot_ms, boot_id)| ClockRecord {
+                        agent_ms,
+                        boot_ms,
+                        boot_id,
+                    },
+                ),
+            ),
+        )
+            .prop_map(
+                |(allocations, cooldowns, intents, enis, instance_limits, clock)| Checkpoint {
+                    version: FORMAT_VERSION.into(),
+                    allocations,
+                    cooldowns,
+                    intents,
+                    enis,
+                    instance_limits,
+                    clock,
+                },
+            )
+    }
+
+    /// (position, operation, byte): operation 0 overwrites, 1 inserts, 2 deletes.
+    fn mutate(mut doc: Vec<u8>, m: &[(usize, u8, u8)]) -> Vec<u8> {
+        for &(pos, op, b) in m {
+            let at = pos % (doc.len() + 1);
+            match op {
+                0 if at < doc.len() => doc[at] = b,
+                1 => doc.insert(at, b),
+                _ if at < doc.len() => {
+                    doc.remove(at);
+                }
+                _ => {}
+            }
+        }
+        doc
+    }
+
+    /// File contents: arbitrary bytes, white space, a real checkpoint with a few bytes
+    /// changed, or nesting deeper than serde_json's recursion limit.
+    fn contents() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..512),
+            "[ \t\r\n]{0,8}".prop_map(String::into_bytes),
+            (
+                checkpoint(),
+                prop::collection::vec((any::<usize>(), 0u8..3, any::<u8>()), 1..6)
+            )
+                .prop_map(|(cp, m)| mutate(serde_json::to_vec(&cp).unwrap(), &m)),
+            (1usize..100_000, any::<bool>()).prop_map(|(depth, arrays)| {
+                let open = if arrays { "[" } else { "{\"a\":" };
+                format!(
+                    r#"{{"version":"vpc-cni-ipam/1","allocations":[{{"metadata":{}"#,
+                    open.repeat(depth)
+                )
+                .into_bytes()
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// Any file contents: a checkpoint of our format version, or damage of the right
+        /// kind (never a panic, never a stack overflow).
+        #[test]
+        fn fuzz_checkpoint_any_bytes(bytes in contents()) {
+            match parse_for_start(&bytes) {
+                Ok(cp) => prop_assert_eq!(cp.version, FORMAT_VERSION),
+                Err((kind, detail)) => {
+                    prop_assert_eq!(
+                        kind == DamageKind::Empty,
+                        bytes.iter().all(u8::is_ascii_whitespace),
+                        "{:?}: {}", kind, detail
+                    );
+                    prop_assert!(!detail.is_empty());
+                }
+            }
+        }
+
+        /// Every checkpoint reads back as it was written (compact, as `store` writes it, and
+        /// pretty-printed as a person might leave it).
+        #[test]
+        fn fuzz_checkpoint_round_trips(cp in checkpoint()) {
+            let compact = serde_json::to_vec(&cp).unwrap();
+            prop_assert_eq!(parse_for_start(&compact).unwrap(), cp.clone());
+            let pretty = serde_json::to_vec_pretty(&cp).unwrap();
+            prop_assert_eq!(parse_for_start(&pretty).unwrap(), cp);
+        }
+
+        /// Every strict prefix of a checkpoint (a torn write) is empty or truncated, never
+        /// taken for a checkpoint; another format version is refused naming it.
+        #[test]
+        fn fuzz_checkpoint_torn_or_foreign(
+            cp in checkpoint(),
+            cut in any::<usize>(),
+            other in ".{0,16}",
+        ) {
+            let bytes = serde_json::to_vec(&cp).unwrap();
+            let n = cut % bytes.len();
+            let (kind, detail) = parse_for_start(&bytes[..n]).unwrap_err();
+            let want = if n == 0 { DamageKind::Empty } else { DamageKind::Truncated };
+            prop_assert_eq!(kind, want, "{} of {} bytes: {}", n, bytes.len(), detail);
+
+            prop_assume!(other != FORMAT_VERSION);
+            let foreign = Checkpoint { version: other.clone(), ..cp };
+            let bytes = serde_json::to_vec(&foreign).unwrap();
+            let (kind, detail) = parse_for_start(&bytes).unwrap_err();
+            prop_assert_eq!(kind, DamageKind::Version);
+            prop_assert!(detail.contains(&format!("{other:?}")), "{}", detail);
+        }
     }
 }

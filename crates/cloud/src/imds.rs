@@ -205,7 +205,7 @@ impl ImdsMetadata {
         let region = parse::imds_value(IDENTITY_DOCUMENT, &document, parse::identity_region)?;
 
         let macs_path = format!("{META}network/interfaces/macs/");
-        let macs = parse::mac_listing(&self.get(&macs_path).await?);
+        let macs = parse::imds_value(&macs_path, &self.get(&macs_path).await?, parse::mac_listing)?;
         let mut enis = Vec::with_capacity(macs.len());
         for mac in &macs {
             if let Some(eni) = self.eni(mac).await? {

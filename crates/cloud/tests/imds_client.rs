@@ -132,8 +132,123 @@ async fn failures_name_the_path() {
     }
 }
 
+/// Regression (found by `fuzz_imds_garbage_answers`): a MAC listing entry that is not a MAC
+/// went into the next IMDS path, and the SDK's client panicked on the invalid URI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_mac_that_is_not_one_is_refused() {
+    let macs = format!("{MD}/network/interfaces/macs/");
+    for listing in ["02:00:00:00:00:0a/\n02:00 00:00:00:0b/", "é/", "../../x/"] {
+        let mut t = two_enis();
+        t.set(&macs, listing);
+        let (addr, task) = serve(t).await;
+        let md = ImdsMetadata::with_endpoint(&format!("http://{addr}")).unwrap();
+        let got = tokio::spawn(async move { md.instance().await }).await;
+        task.abort();
+        let err = got.expect("no panic").unwrap_err();
+        assert!(
+            matches!(&err, CloudError::ImdsValue { path, .. } if *path == macs),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not a MAC address"), "{err}");
+    }
+}
+
 #[test]
 fn bad_endpoint_is_rejected_with_its_value() {
     let err = ImdsMetadata::with_endpoint("not a uri").unwrap_err();
     assert!(err.to_string().contains("not a uri"), "{err}");
+}
+
+mod fuzz {
+    //! Property ("fuzz") test of the whole IMDS read against garbage answers: 64 cases in
+    //! `cargo test` (each serves a fake IMDS), `PROPTEST_CASES=<n> cargo test -p cloud fuzz_`
+    //! for more (docs/testing.md).
+
+    use std::sync::LazyLock;
+
+    use super::*;
+    use proptest::prelude::*;
+
+    static RT: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    });
+
+    /// `cases` cases, unless `PROPTEST_CASES` is set (proptest's default configuration
+    /// reads it); failures are not persisted to files in the tree.
+    fn config(cases: u32) -> ProptestConfig {
+        let mut c = ProptestConfig::default();
+        if std::env::var_os("PROPTEST_CASES").is_none() {
+            c.cases = cases;
+        }
+        c.failure_persistence = None;
+        c
+    }
+
+    /// Arbitrary text, text of the alphabet IMDS values use, or the real value with a few
+    /// characters changed.
+    fn garbage(real: String) -> impl Strategy<Value = String> {
+        prop_oneof![
+            ".{0,40}",
+            "[0-9a-fA-F:./ \t\r\n%?#-]{0,40}",
+            prop::collection::vec((any::<usize>(), any::<char>()), 1..4).prop_map(move |edits| {
+                let mut c: Vec<char> = real.chars().collect();
+                for (at, ch) in edits {
+                    let at = at % c.len().max(1);
+                    if at < c.len() {
+                        c[at] = ch;
+                    } else {
+                        c.push(ch);
+                    }
+                }
+                c.into_iter().collect()
+            }),
+        ]
+    }
+
+    /// One path of the two-ENI instance and a garbage answer for it.
+    fn one_bad_answer() -> impl Strategy<Value = (String, String)> {
+        let table = two_enis();
+        let paths: Vec<String> = table.values.keys().cloned().collect();
+        prop::sample::select(paths).prop_flat_map(move |path| {
+            let real = table.values[&path].clone();
+            (Just(path), garbage(real))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(config(64))]
+
+        /// IMDS answering garbage on any one path: the read returns (never panics), and a
+        /// value it cannot parse is an error naming that path and that value.
+        #[test]
+        fn fuzz_imds_garbage_answers((path, value) in one_bad_answer()) {
+            let mut t = two_enis();
+            t.set(&path, &value);
+            let got = RT.block_on(async {
+                let (addr, task) = serve(t).await;
+                let md = ImdsMetadata::with_endpoint(&format!("http://{addr}")).unwrap();
+                let got = tokio::spawn(async move { md.instance().await }).await;
+                task.abort();
+                got
+            });
+            let got = match got {
+                Ok(r) => r,
+                Err(e) => return Err(TestCaseError::fail(format!("the read panicked: {e}"))),
+            };
+            match got {
+                Ok(md) => prop_assert!(!md.enis.is_empty() || path.ends_with("/macs/")),
+                Err(CloudError::ImdsValue { path: p, value: v, .. }) => {
+                    prop_assert_eq!(&p, &path);
+                    prop_assert!(value.contains(v.trim()), "{v:?} is not from {value:?}");
+                }
+                // another MAC listed: its required paths are missing
+                Err(CloudError::Imds { .. }) => prop_assert!(path.ends_with("/macs/")),
+                Err(e) => prop_assert!(false, "{e}"),
+            }
+        }
+    }
 }

@@ -14,6 +14,8 @@ use serde_json::{Value, json};
 use crate::deadline::{CALL_BUDGET, LOCAL_WORK_RESERVE, STATUS_BUDGET};
 use crate::{Backend, Deadline, Invocation, NetnsState, PluginError, Reply, execute};
 
+mod fuzz;
+
 #[derive(Debug, Clone, PartialEq)]
 struct Setup {
     netns: PathBuf,

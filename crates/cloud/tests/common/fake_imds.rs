@@ -1,8 +1,8 @@
 //! A table-driven IMDSv2 fake on 127.0.0.1:0 for testing the client side alone: token PUT
-//! (echoing the TTL header the SDK requires), token-checked GETs, 404 for unknown paths, and
-//! per-path injected statuses.
+//! (echoing the TTL header the SDK requires), token-checked GETs, 404 for unknown paths,
+//! per-path injected statuses, and paths that never answer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -18,6 +18,8 @@ const TOKEN: &str = "fake-token-123";
 pub struct Table {
     pub values: BTreeMap<String, String>,
     pub statuses: BTreeMap<String, u16>,
+    /// GETs of these paths are accepted and never answered (a hung IMDS).
+    pub hangs: BTreeSet<String>,
 }
 
 impl Table {
@@ -48,6 +50,9 @@ async fn get(State(t): State<Arc<Table>>, uri: Uri, headers: HeaderMap) -> Respo
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let path = uri.path();
+    if t.hangs.contains(path) {
+        std::future::pending::<()>().await;
+    }
     if let Some(code) = t.statuses.get(path) {
         return StatusCode::from_u16(*code).unwrap().into_response();
     }
