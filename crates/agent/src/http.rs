@@ -142,7 +142,7 @@ fn label_escape(v: &str) -> String {
 
 pub fn render_metrics(s: &Shared) -> String {
     let mut out = Exposition(String::new());
-    let (stats, usage, rebuilt, write_failures, recovered_from) = {
+    let (stats, usage, rebuilt, write_failures, recovered_from, lost, drift) = {
         let st = s.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = st.now();
         (
@@ -151,6 +151,8 @@ pub fn render_metrics(s: &Shared) -> String {
             st.rebuilt().len(),
             st.write_failures(),
             st.recovered_from,
+            st.lost().len(),
+            st.drift.clone(),
         )
     };
     out.single(
@@ -252,12 +254,12 @@ pub fn render_metrics(s: &Shared) -> String {
         "Checkpoint writes that failed (the change was undone and the request refused)",
         write_failures as f64,
     );
-    let rebuilds: Vec<(String, f64)> = ["missing", "empty", "truncated", "corrupt", "version"]
-        .iter()
+    let rebuilds: Vec<(String, f64)> = std::iter::once("missing")
+        .chain(crate::checkpoint::DamageKind::ALL.map(|k| k.as_str()))
         .map(|r| {
             (
                 format!("{{reason=\"{r}\"}}"),
-                f64::from(u8::from(recovered_from == Some(*r))),
+                f64::from(u8::from(recovered_from == Some(r))),
             )
         })
         .collect();
@@ -272,6 +274,39 @@ pub fn render_metrics(s: &Shared) -> String {
         "gauge",
         "Addresses held for pods found wired on the node that no checkpoint record held (released when the pod goes)",
         rebuilt as f64,
+    );
+    let lost_by_reason: Vec<(String, f64)> = ipam::LostReason::ALL
+        .iter()
+        .map(|r| {
+            (
+                format!("{{reason=\"{}\"}}", r.label()),
+                drift.lost.get(r.label()).copied().unwrap_or(0) as f64,
+            )
+        })
+        .collect();
+    out.metric(
+        "vpccni_lost_addresses_total",
+        "counter",
+        "Pods' addresses EC2 took away outside the agent, found by the reconcile with EC2: unassigned (no longer listed on its ENI) or eni_detached (its ENI no longer attached); each stays blocked until its pod is deleted",
+        &lost_by_reason,
+    );
+    out.single(
+        "vpccni_lost_ip_addresses",
+        "gauge",
+        "Addresses pods hold that are on no ENI of the node (lost, or restored from the checkpoint onto no ENI): never handed out, dropped when the pod is deleted",
+        lost as f64,
+    );
+    out.single(
+        "awscni_force_removed_ips",
+        "counter",
+        "The number of IPs force removed while assigned to a pod (EC2 no longer gives them to the node)",
+        drift.lost.values().sum::<u64>() as f64,
+    );
+    out.single(
+        "awscni_force_removed_enis",
+        "counter",
+        "The number of ENIs removed from the pool because EC2 no longer lists them attached",
+        drift.enis_detached as f64,
     );
     if let Some(ec2) = &s.ec2 {
         let api = ec2.api_stats();
@@ -311,7 +346,8 @@ pub fn render_metrics(s: &Shared) -> String {
     out.0
 }
 
-fn introspection(s: &Shared) -> serde_json::Value {
+/// The introspection document (`/v1/state`).
+pub fn introspection(s: &Shared) -> serde_json::Value {
     let st = s.state.lock().unwrap_or_else(|p| p.into_inner());
     let now = st.now();
     let pods: Vec<serde_json::Value> = st
@@ -325,12 +361,29 @@ fn introspection(s: &Shared) -> serde_json::Value {
             })
         })
         .collect();
+    let lost: Vec<serde_json::Value> = st
+        .lost()
+        .into_iter()
+        .map(|(k, ip, l)| {
+            let pod = st.pod(&k).cloned().unwrap_or_default();
+            json!({
+                "network": k.network, "containerID": k.container_id, "ifName": k.ifname,
+                "namespace": pod.namespace, "pod": pod.name, "ip": ip,
+                "eni": l.as_ref().map(|l| l.assignment.eni.id.clone()),
+                "reason": l.as_ref().map_or("on no ENI at start", |l| l.reason.label()),
+                "lostMs": l.as_ref().map(|l| l.lost_ms),
+                "parkedOn": l.as_ref().and_then(|l| l.parked_on.clone()),
+            })
+        })
+        .collect();
     json!({
         "checkpointRebuiltFrom": st.recovered_from,
         "checkpointWriteFailures": st.write_failures(),
         "stats": st.pool().stats(now),
         "enis": st.pool().usage(now),
         "pods": pods,
+        "lost": lost,
+        "drift": st.drift,
         "pending": st.pending,
         "blocker": st.blocker,
         "intents": st.intents.values().collect::<Vec<_>>(),
@@ -444,6 +497,11 @@ mod tests {
             "vpccni_checkpoint_rebuilds_total{reason=\"truncated\"} 1",
             "vpccni_checkpoint_rebuilds_total{reason=\"corrupt\"} 0",
             "vpccni_rebuilt_ip_addresses 0",
+            "vpccni_lost_addresses_total{reason=\"unassigned\"} 0",
+            "vpccni_lost_addresses_total{reason=\"eni_detached\"} 0",
+            "vpccni_lost_ip_addresses 0",
+            "awscni_force_removed_ips 0",
+            "awscni_force_removed_enis 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -7,23 +7,37 @@
 //! and finishes (delete) or undoes (create) it, so a kill -9 at any instant leaks no ENI.
 //! ENIs tagged with this instance that are detached (leaked by an earlier life or by the
 //! reference plugin) are deleted.
+//!
+//! The world changes under the agent: every [`Settings::reconcile_interval`] (and at once
+//! after EC2 calls an ENI or address of the pool unknown) [`Provisioner::reconcile`] compares
+//! the pool with EC2's description of the instance's attached ENIs — EC2, never IMDS, is the
+//! truth. A pool ENI no longer attached leaves the pool; an address EC2 no longer lists
+//! leaves it too; a pod's address among them is *lost* (`ipam::Lost`): reported, never handed
+//! out again, dropped by its pod's DEL. The planner then sees the smaller pool and asks EC2
+//! for more as usual. Should EC2 list a lost address on a pool ENI again (re-assigned, or
+//! picked by EC2 for this node), it is its pod's again on its own ENI, or parked (a slot taken,
+//! still lost) on another — never free while its pod lives. A difference is acted on only when a second answer (by ENI id)
+//! confirms it, and not for addresses or ENIs this agent changed within
+//! [`Settings::reconcile_grace`] (EC2's answers are eventually consistent).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cloud::{CloudError, Filter, NetworkInterface, NewEni};
-use ipam::EniInfo;
 use ipam::planner::{self, Action, Ages, Demand, Limits, Targets};
+use ipam::{EniInfo, Forgotten, LostReason};
 use ipnet::Ipv4Net;
+use proto::AttachmentKey;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::checkpoint::{IntentOp, IntentRecord};
-use crate::cloud_api::{Cloud, TAG_NO_MANAGE};
+use crate::cloud_api::Cloud;
 use crate::node_net::{NodeError, NodeNet};
 use crate::state::State;
 
@@ -61,6 +75,176 @@ pub struct Settings {
     /// Device indexes of attached ENIs that are not ours ([`crate::cloud_api::unmanaged_reason`]):
     /// never used for a new ENI (and not counted in `limits.max_enis`).
     pub reserved_devices: Vec<u32>,
+    /// How often the pool is compared with EC2 ([`Provisioner::reconcile`]; the reference's
+    /// `nodeIPPoolReconcile` runs every 60 s).
+    pub reconcile_interval: Duration,
+    /// Addresses and ENIs this agent added or removed less than this long ago are left out
+    /// of a reconcile: EC2's answers are eventually consistent (the reference's 60 s
+    /// reconcile cooldown).
+    pub reconcile_grace: Duration,
+}
+
+/// How long a failed reconcile waits before the next try (at most the reconcile interval).
+const RECONCILE_RETRY: Duration = Duration::from_secs(15);
+
+/// What one [`Provisioner::reconcile`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Pool ENIs EC2 no longer lists attached: removed from the pool.
+    pub enis_detached: Vec<String>,
+    /// Pods' addresses lost: the key, the address, why.
+    pub lost: Vec<(AttachmentKey, Ipv4Addr, LostReason)>,
+    /// Free or cooling addresses that left the pool with them.
+    pub removed: Vec<Ipv4Addr>,
+    /// Addresses EC2 lists on a pool ENI that the pool lacked: taken in, cooling down.
+    pub adopted: Vec<Ipv4Addr>,
+    /// Addresses pods hold that EC2 lists on a pool ENI again (see `place_held`).
+    pub relisted: Vec<(AttachmentKey, Ipv4Addr)>,
+    /// Differences left for a later reconcile: too recent a change of this agent's, or not
+    /// confirmed by EC2's second answer.
+    pub deferred: usize,
+}
+
+impl Reconciled {
+    pub fn changed(&self) -> bool {
+        !(self.enis_detached.is_empty()
+            && self.lost.is_empty()
+            && self.removed.is_empty()
+            && self.adopted.is_empty()
+            && self.relisted.is_empty())
+    }
+}
+
+/// The pool's ENIs and their addresses against EC2's answer.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Drift {
+    /// Pool ENIs not attached to the instance.
+    gone: BTreeSet<String>,
+    /// Addresses the pool has that EC2 does not list on their ENI.
+    missing: BTreeMap<String, BTreeSet<Ipv4Addr>>,
+    /// Addresses EC2 lists on a pool ENI that the pool lacks.
+    extra: BTreeMap<String, BTreeSet<Ipv4Addr>>,
+}
+
+impl Drift {
+    fn is_empty(&self) -> bool {
+        self.gone.is_empty() && self.missing.is_empty() && self.extra.is_empty()
+    }
+
+    fn enis(&self) -> BTreeSet<String> {
+        self.gone
+            .iter()
+            .chain(self.missing.keys())
+            .chain(self.extra.keys())
+            .cloned()
+            .collect()
+    }
+
+    fn count(&self) -> usize {
+        self.gone.len()
+            + self.missing.values().map(BTreeSet::len).sum::<usize>()
+            + self.extra.values().map(BTreeSet::len).sum::<usize>()
+    }
+
+    /// What both answers agree on.
+    fn confirmed_by(&self, again: &Drift) -> Drift {
+        let both = |a: &BTreeMap<String, BTreeSet<Ipv4Addr>>,
+                    b: &BTreeMap<String, BTreeSet<Ipv4Addr>>| {
+            a.iter()
+                .filter_map(|(eni, ips)| {
+                    let common: BTreeSet<Ipv4Addr> =
+                        ips.intersection(b.get(eni)?).copied().collect();
+                    (!common.is_empty()).then(|| (eni.clone(), common))
+                })
+                .collect()
+        };
+        Drift {
+            gone: self.gone.intersection(&again.gone).cloned().collect(),
+            missing: both(&self.missing, &again.missing),
+            extra: both(&self.extra, &again.extra),
+        }
+    }
+}
+
+/// EC2's attached ENIs of `instance`: id → (device index, secondary addresses). ENIs being
+/// detached count as gone.
+fn attached_view(
+    listed: &[NetworkInterface],
+    instance: &str,
+) -> BTreeMap<String, (u32, BTreeSet<Ipv4Addr>)> {
+    listed
+        .iter()
+        .filter_map(|e| {
+            let a = e.attachment.as_ref()?;
+            (a.instance_id == instance && !matches!(a.status.as_str(), "detaching" | "detached"))
+                .then(|| {
+                    (
+                        e.id.clone(),
+                        (a.device_index, e.secondary_ips.iter().copied().collect()),
+                    )
+                })
+        })
+        .collect()
+}
+
+/// Addresses pods hold that EC2 took away (lost, or on no ENI at start): when EC2 gives one
+/// to this node again (someone re-assigned it, or EC2 picked it for a request of this node),
+/// it is not free.
+fn held_off_pool(st: &State) -> BTreeSet<Ipv4Addr> {
+    st.lost().into_iter().map(|(_, ip, _)| ip).collect()
+}
+
+/// Splits addresses EC2 gives this node into free ones and ones pods hold
+/// ([`held_off_pool`]), which go to [`place_held`] once the ENI is in the pool.
+fn split_held(st: &State, ips: &[Ipv4Addr]) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
+    let held = held_off_pool(st);
+    ips.iter().copied().partition(|ip| !held.contains(ip))
+}
+
+/// Takes addresses pods hold that EC2 lists on the pool ENI `eni` again: a lost one is its
+/// pod's again on its own ENI, or parked on another ([`ipam::Pool::relist_lost`]); one a
+/// checkpoint record holds is that pod's again, as at a start. Returns the keys.
+fn place_held(st: &mut State, eni: &str, held: &[Ipv4Addr]) -> Vec<(AttachmentKey, Ipv4Addr)> {
+    let mut out = Vec::new();
+    for ip in held {
+        let pod = |st: &State, k: &AttachmentKey| {
+            st.pod(k)
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .unwrap_or_default()
+        };
+        if st.pool().lost_holder(*ip).is_some() {
+            match st.pool_mut().relist_lost(eni, *ip) {
+                Ok(ipam::Relisted::Revived(k)) => {
+                    warn!(pod = %pod(st, &k), key = %k, %ip, %eni, "EC2 lists a lost address on its own ENI again: the pod holds it again, as before");
+                    out.push((k, *ip));
+                }
+                Ok(ipam::Relisted::Parked(k)) => {
+                    warn!(pod = %pod(st, &k), key = %k, %ip, %eni, "EC2 lists a lost address on another ENI: it takes a slot there, still lost and never handed out, until the pod is deleted");
+                    out.push((k, *ip));
+                }
+                Err(e) => warn!(%ip, %eni, "placing a lost address EC2 lists again: {e}"),
+            }
+            continue;
+        }
+        if let Err(e) = st.pool_mut().add_ips(eni, &[*ip]) {
+            warn!(%ip, %eni, "taking in an address a checkpoint record holds: {e}");
+            continue;
+        }
+        match st.orphan_listed(*ip) {
+            Some(k) => {
+                warn!(pod = %pod(st, &k), key = %k, %ip, %eni, "EC2 lists an address a checkpoint record holds (on no ENI at start): the pod holds it again");
+                out.push((k, *ip));
+            }
+            None => warn!(%ip, %eni, "an address a checkpoint record held is free again"),
+        }
+    }
+    out
+}
+
+/// Whether an EC2 error says an ENI, attachment or address the agent named does not exist
+/// (as the pool knows it): the world changed, so reconcile now.
+fn names_something_unknown(e: &CloudError) -> bool {
+    e.is_not_found() || e.code() == Some("InvalidParameterValue")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +267,16 @@ pub enum ProvisionError {
     StillAttached { eni: String },
     #[error("checkpoint: {0}")]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// EC2's list of the instance's attached ENIs cannot be right: it lacks the primary ENI
+    /// (which cannot be detached). The pool is not changed on such an answer.
+    #[error(
+        "EC2 lists {listed} ENIs attached to {instance}, but not its primary ENI {primary}: not reconciling the pool on that answer"
+    )]
+    ImplausibleAnswer {
+        instance: String,
+        primary: String,
+        listed: usize,
+    },
 }
 
 /// Maps a pool error to [`ProvisionError::Pool`], naming the change.
@@ -116,6 +310,20 @@ pub struct Provisioner<C: Cloud, N: NodeNet> {
     pub settings: Settings,
     last_decrease: Mutex<Option<Instant>>,
     subnet_full_until: Mutex<Option<Instant>>,
+    /// When the next reconcile is due (tokio's clock, so tests can pause it).
+    next_reconcile: Mutex<tokio::time::Instant>,
+    /// Set when EC2 called something of the pool unknown: reconcile before the next step.
+    reconcile_now: AtomicBool,
+    /// Addresses and ENIs this agent changed, and when (see [`Settings::reconcile_grace`]).
+    recent: Mutex<Recent>,
+    /// Device indexes EC2 last listed for attached ENIs outside the pool: not free.
+    foreign_devices: Mutex<Vec<u32>>,
+}
+
+#[derive(Debug, Default)]
+struct Recent {
+    ips: BTreeMap<Ipv4Addr, tokio::time::Instant>,
+    enis: BTreeMap<String, tokio::time::Instant>,
 }
 
 impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
@@ -127,6 +335,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         settings: Settings,
     ) -> Self {
         let wake = Arc::new(Notify::new());
+        let settings_interval = settings.reconcile_interval;
         let p = Provisioner {
             cloud,
             net,
@@ -136,6 +345,10 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             settings,
             last_decrease: Mutex::new(None),
             subnet_full_until: Mutex::new(None),
+            next_reconcile: Mutex::new(tokio::time::Instant::now() + settings_interval),
+            reconcile_now: AtomicBool::new(false),
+            recent: Mutex::new(Recent::default()),
+            foreign_devices: Mutex::new(Vec::new()),
         };
         {
             let mut st = p.lock();
@@ -148,6 +361,251 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes addresses (and an ENI) this agent just changed in EC2.
+    fn touch(&self, eni: Option<&str>, ips: &[Ipv4Addr]) {
+        let now = tokio::time::Instant::now();
+        let mut r = self.recent();
+        if let Some(eni) = eni {
+            r.enis.insert(eni.to_owned(), now);
+        }
+        for ip in ips {
+            r.ips.insert(*ip, now);
+        }
+    }
+
+    /// Whether a reconcile is due: its period has passed, or EC2 called something unknown.
+    pub fn reconcile_due(&self) -> bool {
+        self.reconcile_now.load(Ordering::SeqCst)
+            || tokio::time::Instant::now()
+                >= *self
+                    .next_reconcile
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks for a reconcile before the next step.
+    pub fn request_reconcile(&self) {
+        self.reconcile_now.store(true, Ordering::SeqCst);
+    }
+
+    /// Compares the pool with EC2 and applies what EC2 confirms changed outside the agent
+    /// (see the module's documentation). Records the outcome in the state's drift counters;
+    /// the next reconcile is due a period after a success, [`RECONCILE_RETRY`] after a failure.
+    pub async fn reconcile(&self) -> Result<Reconciled, ProvisionError> {
+        self.reconcile_now.store(false, Ordering::SeqCst);
+        let result = self.reconcile_once().await;
+        let next = match &result {
+            Ok(_) => self.settings.reconcile_interval,
+            Err(_) => RECONCILE_RETRY.min(self.settings.reconcile_interval),
+        };
+        *self
+            .next_reconcile
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now() + next;
+        let mut st = self.lock();
+        st.drift.reconciles += 1;
+        st.drift.last_reconcile_ms = Some(st.now());
+        st.drift.last_reconcile_error = result.as_ref().err().map(ToString::to_string);
+        result
+    }
+
+    async fn reconcile_once(&self) -> Result<Reconciled, ProvisionError> {
+        let instance = &self.node.instance_id;
+        let listed = self
+            .cloud
+            .describe_enis(&[Filter::attached_to(instance)])
+            .await?;
+        let attached = attached_view(&listed, instance);
+        let pool_enis = self.lock().pool().enis();
+        if let Some(primary) = pool_enis.iter().find(|e| e.device_number == 0)
+            && !attached.contains_key(&primary.id)
+        {
+            return Err(ProvisionError::ImplausibleAnswer {
+                instance: instance.clone(),
+                primary: primary.id.clone(),
+                listed: listed.len(),
+            });
+        }
+        *self
+            .foreign_devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = listed
+            .iter()
+            .filter_map(|e| e.attachment.as_ref().map(|a| (e, a)))
+            .filter(|(e, a)| a.instance_id == *instance && !pool_enis.iter().any(|p| p.id == e.id))
+            .map(|(_, a)| a.device_index)
+            .collect();
+        let (first, deferred) = self.drift(&attached);
+        if first.is_empty() {
+            return Ok(Reconciled {
+                deferred,
+                ..Reconciled::default()
+            });
+        }
+        // A second answer, by ENI id: act only on what both show.
+        let ids: Vec<String> = first.enis().into_iter().collect();
+        let again = match self
+            .cloud
+            .describe_enis(&[Filter {
+                name: "network-interface-id".into(),
+                values: ids,
+            }])
+            .await
+        {
+            Ok(v) => v,
+            Err(e) if e.is_not_found() => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        let mut second = self.drift(&attached_view(&again, instance)).0;
+        // ENIs the first answer did not question are not judged on the second.
+        second.gone.retain(|id| first.enis().contains(id));
+        let confirmed = first.confirmed_by(&second);
+        let deferred = deferred + first.count() - confirmed.count();
+        let mut done = self.apply(&confirmed);
+        done.deferred = deferred;
+        Ok(done)
+    }
+
+    /// The pool against `attached`, leaving out what this agent changed within the grace
+    /// period; returns also how many differences were left out.
+    fn drift(&self, attached: &BTreeMap<String, (u32, BTreeSet<Ipv4Addr>)>) -> (Drift, usize) {
+        let now = tokio::time::Instant::now();
+        let grace = self.settings.reconcile_grace;
+        let mut recent = self.recent();
+        recent.ips.retain(|_, at| now.duration_since(*at) < grace);
+        recent.enis.retain(|_, at| now.duration_since(*at) < grace);
+        let st = self.lock();
+        let pool = st.pool();
+        let mut d = Drift::default();
+        let mut deferred = 0;
+        for eni in pool.enis() {
+            let young = recent.enis.contains_key(&eni.id);
+            let Some((_, listed)) = attached.get(&eni.id) else {
+                if young {
+                    deferred += 1;
+                } else {
+                    d.gone.insert(eni.id);
+                }
+                continue;
+            };
+            let have: BTreeSet<Ipv4Addr> = pool.ips_of(&eni.id).into_iter().collect();
+            for ip in have.difference(listed) {
+                if young || recent.ips.contains_key(ip) {
+                    deferred += 1;
+                } else {
+                    d.missing.entry(eni.id.clone()).or_default().insert(*ip);
+                }
+            }
+            for ip in listed.difference(&have) {
+                if young || recent.ips.contains_key(ip) {
+                    deferred += 1;
+                } else {
+                    d.extra.entry(eni.id.clone()).or_default().insert(*ip);
+                }
+            }
+        }
+        (d, deferred)
+    }
+
+    /// Applies confirmed differences to the pool, reports them, writes the checkpoint and
+    /// removes the node side of ENIs that left.
+    fn apply(&self, d: &Drift) -> Reconciled {
+        let mut out = Reconciled::default();
+        let mut teardown = Vec::new();
+        {
+            let mut st = self.lock();
+            let now = st.now();
+            for id in &d.gone {
+                match st.pool_mut().detach_eni(id, now) {
+                    Ok(det) => {
+                        warn!(eni = %id, device = det.info.device_number, pods = det.lost.len(), free = det.removed.len(),
+                            "ENI no longer attached to this instance (detached or deleted outside the agent): removed from the pool");
+                        st.eni_created.remove(id);
+                        teardown.push(det.info.clone());
+                        out.enis_detached.push(id.clone());
+                        out.removed.extend(det.removed);
+                        for key in det.lost {
+                            let ip = st.pool().lost_of(&key).map(|l| l.assignment.ip);
+                            if let Some(ip) = ip {
+                                out.lost.push((key, ip, LostReason::EniDetached));
+                            }
+                        }
+                    }
+                    Err(e) => warn!(eni = %id, "removing a detached ENI from the pool: {e}"),
+                }
+            }
+            for (eni, ips) in &d.missing {
+                for ip in ips {
+                    match st.pool_mut().forget_ip(*ip, now) {
+                        Forgotten::Lost(key) => out.lost.push((key, *ip, LostReason::Unassigned)),
+                        Forgotten::Removed => {
+                            warn!(%eni, %ip, "EC2 no longer lists this free address on its ENI (unassigned outside the agent): removed from the pool");
+                            out.removed.push(*ip);
+                        }
+                        Forgotten::NotInPool => {}
+                    }
+                }
+            }
+            for (eni, ips) in &d.extra {
+                let ips: Vec<Ipv4Addr> = ips.iter().copied().collect();
+                let (free, held) = split_held(&st, &ips);
+                let placed = place_held(&mut st, eni, &held);
+                out.relisted.extend(placed);
+                for ip in &free {
+                    let r = st.pool_mut().add_ips(eni, &[*ip]);
+                    match r {
+                        Ok(()) => {
+                            // Someone assigned it; it may have served a pod a moment ago.
+                            st.pool_mut().restore_cooldown(*ip, now);
+                            warn!(%eni, %ip, "EC2 lists an address on this ENI that the pool lacked (assigned outside the agent): taken into the pool after a cooldown");
+                            out.adopted.push(*ip);
+                        }
+                        Err(e) => {
+                            warn!(%eni, %ip, "not taking an address EC2 lists into the pool: {e}")
+                        }
+                    }
+                }
+            }
+            for (key, ip, reason) in &out.lost {
+                let pod = st
+                    .pod(key)
+                    .map(|p| format!("{}/{}", p.namespace, p.name))
+                    .unwrap_or_default();
+                let eni = st
+                    .pool()
+                    .lost_of(key)
+                    .map(|l| l.assignment.eni.id.clone())
+                    .unwrap_or_default();
+                warn!(%pod, %key, %ip, %eni, reason = reason.label(),
+                    "a pod's address is lost: {reason}; the pod has no working network, and the address is never handed out again (dropped when the pod is deleted)");
+                *st.drift.lost.entry(reason.label()).or_default() += 1;
+            }
+            st.drift.removed_free += out.removed.len() as u64;
+            st.drift.enis_detached += out.enis_detached.len() as u64;
+            st.drift.adopted += out.adopted.len() as u64;
+            st.drift.relisted += out.relisted.len() as u64;
+            if out.changed() {
+                if let Err(e) = self.save(&st) {
+                    warn!("writing the checkpoint after reconciling with EC2: {e}");
+                }
+                // The planner sees the smaller pool at once.
+                if let Some(w) = &st.wake {
+                    w.notify_one();
+                }
+            }
+        }
+        for eni in teardown {
+            if let Err(e) = self.net.teardown_eni(eni.device_number, eni.primary_ip) {
+                warn!(eni = %eni.id, "removing the detached ENI's table and rule: {e}");
+            }
+        }
+        out
     }
 
     fn save(&self, st: &State) -> Result<(), ProvisionError> {
@@ -278,9 +736,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             ])
             .await?;
         for eni in leaked {
-            if eni.tags.get(TAG_NO_MANAGE).map(String::as_str) == Some("true")
-                || eni.attachment.is_some()
-            {
+            if crate::cloud_api::unmanaged_reason(&eni).is_some() || eni.attachment.is_some() {
                 continue;
             }
             warn!(eni = %eni.id, "deleting a leaked ENI (tagged with this instance, not attached)");
@@ -349,6 +805,15 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             Action::DeleteEni { eni_id } => self.delete_eni(eni_id).await,
         };
         if let Err(ProvisionError::Cloud(e)) = &result
+            && names_something_unknown(e)
+        {
+            warn!(
+                ?action,
+                "EC2 does not know what the pool names ({e}); reconciling the pool with EC2"
+            );
+            self.request_reconcile();
+        }
+        if let Err(ProvisionError::Cloud(e)) = &result
             && matches!(
                 e.code(),
                 Some("InsufficientFreeAddressesInSubnet" | "InsufficientCidrBlocks")
@@ -410,12 +875,15 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             }
             Err(e) => return Err(e.into()),
         };
+        self.touch(None, &ips);
         let mut st = self.lock();
         let known = st.pool().ips_of(eni_id);
         let new: Vec<Ipv4Addr> = ips.into_iter().filter(|ip| !known.contains(ip)).collect();
+        let (new, held) = split_held(&st, &new);
         st.pool_mut()
             .add_ips(eni_id, &new)
             .map_err(pool(format!("adding addresses to ENI {eni_id}")))?;
+        place_held(&mut st, eni_id, &held);
         st.pending = st.pending.saturating_sub(new.len() as u32);
         st.blocker = None;
         info!(eni = %eni_id, count = new.len(), "assigned secondary IPs");
@@ -439,12 +907,14 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             .copied()
             .filter(|ip| !known.contains(ip))
             .collect();
+        let (missing, held) = split_held(&st, &missing);
         if !missing.is_empty() {
             warn!(eni = %eni_id, ?missing, "EC2 lists addresses the pool did not know; adding them");
             st.pool_mut()
                 .add_ips(eni_id, &missing)
                 .map_err(pool(format!("syncing ENI {eni_id} with EC2")))?;
         }
+        place_held(&mut st, eni_id, &held);
         Ok(())
     }
 
@@ -452,6 +922,12 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         let mut used: Vec<u32> = st.pool().enis().iter().map(|e| e.device_number).collect();
         used.extend(&self.settings.reserved_devices);
         used.extend(st.intents.values().filter_map(|i| i.device_index));
+        used.extend(
+            self.foreign_devices
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter(),
+        );
         (1..)
             .find(|d| !used.contains(d))
             .expect("a free device index")
@@ -525,6 +1001,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                 secondary_ip_count: ips,
             })
             .await?;
+        self.touch(Some(&eni.id), &eni.secondary_ips);
         self.record(intent, |i| i.eni_id = Some(eni.id.clone()))?;
         let attachment = self
             .cloud
@@ -553,6 +1030,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
 
         let mut st = self.lock();
         let now = st.now();
+        let (ips, held) = split_held(&st, &eni.secondary_ips);
         st.pool_mut()
             .add_eni(
                 EniInfo {
@@ -561,9 +1039,10 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                     subnet: self.node.subnet,
                     primary_ip: eni.primary_ip,
                 },
-                &eni.secondary_ips,
+                &ips,
             )
             .map_err(pool(format!("adding ENI {} to the pool", eni.id)))?;
+        place_held(&mut st, &eni.id, &held);
         st.eni_created.insert(eni.id.clone(), now);
         st.intents.remove(&intent.id);
         st.pending = st.pending.saturating_sub(eni.secondary_ips.len() as u32);
@@ -595,9 +1074,15 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                 .map_err(pool(format!("releasing addresses of ENI {eni_id}")))?;
         }
         *self.last_decrease.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.touch(None, ips);
         if let Err(e) = self.cloud.unassign_ips(eni_id, ips).await {
-            let mut st = self.lock();
-            let _ = st.pool_mut().add_ips(eni_id, ips);
+            // EC2 refused (an error code): they are still assigned, back to the pool. No
+            // answer (timeout, transport): EC2 may have released them; the reconcile takes
+            // back whatever EC2 still lists once the grace period has passed.
+            if e.code().is_some() {
+                let mut st = self.lock();
+                let _ = st.pool_mut().add_ips(eni_id, ips);
+            }
             return Err(e.into());
         }
         info!(eni = %eni_id, count = ips.len(), "released surplus secondary IPs");
@@ -633,11 +1118,28 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         Ok(())
     }
 
-    /// Runs until the process ends: re-plans on every wake-up (an ADD found no address) and
-    /// every `interval`, executing actions until the pool is at its targets.
+    /// Runs until the process ends: reconciles the pool with EC2 when due, re-plans on every
+    /// wake-up (an ADD found no address) and every `interval`, executing actions until the
+    /// pool is at its targets. No error ends it: failures back off (0.5 s doubling to 30 s).
     pub async fn run(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(500);
         loop {
+            if self.reconcile_due() {
+                match self.reconcile().await {
+                    Ok(r) if r.changed() => info!(
+                        enis_detached = r.enis_detached.len(),
+                        lost = r.lost.len(),
+                        removed = r.removed.len(),
+                        adopted = r.adopted.len(),
+                        "pool reconciled with EC2"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => warn!(
+                        "reconciling the pool with EC2: {e}; retrying in {:?}",
+                        RECONCILE_RETRY.min(self.settings.reconcile_interval)
+                    ),
+                }
+            }
             let pending_intents = !self.lock().intents.is_empty();
             let outcome = async {
                 if pending_intents {
@@ -654,9 +1156,14 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             match outcome {
                 Ok(()) => {
                     backoff = Duration::from_millis(500);
+                    let until_reconcile = self
+                        .next_reconcile
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .saturating_duration_since(tokio::time::Instant::now());
                     tokio::select! {
                         _ = self.wake.notified() => {}
-                        _ = tokio::time::sleep(self.settings.interval) => {}
+                        _ = tokio::time::sleep(self.settings.interval.min(until_reconcile)) => {}
                     }
                 }
                 Err(e) => {

@@ -43,6 +43,29 @@ pub mod code {
     pub const UNKNOWN_CONTAINER: u32 = 3;
     pub const IO_FAILURE: u32 = 5;
     pub const TRY_AGAIN_LATER: u32 = 11;
+    /// The spec's generic failure (CHECK of a pod whose address EC2 took away).
+    pub const INTERNAL: u32 = 999;
+}
+
+/// What the provisioner's reconciles with EC2 found changed outside the agent, since start.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Drift {
+    /// Pods' addresses lost, by reason (`ipam::LostReason::label`).
+    pub lost: BTreeMap<&'static str, u64>,
+    /// Free or cooling addresses EC2 no longer listed (removed from the pool).
+    pub removed_free: u64,
+    /// ENIs no longer attached (removed from the pool).
+    pub enis_detached: u64,
+    /// Addresses EC2 listed on a pool ENI that the pool lacked (taken into the pool).
+    pub adopted: u64,
+    /// Lost addresses EC2 listed on a pool ENI again: their pod's again (on their own ENI)
+    /// or parked (on another, still lost).
+    pub relisted: u64,
+    /// Reconciles done, and the last one's outcome (`None` while none has finished).
+    pub reconciles: u64,
+    pub last_reconcile_ms: Option<u64>,
+    pub last_reconcile_error: Option<String>,
 }
 
 /// The wall clock in Unix milliseconds (for display; the pool's times come from [`Clock`]).
@@ -89,6 +112,8 @@ pub struct State {
     pub capacity: Option<(u32, String)>,
     /// Cached instance-type limits (persisted).
     pub instance_limits: Option<crate::checkpoint::InstanceLimitsRecord>,
+    /// Changes outside the agent that the provisioner's reconciles found.
+    pub drift: Drift,
 }
 
 impl State {
@@ -116,6 +141,7 @@ impl State {
             wake: None,
             capacity: None,
             instance_limits: None,
+            drift: Drift::default(),
         }
     }
 
@@ -140,6 +166,45 @@ impl State {
 
     pub fn pool(&self) -> &Pool<AttachmentKey> {
         &self.pool
+    }
+
+    /// The pod an attachment belongs to, as its ADD named it.
+    pub fn pod(&self, key: &AttachmentKey) -> Option<&PodRef> {
+        self.pods.get(key)
+    }
+
+    /// An address a checkpoint record holds that was on no ENI at start, which EC2 now lists
+    /// on a pool ENI (the caller has added it to the pool): the record's pod holds it again,
+    /// as a start would have it. Returns the key.
+    pub fn orphan_listed(&mut self, ip: Ipv4Addr) -> Option<AttachmentKey> {
+        let key = self
+            .orphans
+            .iter()
+            .find(|(_, r)| r.ipv4 == ip)
+            .map(|(k, _)| k.clone())?;
+        self.pool.restore(key.clone(), ip, self.clock.now()).ok()?;
+        let rec = self.orphans.remove(&key)?;
+        self.pods.insert(
+            key.clone(),
+            PodRef {
+                namespace: rec.metadata.k8s_pod_namespace,
+                name: rec.metadata.k8s_pod_name,
+                infra_container_id: None,
+            },
+        );
+        Some(key)
+    }
+
+    /// Addresses pods hold that EC2 took away: lost by a reconcile (with the reason; parked
+    /// on another ENI when EC2 lists it there again), or restored from the checkpoint onto no
+    /// ENI (`None`: the agent restarted since).
+    pub fn lost(&self) -> Vec<(AttachmentKey, Ipv4Addr, Option<ipam::Lost>)> {
+        self.pool
+            .lost()
+            .into_iter()
+            .map(|(k, l)| (k, l.assignment.ip, Some(l)))
+            .chain(self.orphans.iter().map(|(k, r)| (k.clone(), r.ipv4, None)))
+            .collect()
     }
 
     /// Restores allocations and cooldowns from a checkpoint, carrying its times onto this
@@ -208,6 +273,7 @@ impl State {
             .into_iter()
             .map(|(_, a)| a.ip)
             .chain(self.orphans.values().map(|r| r.ipv4))
+            .chain(self.pool.lost().into_iter().map(|(_, l)| l.assignment.ip))
             .collect();
         let mut out = HeldWired::default();
         for (ip, veth) in wired {
@@ -226,11 +292,13 @@ impl State {
         out
     }
 
-    /// Allocations held under rebuilt keys.
+    /// Allocations held under rebuilt keys (lost ones included: their pod's DEL never names
+    /// the key either).
     pub fn rebuilt(&self) -> Vec<(AttachmentKey, Ipv4Addr)> {
         self.pool
             .assignments()
             .into_iter()
+            .chain(self.pool.lost().into_iter().map(|(k, l)| (k, l.assignment)))
             .filter(|(k, _)| k.network == REBUILT_NETWORK)
             .map(|(k, a)| (k, a.ip))
             .collect()
@@ -280,11 +348,7 @@ impl State {
 
     fn wake_rescan(&self) {
         if let Some(n) = &self.rescan
-            && self
-                .pool
-                .assignments()
-                .iter()
-                .any(|(k, _)| k.network == REBUILT_NETWORK)
+            && !self.rebuilt().is_empty()
         {
             n.notify_one();
         }
@@ -335,10 +399,28 @@ impl State {
                     metadata: AllocationMetadata {
                         k8s_pod_namespace: pod.namespace,
                         k8s_pod_name: pod.name,
+                        interfaces_count: 1,
                     },
                 }
             })
             .collect();
+        // Lost addresses stay recorded until their pod goes: after a restart they are on no
+        // ENI of the pool, so they come back as orphans, still blocked.
+        allocations.extend(self.pool.lost().into_iter().map(|(key, l)| {
+            let pod = self.pods.get(&key).cloned().unwrap_or_default();
+            AllocationRecord {
+                network_name: key.network,
+                container_id: key.container_id,
+                if_name: key.ifname,
+                ipv4: l.assignment.ip,
+                allocation_timestamp: (l.assignment.since_ms as i64).saturating_mul(1_000_000),
+                metadata: AllocationMetadata {
+                    k8s_pod_namespace: pod.namespace,
+                    k8s_pod_name: pod.name,
+                    interfaces_count: 1,
+                },
+            }
+        }));
         allocations.extend(self.orphans.values().cloned());
         Checkpoint {
             allocations,
@@ -404,7 +486,10 @@ impl State {
     /// aws-node holds its pods under `aws-cni`, and a runtime may release them under either
     /// name (after a rollback, aws-node sees ours under `vpc-cni`).
     fn resolve(&self, key: &AttachmentKey) -> AttachmentKey {
-        if self.pool.lookup(key).is_some() || self.orphans.contains_key(key) {
+        if self.pool.lookup(key).is_some()
+            || self.pool.lost_of(key).is_some()
+            || self.orphans.contains_key(key)
+        {
             return key.clone();
         }
         let same = |k: &AttachmentKey| k.container_id == key.container_id && k.ifname == key.ifname;
@@ -412,6 +497,7 @@ impl State {
             .assignments()
             .into_iter()
             .map(|(k, _)| k)
+            .chain(self.pool.lost().into_iter().map(|(k, _)| k))
             .chain(self.orphans.keys().cloned())
             .find(same)
             .unwrap_or_else(|| key.clone())
@@ -438,6 +524,10 @@ impl State {
                 Some(a) => Response::Checked {
                     allocation: self.allocation(&a),
                 },
+                None if let Some(l) = self.pool.lost_of(&self.resolve(&key)) => Response::Error {
+                    code: code::INTERNAL,
+                    message: lost_message(&key, l),
+                },
                 None => Response::Error {
                     code: code::UNKNOWN_CONTAINER,
                     message: format!("the agent holds no address for attachment {key}"),
@@ -446,11 +536,17 @@ impl State {
             Request::Status => {
                 let s = self.pool.stats(self.clock.now());
                 let rebuilt = self.rebuilt().len();
-                let rebuilt = if rebuilt > 0 {
+                let mut rebuilt = if rebuilt > 0 {
                     format!(" ({rebuilt} held for pods found on the node, not in the checkpoint)")
                 } else {
                     String::new()
                 };
+                let lost = self.lost().len();
+                if lost > 0 {
+                    rebuilt.push_str(&format!(
+                        ", {lost} lost (held by pods, taken away outside the agent)"
+                    ));
+                }
                 Response::Status(StatusReply {
                     ready: true,
                     message: format!(
@@ -470,6 +566,12 @@ impl State {
             return Response::Added {
                 allocation: self.allocation(&a),
                 existing: true,
+            };
+        }
+        if let Some(l) = self.pool.lost_of(&key) {
+            return Response::Error {
+                code: code::TRY_AGAIN_LATER,
+                message: lost_message(&key, l),
             };
         }
         if let Some(rec) = self.orphans.get(&key) {
@@ -534,6 +636,25 @@ impl State {
             }
             return Response::Deleted { released: None };
         }
+        if let Some(lost) = self.pool.lost_of(key).cloned() {
+            // Dropped, not released: EC2 no longer gives the node this address.
+            self.pool.release(key, self.clock.now());
+            let pod = self.pods.remove(key);
+            if let Err(resp) = self.persist(&format!(
+                "{key} still holds its lost address {}: recording its release failed",
+                lost.assignment.ip
+            )) {
+                let _ = self.pool.restore_lost(key.clone(), lost);
+                if let Some(pod) = pod {
+                    self.pods.insert(key.clone(), pod);
+                }
+                return resp;
+            }
+            info!(%key, ip = %lost.assignment.ip, reason = lost.reason.label(), "released a lost address: dropped, not returned to the pool");
+            return Response::Deleted {
+                released: Some(self.allocation(&lost.assignment)),
+            };
+        }
         let Some(before) = self.pool.lookup(key) else {
             // Perhaps a pod the agent holds under a rebuilt key: look at the node again
             // once the plugin has torn it down.
@@ -566,6 +687,7 @@ impl State {
             .assignments()
             .into_iter()
             .map(|(k, _)| k)
+            .chain(self.pool.lost().into_iter().map(|(k, _)| k))
             .chain(self.orphans.keys().cloned())
             .filter(|k| k.network == network && !valid.contains(k))
             .collect();
@@ -583,6 +705,14 @@ impl State {
         }
         Response::Collected { released }
     }
+}
+
+/// Why `key` cannot use its address any more, and what to do.
+fn lost_message(key: &AttachmentKey, l: &ipam::Lost) -> String {
+    format!(
+        "attachment {key} holds {} on ENI {}, which is lost: {}; the pod has no working network and the address stays blocked until the pod is deleted",
+        l.assignment.ip, l.assignment.eni.id, l.reason
+    )
 }
 
 /// What [`State::restore`] did.
@@ -979,6 +1109,35 @@ mod tests {
         let saved = checkpoint::load(&dir.path().join("ipam.json")).unwrap();
         assert_eq!(saved.allocations.len(), 1);
         assert_eq!(saved.cooldowns.len(), 1, "the pruned address cools down");
+    }
+
+    #[test]
+    fn a_lost_address_is_dropped_by_del_and_kept_when_that_cannot_be_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir);
+        let a = ip_of(&s.handle(add("a")));
+        assert!(matches!(s.pool.forget_ip(a, 0), ipam::Forgotten::Lost(_)));
+        s.save().unwrap();
+        // Recorded as an allocation (a restart keeps it blocked), listed as lost.
+        let saved = checkpoint::load(&dir.path().join("ipam.json")).unwrap();
+        assert_eq!(saved.allocations.len(), 1);
+        assert_eq!(s.lost().len(), 1);
+        // A DEL that cannot be recorded keeps it lost.
+        let path = s.checkpoint.clone();
+        s.checkpoint = PathBuf::from("/proc/vpc-cni-cannot-write/ipam.json");
+        assert!(matches!(
+            s.handle(Request::Del { key: key("a") }),
+            Response::Error { code: 5, .. }
+        ));
+        assert_eq!(s.pool.lost_of(&key("a")).unwrap().assignment.ip, a);
+        s.checkpoint = path;
+        match s.handle(Request::Del { key: key("a") }) {
+            Response::Deleted { released: Some(al) } => assert_eq!(al.ip, a),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.lost().is_empty());
+        let st = s.pool.stats(s.now());
+        assert_eq!((st.total, st.available), (1, 1), "dropped, not freed");
     }
 
     #[test]

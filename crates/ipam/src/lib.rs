@@ -7,7 +7,11 @@
 //! - an address in cooldown is *not* available (aws-vpc-cni counts it as available, #2896);
 //! - cooldowns are part of the state that is persisted and restored (#1127);
 //! - a new pod goes to the fullest ENI that still has an available address, so that pods
-//!   concentrate and surplus ENIs become empty and can be released.
+//!   concentrate and surplus ENIs become empty and can be released;
+//! - an address a pod holds that EC2 takes away behind the agent's back (unassigned, or its
+//!   ENI detached) is *lost*, not forgotten: it stays blocked — never available, never handed
+//!   to another pod, not on any ENI of the pool — until its pod's DEL drops it (the reference
+//!   force-removes it and may hand it out again once EC2 re-assigns it).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -30,8 +34,18 @@ pub struct EniInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Slot<K> {
     Free,
-    Assigned { key: K, since_ms: u64 },
-    Cooling { released_ms: u64 },
+    Assigned {
+        key: K,
+        since_ms: u64,
+    },
+    Cooling {
+        released_ms: u64,
+    },
+    /// A lost address (held by `key`) that EC2 lists on this ENI again, which is not the ENI
+    /// it was lost from: it takes a slot here but is not the pod's working address.
+    Parked {
+        key: K,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -41,10 +55,11 @@ struct Eni<K> {
 }
 
 impl<K> Eni<K> {
+    /// Slots pods hold (assigned, and parked lost addresses).
     fn assigned(&self) -> usize {
         self.ips
             .values()
-            .filter(|s| matches!(s, Slot::Assigned { .. }))
+            .filter(|s| matches!(s, Slot::Assigned { .. } | Slot::Parked { .. }))
             .count()
     }
 }
@@ -72,11 +87,91 @@ pub struct EniUsage {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
     pub enis: usize,
+    /// Secondary addresses on the pool's ENIs: `assigned + cooling + available`.
     pub total: usize,
+    /// Held by pods: assignments, and lost addresses EC2 lists on another ENI again.
     pub assigned: usize,
     pub cooling: usize,
     /// Free and out of cooldown: what the next ADD can get.
     pub available: usize,
+    /// Addresses pods hold that EC2 took away ([`Lost`]); in `total` (and `assigned`) only
+    /// when EC2 lists them on another ENI of the pool again.
+    pub lost: usize,
+}
+
+/// Why a pod's address was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LostReason {
+    /// EC2 no longer lists the address on its ENI (someone unassigned it).
+    Unassigned,
+    /// The address's ENI is no longer attached to the instance (detached or deleted).
+    EniDetached,
+}
+
+impl LostReason {
+    pub const ALL: [LostReason; 2] = [LostReason::Unassigned, LostReason::EniDetached];
+
+    /// The metric label: `unassigned`, `eni_detached`.
+    pub fn label(self) -> &'static str {
+        match self {
+            LostReason::Unassigned => "unassigned",
+            LostReason::EniDetached => "eni_detached",
+        }
+    }
+}
+
+impl fmt::Display for LostReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LostReason::Unassigned => "EC2 no longer lists it on its ENI (unassigned outside the agent)",
+            LostReason::EniDetached => "its ENI is no longer attached to this instance (detached or deleted outside the agent)",
+        })
+    }
+}
+
+/// An address a pod holds that EC2 no longer gives the node: blocked until the pod goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lost {
+    /// The assignment as it was when the address was lost (its ENI as the pool knew it).
+    pub assignment: Assignment,
+    pub reason: LostReason,
+    pub lost_ms: u64,
+    /// The pool ENI on which EC2 lists the address again (not its own: see
+    /// [`Pool::relist_lost`]), where it takes a slot until the pod goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked_on: Option<String>,
+}
+
+/// What [`Pool::forget_ip`] did with an address EC2 no longer lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forgotten<K> {
+    /// The pool did not have it.
+    NotInPool,
+    /// It was free or cooling down: gone from the pool.
+    Removed,
+    /// A pod held it: now lost, held by this key.
+    Lost(K),
+}
+
+/// What [`Pool::relist_lost`] did with a lost address EC2 lists on a pool ENI again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Relisted<K> {
+    /// On the ENI it was lost from: assigned to its pod again, as before (the pod's wiring
+    /// for that ENI is intact).
+    Revived(K),
+    /// On another ENI: still lost, taking a slot there until the pod goes.
+    Parked(K),
+}
+
+/// What [`Pool::detach_eni`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DetachedEni<K> {
+    pub info: EniInfo,
+    /// Free and cooling addresses that went with the ENI.
+    pub removed: Vec<Ipv4Addr>,
+    /// Keys whose address is now lost.
+    pub lost: Vec<K>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +198,14 @@ pub enum PoolError {
     Busy { what: String },
     #[error("address {ip} is already in the pool on ENI {eni}")]
     DuplicateIp { ip: Ipv4Addr, eni: String },
+    #[error(
+        "address {ip} of {holder} is lost ({reason}); it stays blocked until that pod is deleted"
+    )]
+    Lost {
+        ip: Ipv4Addr,
+        holder: String,
+        reason: LostReason,
+    },
 }
 
 /// The pool. `K` identifies an attachment (the CNI's network, container id and ifname).
@@ -110,6 +213,9 @@ pub enum PoolError {
 pub struct Pool<K> {
     enis: BTreeMap<String, Eni<K>>,
     by_key: BTreeMap<K, Ipv4Addr>,
+    /// Lost addresses by the key that holds them. A lost address is on no ENI of `enis`, and
+    /// a key is in at most one of `by_key` and `lost`.
+    lost: BTreeMap<K, Lost>,
     cooldown_ms: u64,
 }
 
@@ -118,6 +224,7 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
         Pool {
             enis: BTreeMap::new(),
             by_key: BTreeMap::new(),
+            lost: BTreeMap::new(),
             cooldown_ms,
         }
     }
@@ -157,9 +264,10 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
         Ok(())
     }
 
-    /// Refuses addresses already in the pool, or listed twice.
+    /// Refuses addresses already in the pool, lost (held by a pod), or listed twice.
     fn check_new_ips(&self, ips: &[Ipv4Addr]) -> Result<(), PoolError> {
         for (i, ip) in ips.iter().enumerate() {
+            self.refuse_lost(*ip)?;
             if let Some(owner) = self.eni_of(*ip) {
                 return Err(PoolError::DuplicateIp {
                     ip: *ip,
@@ -176,6 +284,23 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
         Ok(())
     }
 
+    /// `Err(PoolError::Lost)` when a pod holds `ip` as a lost address.
+    fn refuse_lost(&self, ip: Ipv4Addr) -> Result<(), PoolError> {
+        match self.lost_holder(ip) {
+            Some((key, l)) => Err(PoolError::Lost {
+                ip,
+                holder: key.to_string(),
+                reason: l.reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The key holding `ip` as a lost address, if any.
+    pub fn lost_holder(&self, ip: Ipv4Addr) -> Option<(&K, &Lost)> {
+        self.lost.iter().find(|(_, l)| l.assignment.ip == ip)
+    }
+
     fn eni_of(&self, ip: Ipv4Addr) -> Option<&Eni<K>> {
         self.enis.values().find(|e| e.ips.contains_key(&ip))
     }
@@ -183,7 +308,7 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
     fn is_available(&self, slot: &Slot<K>, now_ms: u64) -> bool {
         match slot {
             Slot::Free => true,
-            Slot::Assigned { .. } => false,
+            Slot::Assigned { .. } | Slot::Parked { .. } => false,
             Slot::Cooling { released_ms } => {
                 now_ms.saturating_sub(*released_ms) >= self.cooldown_ms
             }
@@ -208,9 +333,18 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
     ///
     /// Picks the fullest ENI (most assigned addresses) that has an available address, lowest
     /// device number on ties, and the lowest available address on it.
+    ///
+    /// A key whose address is lost gets no other one ([`PoolError::Lost`]): its pod must go.
     pub fn assign(&mut self, key: K, now_ms: u64) -> Result<Assignment, PoolError> {
         if let Some(a) = self.lookup(&key) {
             return Ok(a);
+        }
+        if let Some(l) = self.lost.get(&key) {
+            return Err(PoolError::Lost {
+                ip: l.assignment.ip,
+                holder: key.to_string(),
+                reason: l.reason,
+            });
         }
         let choice = self
             .enis
@@ -276,6 +410,14 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
         if self.by_key.get(&key) == Some(&ip) {
             return Ok(self.lookup(&key).expect("indexed key has an assignment"));
         }
+        self.refuse_lost(ip)?;
+        if let Some(l) = self.lost.get(&key) {
+            return Err(PoolError::Lost {
+                ip: l.assignment.ip,
+                holder: key.to_string(),
+                reason: l.reason,
+            });
+        }
         let eni = self.eni_of(ip).ok_or(PoolError::UnknownIp { ip })?;
         if let Some(Slot::Assigned { key: holder, .. }) = eni.ips.get(&ip) {
             return Err(PoolError::AlreadyHeld {
@@ -298,7 +440,22 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
     }
 
     /// Releases `key`'s address into cooldown. Returns what it held, or `None` if nothing.
+    /// A lost address is dropped instead (EC2 no longer gives it to the node), unless EC2
+    /// lists it on a pool ENI again (parked there): then it cools down there.
     pub fn release(&mut self, key: &K, now_ms: u64) -> Option<Assignment> {
+        if let Some(l) = self.lost.remove(key) {
+            if let Some(slot) = l
+                .parked_on
+                .as_ref()
+                .and_then(|e| self.enis.get_mut(e))
+                .and_then(|e| e.ips.get_mut(&l.assignment.ip))
+            {
+                *slot = Slot::Cooling {
+                    released_ms: now_ms,
+                };
+            }
+            return Some(l.assignment);
+        }
         let a = self.lookup(key)?;
         self.by_key.remove(key);
         if let Some(eni) = self.enis.get_mut(&a.eni.id) {
@@ -323,7 +480,7 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
         Some(a)
     }
 
-    /// Every assignment, in key order.
+    /// Every assignment (not the lost ones: [`Pool::lost`]), in key order.
     pub fn assignments(&self) -> Vec<(K, Assignment)> {
         self.by_key
             .keys()
@@ -366,7 +523,7 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
                 };
                 for (ip, slot) in &e.ips {
                     match slot {
-                        Slot::Assigned { .. } => u.assigned += 1,
+                        Slot::Assigned { .. } | Slot::Parked { .. } => u.assigned += 1,
                         _ if self.is_available(slot, now_ms) => u.available.push(*ip),
                         _ => u.cooling += 1,
                     }
@@ -422,19 +579,170 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
         Ok(self.enis.remove(eni_id).expect("checked above").info)
     }
 
-    /// Forgets an address that EC2 says is gone, whoever held it. Returns the key that held
-    /// it, if any (the caller must tell that pod's owner).
-    pub fn forget_ip(&mut self, ip: Ipv4Addr) -> Option<K> {
-        for eni in self.enis.values_mut() {
-            if let Some(slot) = eni.ips.remove(&ip) {
-                if let Slot::Assigned { key, .. } = slot {
-                    self.by_key.remove(&key);
-                    return Some(key);
+    /// Forgets an address EC2 no longer lists on its ENI: free or cooling (or parked: still
+    /// lost), it leaves the pool; assigned, it becomes lost ([`LostReason::Unassigned`]) and
+    /// stays blocked until its key is released.
+    pub fn forget_ip(&mut self, ip: Ipv4Addr, now_ms: u64) -> Forgotten<K> {
+        let Some(eni) = self.enis.values_mut().find(|e| e.ips.contains_key(&ip)) else {
+            return Forgotten::NotInPool;
+        };
+        let info = eni.info.clone();
+        match eni.ips.remove(&ip) {
+            Some(Slot::Assigned { key, since_ms }) => {
+                self.by_key.remove(&key);
+                self.lost.insert(
+                    key.clone(),
+                    Lost {
+                        assignment: Assignment {
+                            ip,
+                            eni: info,
+                            since_ms,
+                        },
+                        reason: LostReason::Unassigned,
+                        lost_ms: now_ms,
+                        parked_on: None,
+                    },
+                );
+                Forgotten::Lost(key)
+            }
+            Some(Slot::Parked { key }) => {
+                if let Some(l) = self.lost.get_mut(&key) {
+                    l.parked_on = None;
                 }
-                return None;
+                Forgotten::Removed
+            }
+            _ => Forgotten::Removed,
+        }
+    }
+
+    /// A lost address that EC2 lists on the pool ENI `eni_id` again (someone re-assigned it,
+    /// or EC2 picked it for a request of this node): on the ENI it was lost from it is the
+    /// pod's again ([`Relisted::Revived`]); on another ENI it takes a slot there, still lost,
+    /// never available, until the pod goes ([`Relisted::Parked`]; the release then cools it
+    /// down there). Refuses an address that is not lost, or that the pool already has.
+    pub fn relist_lost(&mut self, eni_id: &str, ip: Ipv4Addr) -> Result<Relisted<K>, PoolError> {
+        let key = self
+            .lost_holder(ip)
+            .map(|(k, _)| k.clone())
+            .ok_or(PoolError::UnknownIp { ip })?;
+        if let Some(owner) = self.eni_of(ip) {
+            return Err(PoolError::DuplicateIp {
+                ip,
+                eni: owner.info.id.clone(),
+            });
+        }
+        let eni = self
+            .enis
+            .get_mut(eni_id)
+            .ok_or_else(|| PoolError::UnknownEni(eni_id.to_string()))?;
+        let lost = self.lost.get_mut(&key).expect("found above");
+        if lost.assignment.eni.id == eni_id {
+            let l = self.lost.remove(&key).expect("found above");
+            eni.ips.insert(
+                ip,
+                Slot::Assigned {
+                    key: key.clone(),
+                    since_ms: l.assignment.since_ms,
+                },
+            );
+            self.by_key.insert(key.clone(), ip);
+            return Ok(Relisted::Revived(key));
+        }
+        eni.ips.insert(ip, Slot::Parked { key: key.clone() });
+        lost.parked_on = Some(eni_id.to_string());
+        Ok(Relisted::Parked(key))
+    }
+
+    /// Removes an ENI that is no longer attached, whatever it holds: its free and cooling
+    /// addresses go with it, its assigned ones become lost ([`LostReason::EniDetached`]).
+    pub fn detach_eni(&mut self, eni_id: &str, now_ms: u64) -> Result<DetachedEni<K>, PoolError> {
+        let eni = self
+            .enis
+            .remove(eni_id)
+            .ok_or_else(|| PoolError::UnknownEni(eni_id.to_string()))?;
+        let mut out = DetachedEni {
+            info: eni.info.clone(),
+            removed: Vec::new(),
+            lost: Vec::new(),
+        };
+        for (ip, slot) in eni.ips {
+            match slot {
+                Slot::Assigned { key, since_ms } => {
+                    self.by_key.remove(&key);
+                    self.lost.insert(
+                        key.clone(),
+                        Lost {
+                            assignment: Assignment {
+                                ip,
+                                eni: eni.info.clone(),
+                                since_ms,
+                            },
+                            reason: LostReason::EniDetached,
+                            lost_ms: now_ms,
+                            parked_on: None,
+                        },
+                    );
+                    out.lost.push(key);
+                }
+                // Lost already; off the pool again.
+                Slot::Parked { key } => {
+                    if let Some(l) = self.lost.get_mut(&key) {
+                        l.parked_on = None;
+                    }
+                }
+                Slot::Free | Slot::Cooling { .. } => out.removed.push(ip),
             }
         }
-        None
+        Ok(out)
+    }
+
+    /// Every lost address, in key order.
+    pub fn lost(&self) -> Vec<(K, Lost)> {
+        self.lost
+            .iter()
+            .map(|(k, l)| (k.clone(), l.clone()))
+            .collect()
+    }
+
+    /// The lost address `key` holds, if any.
+    pub fn lost_of(&self, key: &K) -> Option<&Lost> {
+        self.lost.get(key)
+    }
+
+    /// Puts back a lost address exactly as it was (undoing a release whose record could not
+    /// be written). Refuses a key that holds an address, or an address the pool has (other
+    /// than where it was parked, not held by anyone).
+    pub fn restore_lost(&mut self, key: K, mut lost: Lost) -> Result<(), PoolError> {
+        let ip = lost.assignment.ip;
+        if let Some(holder) = self
+            .by_key
+            .get(&key)
+            .or(self.lost.get(&key).map(|l| &l.assignment.ip))
+        {
+            return Err(PoolError::AlreadyHeld {
+                ip: *holder,
+                holder: key.to_string(),
+            });
+        }
+        self.refuse_lost(ip)?;
+        if let Some(owner) = self.eni_of(ip) {
+            let parked_here = lost.parked_on.as_deref() == Some(owner.info.id.as_str())
+                && matches!(owner.ips.get(&ip), Some(Slot::Free | Slot::Cooling { .. }));
+            if !parked_here {
+                return Err(PoolError::DuplicateIp {
+                    ip,
+                    eni: owner.info.id.clone(),
+                });
+            }
+            let eni_id = owner.info.id.clone();
+            if let Some(e) = self.enis.get_mut(&eni_id) {
+                e.ips.insert(ip, Slot::Parked { key: key.clone() });
+            }
+        } else {
+            lost.parked_on = None;
+        }
+        self.lost.insert(key, lost);
+        Ok(())
     }
 
     pub fn has_eni(&self, eni_id: &str) -> bool {
@@ -452,12 +760,13 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
     pub fn stats(&self, now_ms: u64) -> Stats {
         let mut s = Stats {
             enis: self.enis.len(),
+            lost: self.lost.len(),
             ..Stats::default()
         };
         for slot in self.enis.values().flat_map(|e| e.ips.values()) {
             s.total += 1;
             match slot {
-                Slot::Assigned { .. } => s.assigned += 1,
+                Slot::Assigned { .. } | Slot::Parked { .. } => s.assigned += 1,
                 _ if self.is_available(slot, now_ms) => s.available += 1,
                 _ => s.cooling += 1,
             }
@@ -593,24 +902,169 @@ mod tests {
         assert!(p.release(&"nobody".into(), 0).is_none());
     }
 
+    fn lost_pool() -> (Pool<String>, Assignment, Assignment) {
+        let mut p: Pool<String> = Pool::new(30_000);
+        p.add_eni(eni("eni-0", 0), &[ip(1), ip(2)]).unwrap();
+        p.add_eni(eni("eni-1", 1), &[ip(11), ip(12), ip(13)])
+            .unwrap();
+        let a = p.assign("a".into(), 0).unwrap();
+        let b = p.assign("b".into(), 0).unwrap();
+        (p, a, b)
+    }
+
+    #[test]
+    fn an_unassigned_address_is_lost_while_its_pod_holds_it() {
+        let (mut p, a, _) = lost_pool();
+        // eni-0 is filled first: a = .1, b = .2.
+        assert_eq!(a.ip, ip(1));
+        assert_eq!(p.forget_ip(ip(1), 5), Forgotten::Lost("a".into()));
+        let s = p.stats(5);
+        assert_eq!((s.total, s.assigned, s.lost), (4, 1, 1));
+        assert!(p.lookup(&"a".into()).is_none());
+        let l = p.lost_of(&"a".into()).unwrap();
+        assert_eq!(
+            (l.assignment.ip, l.reason, l.lost_ms),
+            (ip(1), LostReason::Unassigned, 5)
+        );
+        // The key gets no other address, and EC2 re-listing the address does not free it.
+        let err = p.assign("a".into(), 5).unwrap_err();
+        assert!(matches!(err, PoolError::Lost { .. }), "{err}");
+        assert!(
+            err.to_string().contains("until that pod is deleted"),
+            "{err}"
+        );
+        assert!(matches!(
+            p.add_ips("eni-0", &[ip(1)]),
+            Err(PoolError::Lost { .. })
+        ));
+        assert!(matches!(
+            p.restore("c".into(), ip(1), 5),
+            Err(PoolError::Lost { .. })
+        ));
+        // A free address EC2 no longer lists simply leaves the pool.
+        assert_eq!(p.forget_ip(ip(13), 5), Forgotten::Removed);
+        assert_eq!(p.forget_ip(ip(99), 5), Forgotten::NotInPool);
+        assert_eq!(p.stats(5).total, 3);
+        // The pod's DEL drops the address: not back to free.
+        assert_eq!(p.release(&"a".into(), 6).map(|a| a.ip), Some(ip(1)));
+        assert!(p.lost().is_empty());
+        let s = p.stats(100_000);
+        assert_eq!((s.total, s.assigned, s.available, s.lost), (3, 1, 2, 0));
+        // Once no pod holds it, EC2 listing it again brings it back.
+        p.add_ips("eni-0", &[ip(1)]).unwrap();
+        assert_eq!(p.stats(100_000).available, 3);
+    }
+
+    #[test]
+    fn a_detached_eni_leaves_with_its_free_addresses_and_its_pods_addresses_are_lost() {
+        let (mut p, _, _) = lost_pool();
+        let c = p.assign("c".into(), 0).unwrap();
+        p.assign("d".into(), 0).unwrap();
+        p.release(&"d".into(), 1);
+        assert_eq!(c.eni.id, "eni-1");
+        let d = p.detach_eni("eni-1", 7).unwrap();
+        assert_eq!(d.info.id, "eni-1");
+        assert_eq!(d.lost, vec!["c".to_string()]);
+        assert_eq!(d.removed.len(), 2, "the free and the cooling address");
+        assert!(!p.has_eni("eni-1"));
+        assert_eq!(
+            p.lost_of(&"c".into()).unwrap().reason,
+            LostReason::EniDetached
+        );
+        let s = p.stats(100_000);
+        assert_eq!(
+            (s.enis, s.total, s.assigned, s.available, s.lost),
+            (1, 2, 2, 0, 1)
+        );
+        assert!(matches!(
+            p.detach_eni("eni-1", 8),
+            Err(PoolError::UnknownEni(_))
+        ));
+        // The pod's DEL, and a failed record of it undone.
+        let l = p.lost_of(&"c".into()).unwrap().clone();
+        assert_eq!(p.release(&"c".into(), 9), Some(c.clone()));
+        p.restore_lost("c".into(), l.clone()).unwrap();
+        assert!(p.restore_lost("c".into(), l).is_err(), "already there");
+        assert_eq!(p.assignments().len(), 2);
+    }
+
+    #[test]
+    fn a_lost_address_listed_again_is_its_pods_on_its_own_eni_and_parked_elsewhere() {
+        let (mut p, a, b) = lost_pool();
+        p.forget_ip(a.ip, 1);
+        p.forget_ip(b.ip, 1);
+        // Someone assigns a's address to its ENI again: a's again, as before.
+        assert_eq!(
+            p.relist_lost("eni-0", a.ip),
+            Ok(Relisted::Revived("a".into()))
+        );
+        assert_eq!(p.lookup(&"a".into()), Some(a.clone()));
+        assert!(p.lost_of(&"a".into()).is_none());
+        // EC2 gives b's address to another ENI: it takes a slot there, still lost.
+        assert_eq!(
+            p.relist_lost("eni-1", b.ip),
+            Ok(Relisted::Parked("b".into()))
+        );
+        assert_eq!(
+            p.lost_of(&"b".into()).unwrap().parked_on.as_deref(),
+            Some("eni-1")
+        );
+        let u = p.usage(100_000);
+        assert_eq!((u[1].total, u[1].assigned), (4, 1));
+        assert!(!u[1].available.contains(&b.ip));
+        assert!(matches!(
+            p.assign("b".into(), 2),
+            Err(PoolError::Lost { .. })
+        ));
+        assert!(p.relist_lost("eni-0", b.ip).is_err(), "already parked");
+        assert!(p.relist_lost("eni-0", ip(13)).is_err(), "not lost");
+        assert!(matches!(
+            p.remove_ips("eni-1", &[b.ip], 100_000),
+            Err(PoolError::Busy { .. })
+        ));
+        // The pod goes: the parked address cools down where it is (a failed record undone).
+        let l = p.lost_of(&"b".into()).unwrap().clone();
+        assert_eq!(p.release(&"b".into(), 10).map(|x| x.ip), Some(b.ip));
+        p.restore_lost("b".into(), l).unwrap();
+        assert_eq!(p.stats(100_000).lost, 1);
+        assert!(!p.usage(100_000)[1].available.contains(&b.ip));
+        p.release(&"b".into(), 10);
+        let s = p.stats(20);
+        assert_eq!((s.total, s.assigned, s.cooling, s.lost), (5, 1, 1, 0));
+        assert!(p.usage(100_000)[1].available.contains(&b.ip));
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Assign(u8),
         Release(u8),
         Tick(u32),
+        /// EC2 stops listing an address (someone unassigned it).
+        Forget(u8),
+        /// EC2 says an ENI is no longer attached.
+        Detach(u8),
+        /// EC2 lists an address (again) on an ENI (re-attached if it had gone); it comes back
+        /// cooling down, or — lost — goes to [`Pool::relist_lost`].
+        Relist(u8, u8),
     }
+
+    const ADDRS: [u8; 7] = [1, 2, 3, 11, 12, 13, 14];
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            (0u8..12).prop_map(Op::Assign),
-            (0u8..12).prop_map(Op::Release),
-            (0u32..40_000).prop_map(Op::Tick),
+            4 => (0u8..12).prop_map(Op::Assign),
+            3 => (0u8..12).prop_map(Op::Release),
+            2 => (0u32..40_000).prop_map(Op::Tick),
+            1 => (0u8..7).prop_map(Op::Forget),
+            1 => (0u8..2).prop_map(Op::Detach),
+            1 => ((0u8..2), (0u8..7)).prop_map(|(e, i)| Op::Relist(e, i)),
         ]
     }
 
     proptest! {
-        /// Whatever the sequence, no address is ever held by two keys, counts add up, and an
-        /// address is never handed out again within its cooldown.
+        /// Whatever the sequence, no address is ever held by two keys, counts add up, an
+        /// address is never handed out again within its cooldown, and a lost address is never
+        /// available, never on an ENI of the pool and never given to another key.
         #[test]
         fn invariants_hold(ops in proptest::collection::vec(op(), 1..200)) {
             let mut p: Pool<String> = Pool::new(30_000);
@@ -618,24 +1072,97 @@ mod tests {
             p.add_eni(eni("eni-1", 1), &[ip(11), ip(12), ip(13), ip(14)]).unwrap();
             let mut now = 0u64;
             let mut released_at: BTreeMap<Ipv4Addr, u64> = BTreeMap::new();
+            // The model of what is lost: key -> address.
+            let mut lost: BTreeMap<String, Ipv4Addr> = BTreeMap::new();
             for op in ops {
                 match op {
                     Op::Assign(k) => {
                         let key = format!("k{k}");
                         let had = p.lookup(&key);
-                        if let Ok(a) = p.assign(key, now)
-                            && had.is_none()
-                            && let Some(at) = released_at.get(&a.ip)
-                        {
-                            prop_assert!(now - at >= 30_000, "{} reused after {} ms", a.ip, now - at);
+                        match p.assign(key.clone(), now) {
+                            Ok(a) => {
+                                prop_assert!(!lost.contains_key(&key), "lost key {key} got {}", a.ip);
+                                prop_assert!(!lost.values().any(|l| *l == a.ip), "lost {} handed out", a.ip);
+                                if had.is_none() && let Some(at) = released_at.get(&a.ip) {
+                                    prop_assert!(now - at >= 30_000, "{} reused after {} ms", a.ip, now - at);
+                                }
+                            }
+                            Err(PoolError::Lost { ip, .. }) => {
+                                prop_assert_eq!(lost.get(&key), Some(&ip));
+                            }
+                            Err(_) => prop_assert!(!lost.contains_key(&key)),
                         }
                     }
                     Op::Release(k) => {
-                        if let Some(a) = p.release(&format!("k{k}"), now) {
+                        let key = format!("k{k}");
+                        let was_lost = lost.remove(&key);
+                        let parked = p.lost_of(&key).and_then(|l| l.parked_on.clone());
+                        if let Some(a) = p.release(&key, now) {
+                            if let Some(l) = was_lost {
+                                prop_assert_eq!(a.ip, l);
+                                // Dropped; or, parked on an ENI, cooling down there.
+                                prop_assert_eq!(p.ips_in_pool().contains(&l), parked.is_some());
+                            }
                             released_at.insert(a.ip, now);
+                        } else {
+                            prop_assert!(was_lost.is_none());
                         }
                     }
                     Op::Tick(ms) => now += u64::from(ms),
+                    Op::Forget(i) => {
+                        let addr = ip(ADDRS[i as usize]);
+                        let holder = p.assignments().into_iter().find(|(_, a)| a.ip == addr).map(|(k, _)| k);
+                        let in_pool = p.ips_in_pool().contains(&addr);
+                        match p.forget_ip(addr, now) {
+                            Forgotten::Lost(k) => {
+                                prop_assert_eq!(Some(&k), holder.as_ref());
+                                lost.insert(k, addr);
+                            }
+                            Forgotten::Removed => prop_assert!(in_pool && holder.is_none()),
+                            Forgotten::NotInPool => prop_assert!(!in_pool),
+                        }
+                    }
+                    Op::Detach(e) => {
+                        let id = format!("eni-{e}");
+                        let holders: Vec<(String, Ipv4Addr)> = p.assignments().into_iter()
+                            .filter(|(_, a)| a.eni.id == id).map(|(k, a)| (k, a.ip)).collect();
+                        if let Ok(d) = p.detach_eni(&id, now) {
+                            prop_assert_eq!(d.lost.len(), holders.len());
+                            lost.extend(holders);
+                        }
+                    }
+                    Op::Relist(e, i) => {
+                        let id = format!("eni-{e}");
+                        if !p.has_eni(&id) {
+                            p.add_eni(eni(&id, u32::from(e)), &[]).unwrap();
+                        }
+                        let addr = ip(ADDRS[i as usize]);
+                        let r = p.add_ips(&id, &[addr]);
+                        if let Some((k, _)) = lost.iter().find(|(_, l)| **l == addr) {
+                            let k = k.clone();
+                            prop_assert!(matches!(r, Err(PoolError::Lost { .. })), "lost {addr} re-added: {r:?}");
+                            let from = p.lost_of(&k).unwrap().assignment.eni.id.clone();
+                            match p.relist_lost(&id, addr) {
+                                Ok(Relisted::Revived(rk)) => {
+                                    prop_assert_eq!(&rk, &k);
+                                    prop_assert_eq!(&from, &id);
+                                    prop_assert_eq!(p.lookup(&k).map(|a| a.ip), Some(addr));
+                                    lost.remove(&k);
+                                }
+                                Ok(Relisted::Parked(rk)) => {
+                                    prop_assert_eq!(&rk, &k);
+                                    prop_assert_ne!(&from, &id);
+                                }
+                                // Already on an ENI (parked).
+                                Err(e) => prop_assert!(matches!(e, PoolError::DuplicateIp { .. }), "{e}"),
+                            }
+                        }
+                        // As the agent does: an address back from outside starts a cooldown
+                        // (the pool forgot any it had when the address left).
+                        if r.is_ok() {
+                            p.restore_cooldown(addr, now);
+                        }
+                    }
                 }
                 let all = p.assignments();
                 let mut ips: Vec<_> = all.iter().map(|(_, a)| a.ip).collect();
@@ -643,10 +1170,36 @@ mod tests {
                 ips.dedup();
                 prop_assert_eq!(ips.len(), all.len());
                 let s = p.stats(now);
-                prop_assert_eq!(s.total, 7);
                 prop_assert_eq!(s.assigned + s.cooling + s.available, s.total);
-                prop_assert_eq!(s.assigned, all.len());
+                let parked = p.lost().iter().filter(|(_, l)| l.parked_on.is_some()).count();
+                prop_assert_eq!(s.assigned, all.len() + parked);
+                prop_assert_eq!(s.total, p.ips_in_pool().len());
+                // The pool's lost addresses are exactly the model's.
+                let pool_lost: BTreeMap<String, Ipv4Addr> =
+                    p.lost().into_iter().map(|(k, l)| (k, l.assignment.ip)).collect();
+                prop_assert_eq!(&pool_lost, &lost);
+                prop_assert_eq!(s.lost, lost.len());
+                let available: Vec<Ipv4Addr> =
+                    p.usage(now).into_iter().flat_map(|u| u.available).collect();
+                for (k, l) in &lost {
+                    prop_assert!(!available.contains(l), "lost {l} is available");
+                    let parked_on = p.lost_of(k).unwrap().parked_on.clone();
+                    let on: Vec<String> = p.enis().into_iter()
+                        .filter(|e| p.ips_of(&e.id).contains(l)).map(|e| e.id).collect();
+                    prop_assert_eq!(on, parked_on.into_iter().collect::<Vec<_>>(), "lost {} is on an ENI other than where it is parked", l);
+                    prop_assert!(p.lookup(k).is_none(), "lost key {k} holds an address");
+                }
             }
+        }
+    }
+
+    impl Pool<String> {
+        /// Every address on the pool's ENIs, whatever its state.
+        fn ips_in_pool(&self) -> Vec<Ipv4Addr> {
+            self.enis()
+                .iter()
+                .flat_map(|e| self.ips_of(&e.id))
+                .collect()
         }
     }
 }

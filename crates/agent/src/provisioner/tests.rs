@@ -1,5 +1,7 @@
 //! Provisioner tests against an in-memory EC2 that enforces limits and can "crash" (never
-//! answer) at any call, to prove that a restart leaks no ENI.
+//! answer) at any call, to prove that a restart leaks no ENI; that can be changed behind the
+//! agent's back (addresses unassigned, ENIs detached), to prove the reconcile; and that can
+//! misbehave (refuse, time out, answer garbage, throttle), to prove the loop survives it.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -13,7 +15,7 @@ use ipam::{EniInfo, Pool};
 
 use super::*;
 use crate::checkpoint;
-use crate::cloud_api::Cloud;
+use crate::cloud_api::{Cloud, TAG_NO_MANAGE};
 use crate::node_net::{NodeError, NodeNet};
 use crate::state::State;
 
@@ -29,6 +31,58 @@ struct FakeEc2 {
     /// EC2 answers InsufficientFreeAddressesInSubnet to every request for addresses.
     subnet_full: std::sync::atomic::AtomicBool,
     ips_per_eni: u32,
+    /// Every call fails this way (as `cloud::Ec2` reports it).
+    misbehave: Mutex<Option<Misbehave>>,
+    /// The next DescribeNetworkInterfaces by attachment leaves these ENIs out (a stale answer).
+    hide_once: Mutex<Vec<String>>,
+    /// Addresses EC2 hands out next (free in the subnet again), before new ones.
+    reuse: Mutex<Vec<Ipv4Addr>>,
+}
+
+/// How EC2 fails every call, as the SDK client reports it after its timeouts and retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Misbehave {
+    /// Connection refused (no answer, no error code).
+    Refuse,
+    /// The endpoint hangs: the SDK's operation timeout (40 s) ends the call.
+    Timeout,
+    /// An answer that does not parse.
+    Garbage,
+    /// Throttled past the SDK's retries.
+    Throttle,
+}
+
+impl Misbehave {
+    const ALL: [Misbehave; 4] = [
+        Misbehave::Refuse,
+        Misbehave::Timeout,
+        Misbehave::Garbage,
+        Misbehave::Throttle,
+    ];
+
+    fn error(self) -> CloudError {
+        let call = "DescribeNetworkInterfaces";
+        match self {
+            Misbehave::Refuse => CloudError::Ec2 {
+                call,
+                code: None,
+                message: "dispatch failure: io error: Connection refused (os error 111)".into(),
+            },
+            Misbehave::Timeout => CloudError::Ec2 {
+                call,
+                code: None,
+                message:
+                    "timeout: operation timeout (all attempts including retries) occurred after 40s"
+                        .into(),
+            },
+            Misbehave::Garbage => CloudError::Ec2Answer {
+                call,
+                field: "NetworkInterfaces[0].PrivateIpAddress".into(),
+                problem: "is \"10.0.0.x\", not an IPv4 address".into(),
+            },
+            Misbehave::Throttle => FakeEc2::err(call, "RequestLimitExceeded"),
+        }
+    }
 }
 
 impl FakeEc2 {
@@ -62,15 +116,55 @@ impl FakeEc2 {
         f
     }
 
-    async fn gate(&self) {
+    async fn gate(&self) -> Result<(), CloudError> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
         let hang = self.hang_at.lock().unwrap().is_some_and(|h| n >= h);
         if hang {
             std::future::pending::<()>().await;
         }
+        match *self.misbehave.lock().unwrap() {
+            Some(m) => Err(m.error()),
+            None => Ok(()),
+        }
+    }
+
+    /// Someone unassigns `ip` from its ENI (console, another tool).
+    fn unassign_behind(&self, ip: Ipv4Addr) {
+        for e in self.enis.lock().unwrap().values_mut() {
+            e.secondary_ips.retain(|i| *i != ip);
+        }
+    }
+
+    /// Someone assigns `ip` to `eni`.
+    fn assign_behind(&self, eni: &str, ip: Ipv4Addr) {
+        self.enis
+            .lock()
+            .unwrap()
+            .get_mut(eni)
+            .unwrap()
+            .secondary_ips
+            .push(ip);
+    }
+
+    /// Someone detaches `eni` from the instance.
+    fn detach_behind(&self, eni: &str) {
+        let mut enis = self.enis.lock().unwrap();
+        let e = enis.get_mut(eni).unwrap();
+        e.attachment = None;
+        e.status = "available".into();
+    }
+
+    fn attached_device(&self, eni: &str) -> Option<u32> {
+        self.enis.lock().unwrap()[eni]
+            .attachment
+            .as_ref()
+            .map(|a| a.device_index)
     }
 
     fn new_ip(&self) -> Ipv4Addr {
+        if let Some(ip) = self.reuse.lock().unwrap().pop() {
+            return ip;
+        }
         let n = self.next.fetch_add(1, Ordering::SeqCst) as u32;
         Ipv4Addr::from(0x0a00_1000 + n)
     }
@@ -110,7 +204,7 @@ fn matches(e: &NetworkInterface, f: &Filter) -> bool {
 
 impl Cloud for FakeEc2 {
     async fn create_eni(&self, spec: &NewEni) -> Result<NetworkInterface, CloudError> {
-        self.gate().await;
+        self.gate().await?;
         let n = self.next.fetch_add(1, Ordering::SeqCst);
         let eni = NetworkInterface {
             interface_type: "interface".into(),
@@ -141,7 +235,7 @@ impl Cloud for FakeEc2 {
         instance_id: &str,
         device_index: u32,
     ) -> Result<String, CloudError> {
-        self.gate().await;
+        self.gate().await?;
         let mut enis = self.enis.lock().unwrap();
         if enis.values().filter(|e| e.attachment.is_some()).count() >= 3 {
             return Err(Self::err(
@@ -170,7 +264,7 @@ impl Cloud for FakeEc2 {
         eni_id: &str,
         _attachment_id: &str,
     ) -> Result<(), CloudError> {
-        self.gate().await;
+        self.gate().await?;
         if let Some(a) = self
             .enis
             .lock()
@@ -183,7 +277,7 @@ impl Cloud for FakeEc2 {
         Ok(())
     }
     async fn detach(&self, attachment_id: &str) -> Result<(), CloudError> {
-        self.gate().await;
+        self.gate().await?;
         let mut enis = self.enis.lock().unwrap();
         for e in enis.values_mut() {
             if e.attachment
@@ -201,7 +295,7 @@ impl Cloud for FakeEc2 {
         ))
     }
     async fn delete_eni(&self, eni_id: &str) -> Result<(), CloudError> {
-        self.gate().await;
+        self.gate().await?;
         let mut enis = self.enis.lock().unwrap();
         match enis.get(eni_id) {
             None => Err(Self::err(
@@ -219,7 +313,7 @@ impl Cloud for FakeEc2 {
         }
     }
     async fn assign_ips(&self, eni_id: &str, count: u32) -> Result<Vec<Ipv4Addr>, CloudError> {
-        self.gate().await;
+        self.gate().await?;
         if self.subnet_full.load(Ordering::SeqCst) {
             return Err(Self::err(
                 "AssignPrivateIpAddresses",
@@ -244,20 +338,36 @@ impl Cloud for FakeEc2 {
         Ok(new)
     }
     async fn unassign_ips(&self, eni_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
-        self.gate().await;
+        self.gate().await?;
         let mut enis = self.enis.lock().unwrap();
-        let e = enis.get_mut(eni_id).unwrap();
+        let e = enis.get_mut(eni_id).ok_or_else(|| {
+            Self::err(
+                "UnassignPrivateIpAddresses",
+                "InvalidNetworkInterfaceID.NotFound",
+            )
+        })?;
+        if ips.iter().any(|ip| !e.secondary_ips.contains(ip)) {
+            return Err(Self::err(
+                "UnassignPrivateIpAddresses",
+                "InvalidParameterValue",
+            ));
+        }
         e.secondary_ips.retain(|ip| !ips.contains(ip));
         Ok(())
     }
     async fn describe_enis(&self, filters: &[Filter]) -> Result<Vec<NetworkInterface>, CloudError> {
-        self.gate().await;
+        self.gate().await?;
+        let hide: Vec<String> = if filters.iter().any(|f| f.name == "attachment.instance-id") {
+            std::mem::take(&mut *self.hide_once.lock().unwrap())
+        } else {
+            Vec::new()
+        };
         Ok(self
             .enis
             .lock()
             .unwrap()
             .values()
-            .filter(|e| filters.iter().all(|f| matches(e, f)))
+            .filter(|e| filters.iter().all(|f| matches(e, f)) && !hide.contains(&e.id))
             .cloned()
             .collect())
     }
@@ -272,6 +382,7 @@ impl Cloud for FakeEc2 {
 #[derive(Debug, Default)]
 struct FakeNode {
     setups: Mutex<Vec<u32>>,
+    teardowns: Mutex<Vec<u32>>,
 }
 
 impl NodeNet for FakeNode {
@@ -279,7 +390,8 @@ impl NodeNet for FakeNode {
         self.setups.lock().unwrap().push(e.device_number);
         Ok(format!("eth{}", e.device_number))
     }
-    fn teardown_eni(&self, _d: u32, _ip: Ipv4Addr) -> Result<(), NodeError> {
+    fn teardown_eni(&self, d: u32, _ip: Ipv4Addr) -> Result<(), NodeError> {
+        self.teardowns.lock().unwrap().push(d);
         Ok(())
     }
 }
@@ -297,6 +409,8 @@ fn settings(targets: Targets) -> Settings {
         subnet_full_backoff: Duration::from_secs(120),
         interval: Duration::from_secs(5),
         reserved_devices: vec![],
+        reconcile_interval: Duration::from_secs(60),
+        reconcile_grace: Duration::ZERO,
     }
 }
 
@@ -667,4 +781,587 @@ fn created_at_tag_is_rfc3339() {
         rfc3339(1_764_070_000_999).as_deref(),
         Some("2025-11-25T11:26:40Z")
     );
+}
+
+// ---- the world changing under the agent --------------------------------------------------
+
+fn ip_of(p: &Provisioner<FakeEc2, FakeNode>, i: usize) -> Ipv4Addr {
+    p.state.lock().unwrap().pool().lookup(&key(i)).unwrap().ip
+}
+
+fn handle(p: &Provisioner<FakeEc2, FakeNode>, req: proto::Request) -> proto::Response {
+    p.state.lock().unwrap().handle(req)
+}
+
+fn add_req(i: usize) -> proto::Request {
+    proto::Request::Add {
+        key: key(i),
+        pod: proto::PodRef {
+            namespace: "default".into(),
+            name: format!("pod{i}"),
+            infra_container_id: None,
+        },
+        netns: String::new(),
+    }
+}
+
+fn metrics(p: &Provisioner<FakeEc2, FakeNode>) -> (String, serde_json::Value) {
+    let shared = crate::http::Shared {
+        state: p.state.clone(),
+        counters: Arc::new(crate::http::Counters::default()),
+        ec2: None,
+        limits: None,
+    };
+    (
+        crate::http::render_metrics(&shared),
+        crate::http::introspection(&shared),
+    )
+}
+
+fn has_line(text: &str, line: &str) {
+    assert!(
+        text.lines().any(|l| l == line),
+        "missing {line:?} in\n{text}"
+    );
+}
+
+/// Every address the pool could hand out or has handed out, and the lost ones.
+fn pool_ips(p: &Provisioner<FakeEc2, FakeNode>) -> Vec<Ipv4Addr> {
+    let st = p.state.lock().unwrap();
+    st.pool()
+        .enis()
+        .iter()
+        .flat_map(|e| st.pool().ips_of(&e.id))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_address_unassigned_outside_the_agent_is_lost_until_its_pod_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(4));
+    let p = boot(&ec2, dir.path(), WARM_ENI);
+    converge(&p).await;
+    for i in 0..2 {
+        assert!(matches!(
+            handle(&p, add_req(i)),
+            proto::Response::Added { .. }
+        ));
+    }
+    let (lost_ip, kept_ip) = (ip_of(&p, 0), ip_of(&p, 1));
+    let free_ip = pool_ips(&p)
+        .into_iter()
+        .find(|ip| ![lost_ip, kept_ip].contains(ip))
+        .unwrap();
+    // Someone unassigns pod 0's address and a free one.
+    ec2.unassign_behind(lost_ip);
+    ec2.unassign_behind(free_ip);
+    let r = p.reconcile().await.unwrap();
+    assert_eq!(
+        r.lost,
+        vec![(key(0), lost_ip, ipam::LostReason::Unassigned)]
+    );
+    assert_eq!(r.removed, vec![free_ip]);
+    assert!(r.enis_detached.is_empty());
+    let s = p.state.lock().unwrap().pool().stats(0);
+    assert_eq!((s.total, s.assigned, s.available, s.lost), (2, 1, 1, 1));
+
+    // Reported: metrics, introspection, STATUS; CHECK and a repeated ADD say what happened.
+    let (text, state) = metrics(&p);
+    has_line(
+        &text,
+        "vpccni_lost_addresses_total{reason=\"unassigned\"} 1",
+    );
+    has_line(
+        &text,
+        "vpccni_lost_addresses_total{reason=\"eni_detached\"} 0",
+    );
+    has_line(&text, "vpccni_lost_ip_addresses 1");
+    has_line(&text, "awscni_force_removed_ips 1");
+    assert_eq!(state["lost"][0]["ip"], lost_ip.to_string());
+    assert_eq!(state["lost"][0]["reason"], "unassigned");
+    assert_eq!(state["lost"][0]["pod"], "pod0");
+    assert_eq!(state["lost"][0]["eni"], "eni-primary");
+    assert_eq!(state["drift"]["removedFree"], 1);
+    let r = handle(&p, proto::Request::Check { key: key(0) });
+    assert!(
+        matches!(&r, proto::Response::Error { code: 999, message } if message.contains(&lost_ip.to_string()) && message.contains("unassigned outside the agent")),
+        "{r:?}"
+    );
+    let r = handle(&p, add_req(0));
+    assert!(
+        matches!(&r, proto::Response::Error { code: 11, message } if message.contains("until the pod is deleted")),
+        "{r:?}"
+    );
+    let r = handle(&p, proto::Request::Status);
+    assert!(
+        matches!(&r, proto::Response::Status(s) if s.message.contains("1 lost")),
+        "{r:?}"
+    );
+
+    // The pool recovers: the planner asks EC2 for more, and no pod ever gets the lost address.
+    converge(&p).await;
+    assert!(p.state.lock().unwrap().pool().stats(0).available >= 4);
+    for i in 2..12 {
+        add_pod(&p, i).await;
+        assert_ne!(ip_of(&p, i), lost_ip, "pod {i} got the lost address");
+    }
+    assert!(!pool_ips(&p).contains(&lost_ip));
+
+    // Pod 0's DEL releases it without returning it to the pool; the checkpoint agrees.
+    match handle(&p, proto::Request::Del { key: key(0) }) {
+        proto::Response::Deleted { released: Some(a) } => assert_eq!(a.ip, lost_ip),
+        other => panic!("{other:?}"),
+    }
+    assert!(!pool_ips(&p).contains(&lost_ip));
+    assert_eq!(p.state.lock().unwrap().pool().stats(0).lost, 0);
+    let saved = checkpoint::load(&dir.path().join("ipam.json")).unwrap();
+    assert!(saved.allocations.iter().all(|a| a.ipv4 != lost_ip));
+    // No pod holds it now: once EC2 lists it again, the reconcile takes it (cooling down).
+    ec2.assign_behind("eni-primary", lost_ip);
+    let r = p.reconcile().await.unwrap();
+    assert_eq!(r.adopted, vec![lost_ip]);
+    assert!(pool_ips(&p).contains(&lost_ip));
+}
+
+#[tokio::test]
+async fn a_lost_address_survives_a_restart_still_blocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(4));
+    let ip = {
+        let p = boot(&ec2, dir.path(), WARM_ENI);
+        converge(&p).await;
+        handle(&p, add_req(0));
+        let ip = ip_of(&p, 0);
+        ec2.unassign_behind(ip);
+        assert_eq!(p.reconcile().await.unwrap().lost.len(), 1);
+        ip
+    };
+    // A restart: the checkpoint's allocation is on no ENI of the new pool.
+    let p = boot(&ec2, dir.path(), WARM_ENI);
+    assert!(!pool_ips(&p).contains(&ip));
+    let (text, _) = metrics(&p);
+    has_line(&text, "vpccni_lost_ip_addresses 1");
+    // EC2 lists it again: the pod holds it again (as a start finding it would), not free.
+    ec2.assign_behind("eni-primary", ip);
+    let r = p.reconcile().await.unwrap();
+    assert_eq!(r.relisted, vec![(key(0), ip)]);
+    assert!(r.adopted.is_empty(), "{r:?}");
+    assert_eq!(ip_of(&p, 0), ip);
+    let (text, _) = metrics(&p);
+    has_line(&text, "vpccni_lost_ip_addresses 0");
+    // Its DEL then releases it as usual (into cooldown, in the pool).
+    assert!(matches!(
+        handle(&p, proto::Request::Del { key: key(0) }),
+        proto::Response::Deleted { released: Some(_) }
+    ));
+    assert!(pool_ips(&p).contains(&ip));
+}
+
+#[tokio::test]
+async fn a_lost_address_ec2_lists_again_is_its_pods_again_or_parked() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(4));
+    let p = boot(&ec2, dir.path(), WARM_ENI);
+    for i in 0..5 {
+        add_pod(&p, i).await;
+    }
+    // Pods 0-3 on the primary ENI, pod 4 on the ENI at device 1 (three free there).
+    let eni1 = p
+        .state
+        .lock()
+        .unwrap()
+        .pool()
+        .lookup(&key(4))
+        .unwrap()
+        .eni
+        .id;
+    let (ip0, ip1) = (ip_of(&p, 0), ip_of(&p, 1));
+    ec2.unassign_behind(ip0);
+    ec2.unassign_behind(ip1);
+    assert_eq!(p.reconcile().await.unwrap().lost.len(), 2);
+    // Someone assigns pod 0's address to its ENI again: pod 0's again, working as before.
+    ec2.assign_behind("eni-primary", ip0);
+    let r = p.reconcile().await.unwrap();
+    assert_eq!(r.relisted, vec![(key(0), ip0)]);
+    assert!(matches!(
+        handle(&p, proto::Request::Check { key: key(0) }),
+        proto::Response::Checked { .. }
+    ));
+    // Pod 1's address on another ENI: it takes a slot there, still lost, never handed out.
+    ec2.assign_behind(&eni1, ip1);
+    let r = p.reconcile().await.unwrap();
+    assert_eq!(r.relisted, vec![(key(1), ip1)]);
+    {
+        let st = p.state.lock().unwrap();
+        let l = st.pool().lost_of(&key(1)).unwrap();
+        assert_eq!(l.parked_on.as_deref(), Some(eni1.as_str()));
+        assert_eq!(st.pool().stats(0).lost, 1);
+        assert_eq!(st.drift.relisted, 2);
+    }
+    let (_, state) = metrics(&p);
+    assert_eq!(state["lost"][0]["parkedOn"], eni1.as_str());
+    for i in 5..12 {
+        add_pod(&p, i).await;
+        assert_ne!(ip_of(&p, i), ip1, "pod {i}");
+    }
+    // Pod 1 goes: its address cools down where EC2 has it, and serves the next pod.
+    match handle(&p, proto::Request::Del { key: key(1) }) {
+        proto::Response::Deleted { released: Some(a) } => assert_eq!(a.ip, ip1),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(p.state.lock().unwrap().pool().stats(0).lost, 0);
+    add_pod(&p, 12).await;
+    assert_eq!(ip_of(&p, 12), ip1);
+}
+
+#[tokio::test]
+async fn an_eni_detached_outside_the_agent_is_dropped_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(4));
+    let p = boot(&ec2, dir.path(), WARM_ENI);
+    for i in 0..6 {
+        add_pod(&p, i).await;
+    }
+    converge(&p).await;
+    // The primary ENI holds pods 0-3; pods 4 and 5 are on the ENI at device 1.
+    let eni1 = p.state.lock().unwrap().pool().lookup(&key(4)).unwrap().eni;
+    assert_eq!(eni1.device_number, 1);
+    let lost: Vec<Ipv4Addr> = (4..6).map(|i| ip_of(&p, i)).collect();
+    let eni1_ips = p.state.lock().unwrap().pool().ips_of(&eni1.id);
+
+    ec2.detach_behind(&eni1.id);
+    let r = p.reconcile().await.unwrap();
+    assert_eq!(r.enis_detached, vec![eni1.id.clone()]);
+    assert_eq!(
+        r.lost,
+        vec![
+            (key(4), lost[0], ipam::LostReason::EniDetached),
+            (key(5), lost[1], ipam::LostReason::EniDetached)
+        ]
+    );
+    assert_eq!(r.removed.len(), 2, "its two free addresses");
+    assert!(!p.state.lock().unwrap().pool().has_eni(&eni1.id));
+    assert_eq!(*p.net.teardowns.lock().unwrap(), vec![1]);
+    let (text, state) = metrics(&p);
+    has_line(
+        &text,
+        "vpccni_lost_addresses_total{reason=\"eni_detached\"} 2",
+    );
+    has_line(&text, "vpccni_lost_ip_addresses 2");
+    has_line(&text, "awscni_force_removed_enis 1");
+    assert_eq!(state["lost"][1]["reason"], "eni_detached");
+
+    // The pool recovers: new pods fill the node again, a new ENI takes device index 1, and
+    // none of the ENI's old addresses is handed out.
+    for i in 6..14 {
+        add_pod(&p, i).await;
+        assert!(!eni1_ips.contains(&ip_of(&p, i)), "pod {i}");
+    }
+    let new_eni = ec2
+        .non_primary()
+        .into_iter()
+        .filter(|e| e.id != eni1.id && e.attachment.is_some())
+        .map(|e| e.id)
+        .find(|id| ec2.attached_device(id) == Some(1));
+    assert!(
+        new_eni.is_some(),
+        "device 1 reused: {:?}",
+        ec2.non_primary()
+    );
+
+    // The lost pods' DELs release their addresses; they do not come back.
+    for i in 4..6 {
+        assert!(matches!(
+            handle(&p, proto::Request::Del { key: key(i) }),
+            proto::Response::Deleted { released: Some(_) }
+        ));
+    }
+    let s = p.state.lock().unwrap().pool().stats(0);
+    assert_eq!(s.lost, 0);
+    for ip in &lost {
+        assert!(!pool_ips(&p).contains(ip));
+    }
+}
+
+#[tokio::test]
+async fn a_gc_releases_lost_addresses_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(4));
+    let p = boot(&ec2, dir.path(), WARM_ENI);
+    converge(&p).await;
+    handle(&p, add_req(0));
+    handle(&p, add_req(1));
+    let ip = ip_of(&p, 0);
+    ec2.unassign_behind(ip);
+    p.reconcile().await.unwrap();
+    let r = handle(
+        &p,
+        proto::Request::Gc {
+            network: "n".into(),
+            valid: vec![key(1)],
+        },
+    );
+    assert_eq!(
+        r,
+        proto::Response::Collected {
+            released: vec![(key(0), ip)]
+        }
+    );
+    assert_eq!(p.state.lock().unwrap().pool().stats(0).lost, 0);
+    assert!(!pool_ips(&p).contains(&ip));
+}
+
+#[tokio::test]
+async fn a_stale_or_implausible_answer_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(4));
+    let p = boot(&ec2, dir.path(), WARM_ENI);
+    for i in 0..5 {
+        add_pod(&p, i).await;
+    }
+    let eni1 = p
+        .state
+        .lock()
+        .unwrap()
+        .pool()
+        .lookup(&key(4))
+        .unwrap()
+        .eni
+        .id;
+    let before = p.state.lock().unwrap().pool().stats(0);
+    // The list by attachment leaves the ENI out once; asked by id, EC2 shows it attached.
+    ec2.hide_once.lock().unwrap().push(eni1.clone());
+    let r = p.reconcile().await.unwrap();
+    assert!(!r.changed(), "{r:?}");
+    assert_eq!(r.deferred, 1);
+    assert_eq!(p.state.lock().unwrap().pool().stats(0), before);
+    // An answer without the primary ENI (which cannot be detached) is not believed.
+    ec2.hide_once.lock().unwrap().push("eni-primary".into());
+    let err = p.reconcile().await.unwrap_err();
+    assert!(
+        matches!(err, ProvisionError::ImplausibleAnswer { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("eni-primary"), "{err}");
+    assert_eq!(p.state.lock().unwrap().pool().stats(0), before);
+    let (_, state) = metrics(&p);
+    assert!(
+        state["drift"]["lastReconcileError"]
+            .as_str()
+            .unwrap()
+            .contains("not reconciling")
+    );
+}
+
+#[tokio::test]
+async fn the_agents_own_changes_get_a_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(4));
+    let mut s = settings(WARM_ENI);
+    s.reconcile_grace = Duration::from_millis(300);
+    let p = boot_with(&ec2, dir.path(), s);
+    converge(&p).await; // assigns 4 addresses: recent
+    let ip = pool_ips(&p)[0];
+    // EC2's describe lags behind its own assign (eventual consistency).
+    ec2.unassign_behind(ip);
+    let r = p.reconcile().await.unwrap();
+    assert!(!r.changed() && r.deferred == 1, "{r:?}");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let r = p.reconcile().await.unwrap();
+    assert_eq!(r.removed, vec![ip]);
+}
+
+#[tokio::test]
+async fn an_unknown_eni_in_an_ec2_answer_triggers_a_reconcile() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(4));
+    let p = boot(&ec2, dir.path(), WARM_ENI);
+    for i in 0..5 {
+        add_pod(&p, i).await;
+    }
+    let eni1 = p
+        .state
+        .lock()
+        .unwrap()
+        .pool()
+        .lookup(&key(4))
+        .unwrap()
+        .eni
+        .id;
+    // The pool thinks the ENI has room (so the planner assigns there); the ENI is deleted.
+    let spare = p
+        .state
+        .lock()
+        .unwrap()
+        .pool()
+        .usage(0)
+        .into_iter()
+        .find(|u| u.info.id == eni1)
+        .unwrap()
+        .available;
+    p.state
+        .lock()
+        .unwrap()
+        .pool_mut()
+        .remove_ips(&eni1, &spare, 0)
+        .unwrap();
+    ec2.detach_behind(&eni1);
+    ec2.enis.lock().unwrap().remove(&eni1);
+    assert!(!p.reconcile_due());
+    let err = p.step().await.unwrap_err();
+    assert!(err.to_string().contains("NotFound"), "{err}");
+    assert!(p.reconcile_due(), "a NotFound asks for a reconcile");
+    let r = p.reconcile().await.unwrap();
+    assert_eq!(r.enis_detached, vec![eni1]);
+    assert!(!p.reconcile_due());
+    converge(&p).await;
+}
+
+#[tokio::test]
+async fn the_loop_reconciles_on_its_period_and_recovers_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(4));
+    // Periods scaled down: the loop's 5 s to 50 ms, the reconcile's 60 s to 600 ms.
+    let mut s = settings(WARM_ENI);
+    s.interval = Duration::from_millis(50);
+    s.reconcile_interval = Duration::from_millis(600);
+    let p = boot_with(&ec2, dir.path(), s);
+    for i in 0..5 {
+        add_pod(&p, i).await;
+    }
+    converge(&p).await;
+    let eni1 = p
+        .state
+        .lock()
+        .unwrap()
+        .pool()
+        .lookup(&key(4))
+        .unwrap()
+        .eni
+        .id;
+    let task = tokio::spawn(p.clone().run());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    ec2.detach_behind(&eni1);
+    // Within one reconcile period plus the loop's own period (polled: a loaded machine).
+    let t = std::time::Instant::now();
+    loop {
+        let (detached, lost, available) = {
+            let st = p.state.lock().unwrap();
+            let s = st.pool().stats(0);
+            (st.drift.enis_detached, s.lost, s.available)
+        };
+        if detached == 1 && lost == 1 && available >= 4 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "not reconciled: {detached} ENIs detached, {lost} lost, {available} available"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!task.is_finished());
+    task.abort();
+}
+
+#[tokio::test]
+async fn ec2_misbehaving_never_stops_the_provisioner() {
+    // Every kind at once, each against its own EC2 and node.
+    let runs = Misbehave::ALL.map(|m| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let ec2 = Arc::new(FakeEc2::new(4));
+        let mut s = settings(WARM_ENI);
+        s.reconcile_interval = Duration::from_millis(500);
+        let p = boot_with(&ec2, dir.path(), s);
+        *ec2.misbehave.lock().unwrap() = Some(m);
+        let task = tokio::spawn(p.clone().run());
+        tokio::time::sleep(Duration::from_millis(2_200)).await;
+        assert!(!task.is_finished(), "{m:?}: the provisioner stopped");
+        // Backed off: steps at 0, 0.5 and 1.5 s (then 3.5 s), reconciles every 0.5 s here
+        // (15 s with the agent's 60 s period). Not a busy loop.
+        let calls = ec2.calls.load(Ordering::SeqCst);
+        assert!((4..=12).contains(&calls), "{m:?}: {calls} calls in 2.2 s");
+        let err = p
+            .state
+            .lock()
+            .unwrap()
+            .drift
+            .last_reconcile_error
+            .clone()
+            .unwrap();
+        assert!(err.contains("DescribeNetworkInterfaces"), "{m:?}: {err}");
+        assert_eq!(p.state.lock().unwrap().pool().stats(0).total, 0);
+        // EC2 answers again: the pool fills at the next try (3.5 s).
+        *ec2.misbehave.lock().unwrap() = None;
+        tokio::time::sleep(Duration::from_millis(3_000)).await;
+        assert_eq!(
+            p.state.lock().unwrap().pool().stats(0).total,
+            4,
+            "{m:?}: the pool did not recover"
+        );
+        assert!(!task.is_finished());
+        task.abort();
+    });
+    futures_join_all(runs).await;
+}
+
+/// Awaits every future (concurrently, on this task).
+async fn futures_join_all<F: std::future::Future<Output = ()>>(fs: [F; 4]) {
+    let [a, b, c, d] = fs;
+    tokio::join!(a, b, c, d);
+}
+
+#[tokio::test]
+async fn imds_that_never_answers_fails_start_up_clearly_and_in_bounded_time() {
+    #[derive(Debug)]
+    struct DeadImds(AtomicUsize);
+    impl cloud::Metadata for DeadImds {
+        async fn instance(&self) -> Result<cloud::InstanceMetadata, CloudError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            // What the SDK's IMDS client reports when its 1 s read timeout fires.
+            Err(CloudError::Imds {
+                path: "/latest/meta-data/instance-id".into(),
+                message: "timeout: HTTP read timeout occurred after 1s".into(),
+            })
+        }
+    }
+    let imds = DeadImds(AtomicUsize::new(0));
+    let t0 = std::time::Instant::now();
+    let err = crate::startup::learn(&imds, 3).await.unwrap_err();
+    assert_eq!(imds.0.load(Ordering::SeqCst), 3);
+    // Waits of 0.2 and 0.4 s between the attempts (doubling to 3 s: ten attempts, 18 s).
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    let msg = err.to_string();
+    assert!(
+        msg.contains("IMDS did not answer after 3 attempts") && msg.contains("instance-id"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn a_lost_address_ec2_hands_this_node_again_is_never_another_pods() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(4));
+    let p = boot(&ec2, dir.path(), WARM_ENI);
+    converge(&p).await;
+    for i in 0..4 {
+        handle(&p, add_req(i));
+    }
+    let ip = ip_of(&p, 0);
+    ec2.unassign_behind(ip);
+    assert_eq!(p.reconcile().await.unwrap().lost.len(), 1);
+    // Free in the subnet, EC2 picks it for this node's next request (an assign to the
+    // primary ENI, where it was): pod 0 holds it again, no other pod gets it.
+    ec2.reuse.lock().unwrap().push(ip);
+    converge(&p).await;
+    assert!(
+        ec2.enis.lock().unwrap()["eni-primary"]
+            .secondary_ips
+            .contains(&ip)
+    );
+    assert_eq!(ip_of(&p, 0), ip);
+    assert_eq!(p.state.lock().unwrap().pool().stats(0).lost, 0);
+    for i in 4..12 {
+        add_pod(&p, i).await;
+        assert_ne!(ip_of(&p, i), ip, "pod {i}");
+    }
 }
