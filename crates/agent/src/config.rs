@@ -350,8 +350,9 @@ pub const REFERENCE_README: &[Var] = &[
     no_effect(
         "ENABLE_NFTABLES",
         true,
-        "deprecated in the reference; vpc-cni always programs its own nftables table \
-         (ip vpc-cni) and does not use iptables",
+        "deprecated in the reference; vpc-cni programs its own nftables table, and uses \
+         iptables only to remove aws-node's rules when it adopts a node (and to put them back \
+         on `uninstall --to aws-node`)",
     ),
     refused(
         "AWS_EXTERNAL_SERVICE_CIDRS",

@@ -65,7 +65,9 @@ pub enum InstallError {
     },
 }
 
-fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
+/// Replaces `path` with `bytes` atomically and durably: a temporary file in the same directory,
+/// fsync, closed, renamed over `path`, then the directory fsynced.
+pub(crate) fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
     let err = |what, source| InstallError::Io {
         what,
         path: path.into(),

@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dataplane::{DataplaneError, NetOps};
+use dataplane::DataplaneError;
 use proto::AttachmentKey;
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
@@ -58,43 +58,19 @@ pub const RESCAN_SETTLE: Duration = Duration::from_secs(2);
 /// How often the agent looks at the node while rebuilt allocations remain.
 pub const RESCAN_PERIOD: Duration = Duration::from_secs(60);
 
-/// The node's pod wiring (netlink; blocking).
-pub fn wired_pods() -> Result<Wired, DataplaneError> {
-    wired_pods_with(&mut dataplane::netlink::Netlink::new()?)
-}
-
-pub fn wired_pods_with<N: NetOps>(n: &mut N) -> Result<Wired, DataplaneError> {
-    let veths: BTreeMap<u32, String> = n
-        .links()?
-        .into_iter()
-        .filter(|l| l.kind.as_deref() == Some("veth"))
-        .map(|l| (l.index, l.name))
-        .collect();
-    let mut out = Wired::new();
-    for table in [dataplane::TO_POD_TABLE, dataplane::MAIN_TABLE] {
-        for r in n.routes(Some(table))? {
-            if r.dst.prefix_len() != 32 {
-                continue;
-            }
-            if let Some(name) = r.oif.and_then(|i| veths.get(&i)) {
-                out.entry(r.dst.addr()).or_insert_with(|| name.clone());
-            }
-        }
-    }
-    Ok(out)
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error(
-        "the checkpoint {path} is {what} and the node's pod routes cannot be listed ({reason}): refusing to serve ADD without knowing which addresses running pods hold"
+        "the checkpoint {path} is {what} and the node's pod routes cannot be listed ({reason}): refusing to serve ADD without knowing which addresses running pods hold",
+        path = .path.display()
     )]
     NodeUnknown {
         path: PathBuf,
         what: &'static str,
-        reason: String,
+        #[source]
+        reason: DataplaneError,
     },
 }
 
@@ -132,7 +108,7 @@ pub struct Recovery {
 pub fn recover(
     state: &mut State,
     path: &Path,
-    wired: Result<Wired, String>,
+    wired: Result<Wired, DataplaneError>,
     unix_s: u64,
 ) -> Result<Recovery, RecoveryError> {
     let mut r = Recovery {
@@ -166,7 +142,7 @@ pub fn recover(
         Err(reason) => {
             let what = match &r.source {
                 Source::Checkpoint { .. } => {
-                    r.node_error = Some(reason);
+                    r.node_error = Some(reason.to_string());
                     return Ok(r);
                 }
                 Source::Missing => "missing",
@@ -260,7 +236,7 @@ pub async fn watch_rebuilt<F>(
     settle: Duration,
     period: Duration,
 ) where
-    F: Fn() -> Result<BTreeSet<Ipv4Addr>, String> + Clone + Send + 'static,
+    F: Fn() -> Result<BTreeSet<Ipv4Addr>, DataplaneError> + Clone + Send + 'static,
 {
     let any_rebuilt = |s: &Arc<Mutex<State>>| {
         !s.lock()
@@ -280,6 +256,7 @@ pub async fn watch_rebuilt<F>(
         let wired = match tokio::task::spawn_blocking(scan.clone()).await {
             Ok(Ok(w)) => w,
             Ok(Err(e)) => {
+                let e = e.to_string();
                 if last_error.as_ref() != Some(&e) {
                     warn!("listing the node's pod routes for rebuilt allocations: {e}");
                 }
@@ -307,6 +284,7 @@ mod tests {
     use super::*;
     use crate::clock::fake::FakeTime;
     use crate::state::REBUILT_NETWORK;
+    use dataplane::NetOps;
     use dataplane::fake::{FakeNet, FakeWorld};
     use ipam::{EniInfo, Pool};
     use proto::{PodRef, Request, Response};
@@ -360,6 +338,12 @@ mod tests {
         pairs.iter().map(|(i, v)| (ip(i), v.to_string())).collect()
     }
 
+    fn eperm() -> DataplaneError {
+        DataplaneError::LinkNotFound {
+            what: "EPERM".into(),
+        }
+    }
+
     #[test]
     fn the_node_view_lists_veth_routes_of_both_tables() {
         let w = FakeWorld::new(&["host"]);
@@ -381,7 +365,7 @@ mod tests {
         n.add_route(&r(254, "10.0.0.0/24", eth)).unwrap();
         n.add_route(&r(254, "10.0.0.99/32", eth)).unwrap(); // not a veth
         assert_eq!(
-            wired_pods_with(&mut n).unwrap(),
+            dataplane::wired_pods_with(&mut n).unwrap(),
             wired(&[("10.0.0.10", "enia"), ("10.0.0.11", "enib")])
         );
     }
@@ -481,17 +465,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ipam.json");
         let t = FakeTime::new(1_700_000_000_000, 1_000, "b1");
-        let e = recover(&mut state(&path, &t), &path, Err("EPERM".into()), 5).unwrap_err();
+        let e = recover(&mut state(&path, &t), &path, Err(eperm()), 5).unwrap_err();
         assert!(
             e.to_string().contains("missing") && e.to_string().contains("EPERM"),
             "{e}"
         );
         fs::write(&path, "{").unwrap();
-        let e = recover(&mut state(&path, &t), &path, Err("EPERM".into()), 5).unwrap_err();
+        let e = recover(&mut state(&path, &t), &path, Err(eperm()), 5).unwrap_err();
         assert!(e.to_string().contains("truncated"), "{e}");
         let mut s = state(&path, &t);
         add(&mut s, "a");
-        let r = recover(&mut state(&path, &t), &path, Err("EPERM".into()), 5).unwrap();
+        let r = recover(&mut state(&path, &t), &path, Err(eperm()), 5).unwrap();
         assert_eq!(r.node_error.as_deref(), Some("EPERM"));
     }
 

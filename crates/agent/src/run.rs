@@ -113,28 +113,11 @@ pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
     // The checkpoint, or (torn, missing) the node's pod wiring: every address a running pod
     // has is held before any ADD is served. Allocations whose pod was deleted while the agent
     // was down (the plugin tore it down from its prevResult) are released.
-    let wired = tokio::task::spawn_blocking(recovery::wired_pods)
-        .await?
-        .map_err(|e| e.to_string());
+    let wired = tokio::task::spawn_blocking(dataplane::wired_pods).await?;
     let recovered = recovery::recover(&mut state, &cfg.checkpoint, wired, state::now_ms() / 1000)?;
     recovered.log();
     let rescan = Arc::new(tokio::sync::Notify::new());
     state.rescan = Some(rescan.clone());
-    // A node aws-node wired: its pods move to our layout before any ADD is served.
-    let assigned = state.assigned_routes();
-    let adopted = tokio::task::spawn_blocking(move || swap::adopt_pods(&assigned)).await?;
-    if !adopted.moved.is_empty() {
-        info!(
-            pods = adopted.moved.len(),
-            "pods wired by aws-node moved to vpc-cni's layout"
-        );
-    }
-    for ip in &adopted.unknown {
-        warn!(%ip, "a pod is wired aws-node's way to an address the checkpoint does not hold; left as it is");
-    }
-    for e in &adopted.errors {
-        warn!("adopting aws-node's pods: {e}");
-    }
     let s = state.pool().stats(state.now());
     info!(
         rebuilt = recovered.rebuilt.len(),
@@ -147,11 +130,7 @@ pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
     tokio::spawn(recovery::watch_rebuilt(
         state.clone(),
         rescan,
-        || {
-            recovery::wired_pods()
-                .map(|w| w.into_keys().collect())
-                .map_err(|e| e.to_string())
-        },
+        || dataplane::wired_pods().map(|w| w.into_keys().collect()),
         recovery::RESCAN_SETTLE,
         recovery::RESCAN_PERIOD,
     ));
@@ -202,6 +181,26 @@ pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
             |f| f.display().to_string(),
         );
         info!(plugin = p.name, path = %p.path.display(), %from, versions = ?p.versions, "chained plugin");
+    }
+    // A node aws-node wired: its pods move to our layout before any ADD is served, and only
+    // once every step that can still fail has passed (an agent that exits leaves them as they
+    // were, for aws-node).
+    let assigned = state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .assigned_routes();
+    let adopted = tokio::task::spawn_blocking(move || swap::adopt_pods(&assigned)).await?;
+    if !adopted.moved.is_empty() {
+        info!(
+            pods = adopted.moved.len(),
+            "pods wired by aws-node moved to vpc-cni's layout"
+        );
+    }
+    for ip in &adopted.unknown {
+        warn!(%ip, "a pod is wired aws-node's way to an address on none of this node's ENIs; left as it is");
+    }
+    for e in &adopted.errors {
+        warn!("adopting aws-node's pods: {e}");
     }
     let conflist = install::write_conflist(&cfg, &chained)?;
     // Ours is live: aws-node's conflist and iptables rules go (never before).
@@ -294,6 +293,8 @@ async fn provisioner(
         subnet_full_backoff: Duration::from_secs(120),
         interval: Duration::from_secs(5),
         reserved_devices,
+        reconcile_interval: Duration::from_secs(60),
+        reconcile_grace: Duration::from_secs(30),
     };
     info!(r#type = %md.instance_type, max_enis, ips_per_eni, targets = ?settings.targets, "provisioning through EC2");
     let node = NodeIdentity {

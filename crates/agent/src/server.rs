@@ -99,7 +99,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_frame: 256 << 10,
+            max_frame: proto::MAX_FRAME,
             read_deadline: Duration::from_secs(2),
             write_deadline: Duration::from_secs(2),
             max_connections: 64,

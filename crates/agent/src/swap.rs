@@ -12,7 +12,7 @@
 //! and its conflist replaces ours.
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::json;
 use tracing::{info, warn};
@@ -46,6 +46,10 @@ pub enum SwapError {
     #[error("no interface on this node has the primary ENI's MAC {0}")]
     NoPrimaryInterface(String),
     #[error(
+        "IMDS lists no VPC CIDR for the primary ENI of {0}: without them aws-node's SNAT rules would translate traffic inside the VPC too"
+    )]
+    NoVpcCidrs(String),
+    #[error(
         "the checkpoint holds addresses rebuilt from the node after it was lost, with no pod identity ({}): aws-node would drop them at start and could give them to new pods while their pods run; delete those pods (or wait until vpc-cni's agent has released them) and run this again",
         .0.join(", ")
     )]
@@ -61,6 +65,8 @@ pub enum SwapError {
     #[error("{}", .0.join("; "))]
     Dataplane(Vec<String>),
     #[error(transparent)]
+    Install(#[from] install::InstallError),
+    #[error(transparent)]
     Task(#[from] tokio::task::JoinError),
 }
 
@@ -69,7 +75,8 @@ pub enum SwapError {
 pub struct Adopted {
     /// Pods moved from aws-node's layout to ours.
     pub moved: Vec<Ipv4Addr>,
-    /// Pods found in aws-node's layout whose address the pool does not hold (left alone).
+    /// Pods found in aws-node's layout whose address is on none of this node's ENIs (left
+    /// alone).
     pub unknown: Vec<Ipv4Addr>,
     pub errors: Vec<String>,
 }
@@ -78,6 +85,14 @@ pub struct Adopted {
 /// its ENI's route table) into our layout. Blocking (netlink).
 pub fn adopt_pods(assigned: &[(Ipv4Addr, u32)]) -> Adopted {
     let mut out = Adopted::default();
+    // aws-node's nftables connmark would wipe the ENI bits of an adopted pod's first packets.
+    if let Err(e) = dataplane::remove_aws_nft_table() {
+        out.errors.push(format!(
+            "removing aws-node's nftables table ip {}: {e}; pods are not moved",
+            dataplane::AWS_NFT_TABLE
+        ));
+        return out;
+    }
     let legacy = match dataplane::legacy_pods() {
         Ok(l) => l,
         Err(e) => {
@@ -107,7 +122,13 @@ pub fn retire_aws_node(cfg: &Config) -> (Vec<String>, Vec<String>) {
     let theirs = cfg.cni_conf_dir.join(AWS_CONFLIST);
     if theirs.exists() {
         let backup = conflist_backup(cfg);
-        match std::fs::copy(&theirs, &backup).and_then(|_| std::fs::remove_file(&theirs)) {
+        // Written durably beside the checkpoint (another file system, on a real node) first,
+        // then removed from the conf dir.
+        let moved = std::fs::read(&theirs)
+            .map_err(|e| e.to_string())
+            .and_then(|b| install::atomic_write(&backup, &b, 0o644).map_err(|e| e.to_string()))
+            .and_then(|()| std::fs::remove_file(&theirs).map_err(|e| e.to_string()));
+        match moved {
             Ok(()) => done.push(format!(
                 "moved {} to {}",
                 theirs.display(),
@@ -175,17 +196,6 @@ pub struct Uninstalled {
     pub conflist: PathBuf,
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SwapError> {
-    let tmp = path.with_extension("vpc-cni-tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|source| SwapError::File {
-            what: "writing",
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
 /// `vpc-cni-agent uninstall --to aws-node`: leaves the node as aws-node v1.23 expects it, every
 /// running pod keeping its address and its path. The agent must be stopped.
 pub async fn uninstall_to_aws_node(cfg: &Config) -> Result<Uninstalled, SwapError> {
@@ -195,13 +205,13 @@ pub async fn uninstall_to_aws_node(cfg: &Config) -> Result<Uninstalled, SwapErro
     let imds = cloud::ImdsMetadata::from_env().map_err(SwapError::Imds)?;
     let md = startup::learn(&imds, 10).await?;
     let primary_ifname = dataplane::link_name_by_mac(&md.primary_mac)
-        .ok()
-        .flatten()
+        .map_err(|e| SwapError::Dataplane(vec![e.to_string()]))?
         .ok_or_else(|| SwapError::NoPrimaryInterface(md.primary_mac.clone()))?;
     let vpc_cidrs = md
         .primary_eni()
         .map(|e| e.vpc_cidrs.clone())
-        .unwrap_or_default();
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| SwapError::NoVpcCidrs(md.instance_id.clone()))?;
     let snat = startup::snat_config(cfg, md.local_ipv4, &vpc_cidrs, &primary_ifname);
     let mut cp = checkpoint::load(&cfg.checkpoint)?;
     let rebuilt: Vec<String> = cp
@@ -213,15 +223,31 @@ pub async fn uninstall_to_aws_node(cfg: &Config) -> Result<Uninstalled, SwapErro
     if !rebuilt.is_empty() {
         return Err(SwapError::RebuiltEntries(rebuilt));
     }
+    // Allocations with no pod wired on the node (deleted while the agent was stopped, an ADD
+    // that never finished) are not handed to aws-node: it would drop them at start anyway.
+    let wired = tokio::task::spawn_blocking(dataplane::wired_pods)
+        .await?
+        .map_err(|e| SwapError::Dataplane(vec![e.to_string()]))?;
+    let (kept, dropped): (Vec<_>, Vec<_>) = std::mem::take(&mut cp.allocations)
+        .into_iter()
+        .partition(|a| wired.contains_key(&a.ipv4));
+    for a in &dropped {
+        warn!(ip = %a.ipv4, container = %a.container_id, "no pod is wired to this allocation; not handed to aws-node");
+    }
+    cp.allocations = kept;
     let ips: Vec<Ipv4Addr> = cp.allocations.iter().map(|a| a.ipv4).collect();
 
-    // 1. Pods: aws-node's per-pod rules back, then ours go.
+    // 1. Pods: aws-node's per-pod rules back, then ours go; veths DEL retired are deleted
+    //    (our agent's housekeeping did that; aws-node does not know their group).
     let errors = tokio::task::spawn_blocking(move || {
         let mut errors = Vec::new();
         for ip in ips {
             if let Err(e) = dataplane::release_pod(ip) {
                 errors.push(format!("pod {ip}: {e}"));
             }
+        }
+        if let Err(e) = dataplane::reap_retired_links() {
+            errors.push(format!("deleting retired veths: {e}"));
         }
         errors
     })
@@ -254,9 +280,18 @@ pub async fn uninstall_to_aws_node(cfg: &Config) -> Result<Uninstalled, SwapErro
     let backup = conflist_backup(cfg);
     let bytes = match std::fs::read(&backup) {
         Ok(b) => b,
-        Err(_) => serde_json::to_vec_pretty(&aws_conflist(cfg)).expect("JSON serializes"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            serde_json::to_vec_pretty(&aws_conflist(cfg)).expect("JSON serializes")
+        }
+        Err(source) => {
+            return Err(SwapError::File {
+                what: "reading",
+                path: backup,
+                source,
+            });
+        }
     };
-    write_file(&conflist, &bytes)?;
+    install::atomic_write(&conflist, &bytes, 0o644)?;
     for (what, path) in [
         ("removing", cfg.cni_conf_dir.join(install::CONFLIST_NAME)),
         ("removing", cfg.cni_bin_dir.join(install::PLUGIN_NAME)),

@@ -3,9 +3,10 @@
 //!
 //! aws-node wires a pod with its `/32` route in `main`, a rule `to <ip> lookup main pref 512`
 //! and, for a pod on a secondary ENI, `from <ip> lookup <device + 1> pref 1536`; its host veth
-//! stays in device group 0; egress SNAT and connmark are iptables rules in chains
-//! `AWS-SNAT-CHAIN-0` / `AWS-CONNMARK-CHAIN-0` and `mangle PREROUTING` (comments starting with
-//! "AWS"). Ours: the `/32` in `main` and in [`TO_POD_TABLE`] (one rule for every pod), the host
+//! stays in device group 0; egress SNAT is iptables rules in chain `AWS-SNAT-CHAIN-0` and
+//! `mangle PREROUTING` (comments starting with "AWS"), and the connmark of pod connections is
+//! either the nftables table `ip aws-cni` (hosts whose iptables is nf_tables, such as Debian's)
+//! or the iptables chain `AWS-CONNMARK-CHAIN-0` (iptables-legacy hosts). Ours: the `/32` in `main` and in [`TO_POD_TABLE`] (one rule for every pod), the host
 //! veth in the ENI's device group, which our nftables table turns into the ENI's `fwmark`
 //! (one rule per ENI), and SNAT in our table `ip vpc-cni`.
 //!
@@ -21,11 +22,11 @@ use ipnet::Ipv4Net;
 
 use crate::netlink::Netlink;
 use crate::ops::{NetOps, Route, Rule, Scope};
-use crate::rules::{ensure_rule, tolerate_missing};
+use crate::rules::{ensure_rule, reference_pod_rule, tolerate_missing};
 use crate::snat::{Randomize, SnatConfig};
 use crate::{
     DataplaneError, ENI_MARK_MASK, FROM_POD_RULE_PRIORITY, MAIN_TABLE, TO_POD_RULE_PRIORITY,
-    TO_POD_TABLE, device_for_route_table, pod_group,
+    TO_POD_TABLE,
 };
 
 fn host32(ip: Ipv4Addr) -> Ipv4Net {
@@ -52,30 +53,18 @@ fn pod_veth<N: NetOps>(n: &mut N, ip: Ipv4Addr) -> Result<u32, DataplaneError> {
 
 /// The device group of the host veth of a pod routed through `route_table` in our layout.
 fn our_group(route_table: u32) -> Result<u32, DataplaneError> {
-    match device_for_route_table(route_table) {
-        Some(0) => Ok(0),
-        Some(device) => Ok(pod_group(device)),
-        None => Err(DataplaneError::Invalid {
-            what: "route table (254 for the primary ENI, else ENI device number + 1 in 2..=64)",
-            value: route_table.to_string(),
-        }),
-    }
+    crate::group_for_route_table(route_table).ok_or_else(|| DataplaneError::Invalid {
+        what: "route table (254 for the primary ENI, else ENI device number + 1 in 2..=64)",
+        value: route_table.to_string(),
+    })
 }
 
 /// aws-node's per-pod rules of `ip`, as they are on the node (the `from` rule may exist in
 /// several copies from older versions).
 fn legacy_rules<N: NetOps>(n: &mut N, ip: Ipv4Addr) -> Result<Vec<Rule>, DataplaneError> {
-    let ip32 = Some(host32(ip));
     Ok(n.rules()?
         .into_iter()
-        .filter(|r| {
-            r.fwmark.is_none()
-                && ((r.priority == TO_POD_RULE_PRIORITY
-                    && r.table == MAIN_TABLE
-                    && r.dst == ip32
-                    && r.src.is_none())
-                    || (r.priority == FROM_POD_RULE_PRIORITY && r.src == ip32 && r.dst.is_none()))
-        })
+        .filter(|r| reference_pod_rule(r) == Some(ip))
         .collect())
 }
 
@@ -133,16 +122,11 @@ pub fn release_pod_with<N: NetOps>(n: &mut N, ip: Ipv4Addr) -> Result<u32, Datap
         .find(|l| l.index == veth)
         .map(|l| l.group)
         .unwrap_or(0);
-    let route_table = match group {
-        0 => MAIN_TABLE,
-        g => (1..=crate::MAX_ENI_DEVICE)
-            .find(|d| pod_group(*d) == g)
-            .map(crate::route_table_for_device)
-            .ok_or_else(|| DataplaneError::Invalid {
-                what: "host veth device group (0 or an ENI's group)",
-                value: format!("{g:#x} (pod {ip})"),
-            })?,
-    };
+    let route_table =
+        crate::route_table_for_group(group).ok_or_else(|| DataplaneError::Invalid {
+            what: "host veth device group (0 or an ENI's group)",
+            value: format!("{group:#x} (pod {ip})"),
+        })?;
     // The main route is what aws-node routes by; ours has it too, but make sure.
     n.replace_route(
         &Route::new(MAIN_TABLE, host32(ip))
@@ -174,23 +158,14 @@ pub fn release_pod(ip: Ipv4Addr) -> Result<u32, DataplaneError> {
 pub fn legacy_pods_with<N: NetOps>(
     n: &mut N,
 ) -> Result<std::collections::BTreeSet<Ipv4Addr>, DataplaneError> {
-    let mut out = std::collections::BTreeSet::new();
-    for r in n.rules()? {
-        let per_pod = r.fwmark.is_none()
-            && ((r.priority == TO_POD_RULE_PRIORITY && r.table == MAIN_TABLE)
-                || r.priority == FROM_POD_RULE_PRIORITY);
-        if let (true, Some(net)) = (per_pod, r.dst.or(r.src))
-            && net.prefix_len() == 32
-        {
-            out.insert(net.addr());
-        }
-    }
+    let mut out: std::collections::BTreeSet<Ipv4Addr> =
+        n.rules()?.iter().filter_map(reference_pod_rule).collect();
     let ours: std::collections::BTreeSet<Ipv4Addr> = n
         .routes(Some(TO_POD_TABLE))?
         .into_iter()
         .map(|r| r.dst.addr())
         .collect();
-    for ip in crate::wired_pod_ips_with(n)? {
+    for ip in crate::wired_pods_with(n)?.into_keys() {
         if !ours.contains(&ip) {
             out.insert(ip);
         }
@@ -295,8 +270,10 @@ pub fn aws_removal_script(table: &str, saved: &str) -> Option<String> {
 }
 
 /// aws-node's IPv4 SNAT and connmark rules for `c` as an `iptables-restore --noflush` script:
-/// what its ipamd programs at start (`pkg/networkutils/network.go`, iptables-nft backend), so
-/// a node rolled back to aws-node keeps SNATing from the first packet.
+/// what its ipamd programs at start (`pkg/networkutils/network.go`), with the connmark in the
+/// iptables-legacy form `AWS-CONNMARK-CHAIN-0` (its `--restore-mark --mask` keeps the other
+/// mark bits), so a node rolled back to aws-node keeps SNATing from the first packet; aws-node
+/// replaces that chain with its nftables table at its own start on nf_tables hosts.
 pub fn aws_iptables_script(c: &SnatConfig) -> String {
     let mark = format!("{:#x}/{:#x}", c.connmark, c.connmark);
     let mut nat = String::from("*nat\n");
@@ -408,6 +385,44 @@ fn run_iptables(
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// aws-node's nftables connmark table (`pkg/networkutils/nftables_connmark.go`, used on hosts
+/// whose iptables is nf_tables): its `nat-prerouting` chain sets the whole packet mark from the
+/// connmark bit on a connection's first packet, which would wipe the ENI bits our table sets
+/// for an adopted pod. The agent removes it before it moves any pod.
+pub const AWS_NFT_TABLE: &str = "aws-cni";
+
+/// Deletes aws-node's nftables table `ip aws-cni` if it exists. Returns whether it did.
+pub fn remove_aws_nft_table() -> Result<bool, DataplaneError> {
+    let nft = |args: &[&str]| -> Result<String, DataplaneError> {
+        let fail = |msg: String| DataplaneError::Nft {
+            table: AWS_NFT_TABLE.to_string(),
+            msg,
+        };
+        let out = Command::new("nft")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| fail(format!("cannot run nft {}: {e}", args.join(" "))))?;
+        if !out.status.success() {
+            return Err(fail(format!(
+                "nft {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let listed = nft(&["list", "tables", "ip"])?;
+    if !listed
+        .lines()
+        .any(|l| l.trim() == format!("table ip {AWS_NFT_TABLE}"))
+    {
+        return Ok(false);
+    }
+    nft(&["delete", "table", "ip", AWS_NFT_TABLE])?;
+    Ok(true)
+}
+
 /// Removes aws-node's iptables rules and chains (nat, mangle) and its nftables connmark table
 /// `ip aws-cni`, if any. Returns how many tables held something of aws-node's.
 pub fn remove_aws_iptables() -> Result<usize, DataplaneError> {
@@ -419,11 +434,7 @@ pub fn remove_aws_iptables() -> Result<usize, DataplaneError> {
             changed += 1;
         }
     }
-    let nft = Command::new("nft")
-        .args(["delete", "table", "ip", "aws-cni"])
-        .stderr(Stdio::null())
-        .status();
-    if nft.is_ok_and(|s| s.success()) {
+    if remove_aws_nft_table()? {
         changed += 1;
     }
     Ok(changed)
@@ -475,7 +486,7 @@ mod tests {
     fn adopt_moves_a_pod_into_our_layout_and_is_idempotent() {
         let (mut n, veth) = legacy_node();
         assert!(
-            crate::wired_pod_ips_with(&mut n).unwrap().contains(&IP),
+            crate::wired_pods_with(&mut n).unwrap().contains_key(&IP),
             "a pod routed from main through a veth counts as wired"
         );
         assert!(adopt_pod_with(&mut n, IP, 2).unwrap());
@@ -498,7 +509,7 @@ mod tests {
             .into_iter()
             .find(|l| l.index == veth)
             .unwrap();
-        assert_eq!(l.group, pod_group(1));
+        assert_eq!(l.group, crate::pod_group(1));
         assert!(
             !adopt_pod_with(&mut n, IP, 2).unwrap(),
             "second run changes nothing"

@@ -29,9 +29,9 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 pub use aws_node::{
-    adopt_pod, adopt_pod_with, aws_iptables_script, aws_removal_script, install_aws_iptables,
-    legacy_pods, legacy_pods_with, release_pod, release_pod_with, remove_aws_iptables,
-    remove_our_rules, remove_our_rules_with,
+    AWS_NFT_TABLE, adopt_pod, adopt_pod_with, aws_iptables_script, aws_removal_script,
+    install_aws_iptables, legacy_pods, legacy_pods_with, release_pod, release_pod_with,
+    remove_aws_iptables, remove_aws_nft_table, remove_our_rules, remove_our_rules_with,
 };
 pub use host::{
     EniSetup, HostSetup, link_name_by_mac, setup_eni, setup_eni_with, setup_host, setup_host_with,
@@ -42,7 +42,7 @@ pub use ops::{NetError, NetOps};
 pub use pod::{
     PodLinks, PodSpec, PodTeardown, check_pod, check_pod_with, reap_retired_links,
     reap_retired_links_with, setup_pod, setup_pod_with, teardown_pod, teardown_pod_with,
-    wired_pod_ips, wired_pod_ips_with,
+    wired_pods, wired_pods_with,
 };
 pub use snat::{NFT_TABLE, Randomize, SnatConfig, apply_snat, remove_snat, snat_ruleset};
 
@@ -97,6 +97,27 @@ pub fn eni_mark(device: u32) -> u32 {
 /// The host-veth device group of pods on the ENI with device number `device` (1..=63).
 pub fn pod_group(device: u32) -> u32 {
     POD_GROUP_BASE + device
+}
+
+/// The host-veth device group of a pod routed through `route_table`: 0 (the default group) for
+/// the primary ENI's `main`, else its ENI's [`pod_group`]; `None` for a table no ENI has.
+pub fn group_for_route_table(route_table: u32) -> Option<u32> {
+    match device_for_route_table(route_table)? {
+        0 => Some(0),
+        device => Some(pod_group(device)),
+    }
+}
+
+/// The inverse of [`group_for_route_table`]: the route table of a pod whose host veth is in
+/// device group `group`; `None` for a group that is no ENI's.
+pub fn route_table_for_group(group: u32) -> Option<u32> {
+    match group {
+        0 => Some(MAIN_TABLE),
+        g if g > POD_GROUP_BASE && g - POD_GROUP_BASE <= MAX_ENI_DEVICE => {
+            Some(route_table_for_device(g - POD_GROUP_BASE))
+        }
+        _ => None,
+    }
 }
 /// Priority of `from <eni primary ip> lookup <eni table>`.
 pub const ENI_PRIMARY_RULE_PRIORITY: u32 = 32765;

@@ -12,9 +12,8 @@ use crate::ops::{
 };
 use crate::rules::{eni_rule, ensure_rule, tolerate_missing};
 use crate::{
-    DataplaneError, FROM_POD_RULE_PRIORITY, MAIN_TABLE, NetNs, POD_GATEWAY, RETIRED_LINK_GROUP,
-    RETIRED_NAME_PREFIX, TO_POD_RULE_PRIORITY, TO_POD_TABLE, TeardownError, device_for_route_table,
-    open_ns_opt,
+    DataplaneError, MAIN_TABLE, NetNs, POD_GATEWAY, RETIRED_LINK_GROUP, RETIRED_NAME_PREFIX,
+    TO_POD_RULE_PRIORITY, TO_POD_TABLE, TeardownError, device_for_route_table, open_ns_opt,
 };
 
 /// What `setup_pod` builds for one pod.
@@ -92,15 +91,6 @@ fn validate(spec: &PodSpec) -> Result<(), DataplaneError> {
     Ok(())
 }
 
-/// The host veth's device group for a pod routed through `route_table` (validated): the
-/// default group 0 for the primary ENI, else the ENI's [`crate::pod_group`].
-fn veth_group(route_table: u32) -> u32 {
-    match device_for_route_table(route_table) {
-        Some(0) | None => 0,
-        Some(device) => crate::pod_group(device),
-    }
-}
-
 /// Things to undo if a later step fails.
 enum Undo {
     Link { index: u32, name: String },
@@ -156,7 +146,7 @@ pub fn setup_pod_with<N: NetOps>(
             mac,
             peer_name: spec.ifname.into(),
             mtu: spec.mtu,
-            group: veth_group(spec.route_table),
+            group: crate::group_for_route_table(spec.route_table).unwrap_or(0),
         },
         pod,
     )?;
@@ -383,7 +373,7 @@ pub fn check_pod_with<N: NetOps>(
         p.push(format!("rule {to_pod} missing"));
     }
     if let Some(h) = &hlink {
-        let group = veth_group(spec.route_table);
+        let group = crate::group_for_route_table(spec.route_table).unwrap_or(0);
         if h.group != group {
             p.push(format!(
                 "host veth {} is in device group {} instead of {group} (route table {})",
@@ -470,20 +460,12 @@ pub fn teardown_pod_with<N: NetOps>(
 
     // 1. rules
     if let Some(ip) = t.ip {
-        let ip32 = host32(ip);
         match host.rules() {
             Ok(rules) => {
-                for r in rules.iter().filter(|r| {
-                    (r.priority == FROM_POD_RULE_PRIORITY
-                        && r.src == Some(ip32)
-                        && r.dst.is_none()
-                        && r.fwmark.is_none())
-                        || (r.priority == TO_POD_RULE_PRIORITY
-                            && r.table == MAIN_TABLE
-                            && r.dst == Some(ip32)
-                            && r.src.is_none()
-                            && r.fwmark.is_none())
-                }) {
+                for r in rules
+                    .iter()
+                    .filter(|r| crate::rules::reference_pod_rule(r) == Some(ip))
+                {
                     push(host.del_rule(r));
                 }
             }
@@ -601,30 +583,32 @@ pub fn reap_retired_links_with<N: NetOps>(n: &mut N) -> Result<bool, DataplaneEr
 #[cfg(test)]
 mod tests;
 
-/// The addresses this node's data path serves: every `<ip>/32` in the to-pod table, and every
-/// `<ip>/32` in `main` through a veth (a pod wired by aws-node, which routes pods from `main`
-/// only). An allocation whose address is not here has no pod wired on the node.
-pub fn wired_pod_ips() -> Result<std::collections::BTreeSet<Ipv4Addr>, DataplaneError> {
-    wired_pod_ips_with(&mut crate::netlink::Netlink::new()?)
+/// The pods this node's data path serves: every `<ip>/32` routed to a veth in the to-pod
+/// table or in `main` (aws-node routes pods from `main` only), with the veth's name. An
+/// allocation whose address is not here has no pod wired on the node.
+pub fn wired_pods() -> Result<std::collections::BTreeMap<Ipv4Addr, String>, DataplaneError> {
+    wired_pods_with(&mut crate::netlink::Netlink::new()?)
 }
 
-pub fn wired_pod_ips_with<N: NetOps>(
+pub fn wired_pods_with<N: NetOps>(
     n: &mut N,
-) -> Result<std::collections::BTreeSet<Ipv4Addr>, DataplaneError> {
-    let veths: std::collections::BTreeSet<u32> = n
+) -> Result<std::collections::BTreeMap<Ipv4Addr, String>, DataplaneError> {
+    let veths: std::collections::BTreeMap<u32, String> = n
         .links()?
         .into_iter()
         .filter(|l| l.kind.as_deref() == Some("veth"))
-        .map(|l| l.index)
+        .map(|l| (l.index, l.name))
         .collect();
-    let main_via_veth = n
-        .routes(Some(MAIN_TABLE))?
-        .into_iter()
-        .filter(|r| r.oif.is_some_and(|i| veths.contains(&i)));
-    Ok(n.routes(Some(TO_POD_TABLE))?
-        .into_iter()
-        .chain(main_via_veth)
-        .filter(|r| r.dst.prefix_len() == 32)
-        .map(|r| r.dst.addr())
-        .collect())
+    let mut out = std::collections::BTreeMap::new();
+    for table in [TO_POD_TABLE, MAIN_TABLE] {
+        for r in n.routes(Some(table))? {
+            if r.dst.prefix_len() != 32 {
+                continue;
+            }
+            if let Some(name) = r.oif.and_then(|i| veths.get(&i)) {
+                out.entry(r.dst.addr()).or_insert_with(|| name.clone());
+            }
+        }
+    }
+    Ok(out)
 }

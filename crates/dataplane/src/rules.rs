@@ -4,8 +4,8 @@
 
 use crate::ops::{NetError, NetOps, Rule};
 use crate::{
-    DataplaneError, ENI_MARK_MASK, FROM_POD_RULE_PRIORITY, MAX_ENI_DEVICE, eni_mark,
-    route_table_for_device,
+    DataplaneError, ENI_MARK_MASK, FROM_POD_RULE_PRIORITY, MAIN_TABLE, MAX_ENI_DEVICE,
+    TO_POD_RULE_PRIORITY, eni_mark, route_table_for_device,
 };
 
 /// The routing table of a secondary ENI (`device_number + 1`), or an error for the primary
@@ -30,6 +30,21 @@ pub(crate) fn eni_rule(device_number: u32) -> Rule {
         route_table_for_device(device_number),
     )
     .fwmark(eni_mark(device_number), ENI_MARK_MASK)
+}
+
+/// The pod address of one of the reference's (aws-node's) per-pod rules: `to <ip>/32 lookup
+/// main pref 512` or `from <ip>/32 lookup <table> pref 1536` (without a mark). Our layout has
+/// neither; DEL removes them (nodes migrated from aws-node) and adoption replaces them.
+pub(crate) fn reference_pod_rule(r: &Rule) -> Option<std::net::Ipv4Addr> {
+    if r.fwmark.is_some() {
+        return None;
+    }
+    let one = |n: Option<ipnet::Ipv4Net>| n.filter(|n| n.prefix_len() == 32).map(|n| n.addr());
+    match (r.priority, r.src, r.dst) {
+        (TO_POD_RULE_PRIORITY, None, Some(dst)) if r.table == MAIN_TABLE => one(Some(dst)),
+        (FROM_POD_RULE_PRIORITY, Some(src), None) => one(Some(src)),
+        _ => None,
+    }
 }
 
 /// Adds a rule; EEXIST is fine. Returns whether this call created it.

@@ -68,7 +68,6 @@ pub const NFT_TABLE: &str = "aws-cni";
 pub const LEGACY_CONNMARK_CHAIN: &str = "AWS-CONNMARK-CHAIN-0";
 
 const MAIN_TABLE: u32 = 254;
-const AGENT_MARKER: &[&str] = &["vpc-cni-agent"];
 
 /// The routing table of the ENI at `device` on network card 0 (`CalculateRouteTableId`,
 /// `pkg/networkutils/helper.go`): main for the primary ENI, `device + 1` otherwise.
@@ -773,7 +772,7 @@ fn link_by_mac<'a>(links: &'a [IpLink], mac: &str) -> Option<&'a IpLink> {
 
 /// The running vpc-cni agent of `instance`, if any (its pid).
 pub fn agent_pid(instance: &str) -> Option<i32> {
-    procs::read_pid(&paths::agent_pid(instance)).filter(|p| procs::is_ours(*p, AGENT_MARKER))
+    procs::read_pid(&paths::agent_pid(instance)).filter(|p| procs::is_ours(*p, paths::AGENT_MARKER))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,8 +15,6 @@ use testkit::procs;
 use crate::store::{self, LabState};
 use crate::{daemon, paths, pods};
 
-const AGENT_MARKER: &[&str] = &["vpc-cni-agent"];
-
 fn make_node_dirs(instance: &str) -> Result<()> {
     for d in [
         "etc/cni/net.d",
@@ -165,7 +163,8 @@ pub fn down() -> Result<()> {
         for e in entries.flatten() {
             let pf = e.path().join("agent.pid");
             if pf.exists()
-                && let Err(err) = procs::stop(&pf, AGENT_MARKER, false, Duration::from_secs(5))
+                && let Err(err) =
+                    procs::stop(&pf, paths::AGENT_MARKER, false, Duration::from_secs(5))
             {
                 errors.push(format!("{err:#}"));
             }
@@ -248,7 +247,7 @@ pub fn status() -> Result<()> {
     for inst in &world.instances {
         let agent = if inst.node {
             match procs::read_pid(&paths::agent_pid(&inst.name)) {
-                Some(p) if procs::is_ours(p, AGENT_MARKER) => format!("agent pid {p}"),
+                Some(p) if procs::is_ours(p, paths::AGENT_MARKER) => format!("agent pid {p}"),
                 _ => "agent not running".to_string(),
             }
         } else {
@@ -309,7 +308,7 @@ pub fn agent_start(instance: &str, extra: &[(String, String)], region: &str) -> 
         bail!("no namespace {ins}: is {instance:?} an instance of the lab, and is the lab up?");
     }
     if let Some(p) = procs::read_pid(&paths::agent_pid(instance))
-        && procs::is_ours(p, AGENT_MARKER)
+        && procs::is_ours(p, paths::AGENT_MARKER)
     {
         bail!(
             "the agent of {instance} is already running (pid {p}); use `vpc-lab agent restart {instance}`"
@@ -442,7 +441,7 @@ pub fn wait_agent_ready(instance: &str, timeout: Duration) -> Result<()> {
     let sock = paths::agent_socket(instance);
     loop {
         let pid = procs::read_pid(&paths::agent_pid(instance));
-        let alive = pid.is_some_and(|p| procs::is_ours(p, AGENT_MARKER));
+        let alive = pid.is_some_and(|p| procs::is_ours(p, paths::AGENT_MARKER));
         if !alive {
             bail!(
                 "the agent of {instance} exited before it was ready; last lines of {}:\n{}",
@@ -479,7 +478,7 @@ pub fn agent_start_ready(instance: &str, extra: &[(String, String)]) -> Result<u
 /// `vpc-lab agent stop|kill <instance>`.
 pub fn agent_stop(instance: &str, hard: bool) -> Result<()> {
     let pf = paths::agent_pid(instance);
-    if !procs::stop(&pf, AGENT_MARKER, hard, Duration::from_secs(10))? {
+    if !procs::stop(&pf, paths::AGENT_MARKER, hard, Duration::from_secs(10))? {
         bail!(
             "the agent of {instance} is not running (no live process in {})",
             pf.display()

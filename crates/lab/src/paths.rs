@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 pub const RUN_DIR: &str = "/run/vpc-lab";
 
 /// The CNI network configuration the agent writes when it is ready.
-pub const CONFLIST: &str = "10-vpc-cni.conflist";
+pub use agent::install::CONFLIST_NAME as CONFLIST;
 
 pub fn run_dir() -> PathBuf {
     PathBuf::from(RUN_DIR)
@@ -66,6 +66,9 @@ pub fn cni_bin_dir(instance: &str) -> PathBuf {
 pub fn agent_socket(instance: &str) -> PathBuf {
     inst_dir(instance).join("run/vpc-cni/agent.sock")
 }
+
+/// What the process in [`agent_pid`] must show in its `/proc` cmdline before it is signalled.
+pub const AGENT_MARKER: &[&str] = &["vpc-cni-agent"];
 
 pub fn agent_pid(instance: &str) -> PathBuf {
     inst_dir(instance).join("agent.pid")

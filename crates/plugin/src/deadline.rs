@@ -83,15 +83,6 @@ impl Deadline {
     }
 }
 
-/// `d` in whole milliseconds, rounded up (a poll(2) timeout that never wakes early and so
-/// never spins on a sub-millisecond remainder), at most `i32::MAX`.
-pub fn ceil_millis(d: Duration) -> i32 {
-    d.as_nanos()
-        .div_ceil(1_000_000)
-        .try_into()
-        .unwrap_or(i32::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,10 +140,15 @@ mod tests {
 
     #[test]
     fn poll_timeouts_round_up() {
-        assert_eq!(ceil_millis(Duration::ZERO), 0);
-        assert_eq!(ceil_millis(Duration::from_nanos(1)), 1);
-        assert_eq!(ceil_millis(Duration::from_micros(1500)), 2);
-        assert_eq!(ceil_millis(Duration::from_millis(7)), 7);
-        assert_eq!(ceil_millis(Duration::from_secs(u64::MAX)), i32::MAX);
+        use nix::poll::PollTimeout;
+        let t = |d| i32::from(proto::poll_timeout(d));
+        assert_eq!(t(Duration::ZERO), 0);
+        assert_eq!(t(Duration::from_nanos(1)), 1);
+        assert_eq!(t(Duration::from_micros(1500)), 2);
+        assert_eq!(t(Duration::from_millis(7)), 7);
+        assert_eq!(
+            proto::poll_timeout(Duration::from_secs(u64::MAX)),
+            PollTimeout::MAX
+        );
     }
 }

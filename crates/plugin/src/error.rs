@@ -247,7 +247,14 @@ impl PluginError {
                 }
             }
             PluginError::AgentRefused { code, message } if agent_code_is_valid(*code) => {
-                CniError::new(*code, message.clone(), String::new())
+                let msg = if message.trim().is_empty() {
+                    format!(
+                        "the vpc-cni agent refused the request (code {code}) without saying why"
+                    )
+                } else {
+                    message.clone()
+                };
+                CniError::new(*code, msg, String::new())
             }
             // 0 would read as success, 4294967295 as nothing at all: a code the agent may not
             // send is reported as what it is, with the agent's message kept.
@@ -376,6 +383,12 @@ mod tests {
             }
             .to_cni();
             assert_eq!((e.code, e.msg.as_str()), (ok, "m"));
+            let empty = PluginError::AgentRefused {
+                code: ok,
+                message: " ".into(),
+            }
+            .to_cni();
+            assert!(empty.msg.contains("without saying why"), "{}", empty.msg);
         }
         for bad in [0, 12, 50, 51, 99, 100, 101, 103, 998, 1000, 4294967295] {
             assert!(!agent_code_is_valid(bad), "{bad}");

@@ -7,9 +7,9 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::{PollFd, PollFlags, poll};
 
-use crate::deadline::{Deadline, ceil_millis};
+use crate::deadline::Deadline;
 
 /// The largest network configuration accepted (a real one is a few KiB, a chained
 /// prevResult or a GC attachment list of thousands of pods some hundred KiB).
@@ -42,7 +42,7 @@ pub fn read_until_eof(
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        let timeout = poll_timeout(deadline.remaining());
+        let timeout = proto::poll_timeout(deadline.remaining());
         let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
         match poll(&mut fds, timeout) {
             Ok(0) => {
@@ -75,10 +75,6 @@ pub fn read_until_eof(
             Err(e) => return Err(StdinError::Io(e.into())),
         }
     }
-}
-
-fn poll_timeout(left: Duration) -> PollTimeout {
-    PollTimeout::try_from(ceil_millis(left)).unwrap_or(PollTimeout::MAX)
 }
 
 #[cfg(test)]

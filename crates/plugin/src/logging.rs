@@ -19,14 +19,14 @@ use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::{PollFd, PollFlags, poll};
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{DEFAULT_FILE_LOG_LEVEL, DEFAULT_STDERR_LOG_LEVEL, PluginConfig};
-use crate::deadline::{Deadline, ceil_millis};
+use crate::deadline::Deadline;
 use crate::error::PluginError;
 
 /// Install the global subscriber. Before the configuration is known (or when it is invalid),
@@ -176,7 +176,7 @@ impl Write for BoundedStderr {
         let stderr = io::stderr();
         loop {
             let left = self.deadline.saturating_duration_since(Instant::now());
-            let timeout = PollTimeout::try_from(ceil_millis(left)).unwrap_or(PollTimeout::MAX);
+            let timeout = proto::poll_timeout(left);
             let mut fds = [PollFd::new(stderr.as_fd(), PollFlags::POLLOUT)];
             match poll(&mut fds, timeout) {
                 Ok(0) => {

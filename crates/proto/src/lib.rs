@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, sockopt};
 use nix::sys::time::TimeVal;
 
@@ -30,8 +30,17 @@ use serde::{Deserialize, Serialize};
 /// Bumped whenever a message changes incompatibly.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Frames larger than this are refused (a request is a few hundred bytes).
-pub const MAX_FRAME: usize = 4 << 20;
+/// Frames larger than this are refused, by the plugin before it sends and by the agent before
+/// it allocates: a request is a few hundred bytes, but a GC lists every attachment of the node
+/// (~110 bytes each; 256 KiB holds ~2 000).
+pub const MAX_FRAME: usize = 256 << 10;
+
+/// A poll(2) timeout for `left`: whole milliseconds rounded up, so a wait never wakes early and
+/// never spins on a sub-millisecond remainder.
+pub fn poll_timeout(left: std::time::Duration) -> nix::poll::PollTimeout {
+    let ms = left.as_nanos().div_ceil(1_000_000);
+    nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX)
+}
 
 /// The default socket path on a node.
 pub const DEFAULT_SOCKET: &str = "/run/vpc-cni/agent.sock";
@@ -356,11 +365,8 @@ fn wait(
 ) -> Result<(), ProtoError> {
     loop {
         let left = clock.left(stage)?;
-        // whole milliseconds, rounded up: never wakes early, never spins
-        let ms = left.as_nanos().div_ceil(1_000_000);
-        let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(stream.as_fd(), events)];
-        match poll(&mut fds, timeout) {
+        match poll(&mut fds, poll_timeout(left)) {
             Ok(0) | Err(Errno::EINTR) => continue,
             Ok(_) => return Ok(()),
             Err(e) => return Err(io::Error::from(e).into()),

@@ -80,7 +80,7 @@ fn aws_node_fixture_is_wired_reachable_and_judged() {
     // The node's files in the reference's format.
     let conf = lab::paths::conf_dir(NODE);
     assert!(conf.join("10-aws.conflist").is_file());
-    assert!(!conf.join("10-vpc-cni.conflist").exists());
+    assert!(!conf.join(lab::paths::CONFLIST).exists());
     let cp: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(lab::paths::agent_checkpoint(NODE)).expect("checkpoint"),
     )
@@ -200,10 +200,10 @@ fn aws_node_fixture_is_wired_reachable_and_judged() {
     assert!(check().0, "accepted again once restored");
 
     // A vpc-cni leftover: its conflist next to aws-node's.
-    std::fs::write(conf.join("10-vpc-cni.conflist"), "{}").unwrap();
+    std::fs::write(conf.join(lab::paths::CONFLIST), "{}").unwrap();
     let (ok, out) = check();
-    assert!(!ok && out.contains("10-vpc-cni.conflist"), "{out}");
-    std::fs::remove_file(conf.join("10-vpc-cni.conflist")).unwrap();
+    assert!(!ok && out.contains(lab::paths::CONFLIST), "{out}");
+    std::fs::remove_file(conf.join(lab::paths::CONFLIST)).unwrap();
 
     // A checkpoint entry under vpc-cni's network name.
     let cpf = lab::paths::agent_checkpoint(NODE);

@@ -766,3 +766,219 @@ fn an_eni_tagged_no_manage_is_left_alone() {
         "its addresses were not touched"
     );
 }
+
+/// Issue 14, class 4: the world changes under the agent. Behind its back (straight to moto,
+/// as the console or another tool would), a pod's address is unassigned, a free address is
+/// unassigned, and an ENI holding pods is detached. Within its reconcile period (60 s, plus its
+/// 30 s grace for addresses it changed itself) the agent reports the affected pods (lost, with
+/// the reason, in its state and metrics), hands none of those addresses out again, and
+/// recovers the pool (the detached ENI's device index is used again); the lost pods' DELs
+/// drop their addresses instead of freeing them.
+#[test]
+#[ignore = "root: brings up the lab (network namespaces)"]
+fn out_of_band_unassign_and_detach_are_noticed_and_the_pool_recovers() {
+    require_lab();
+    let _serial = serial();
+    let _down = Down;
+    let t0 = Instant::now();
+    up(&["--fresh-nodes"]);
+    let ec2 = Ec2::new();
+    let i1 = instance_id("instance1");
+    let (_, per_eni) = limits(&ec2, "m5.large");
+    let per = per_eni - 1;
+    // The primary ENI full, a few pods on a second ENI (device 1), a third warm one.
+    let mut pods: BTreeMap<String, Ipv4Addr> = BTreeMap::new();
+    for n in 0..(per + 3) {
+        let name = format!("oob/p{n:02}");
+        let (ip, _) = pod_add_retry("instance1", &name, Duration::from_secs(60));
+        pods.insert(name, ip);
+    }
+    let state = wait_for(
+        Duration::from_secs(60),
+        "instance1's agent to hold a warm ENI",
+        || agent_state("instance1").filter(|s| s["stats"]["enis"].as_u64() == Some(3)),
+        || format!("{:?}", agent_state("instance1").map(|s| s["stats"].clone())),
+    );
+    let pod_eni = |ip: Ipv4Addr| -> (String, u64) {
+        let p = state["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["ip"] == ip.to_string())
+            .unwrap_or_else(|| panic!("{ip} not in the agent's pods: {state}"));
+        (
+            p["eni"].as_str().unwrap().to_string(),
+            p["deviceNumber"].as_u64().unwrap(),
+        )
+    };
+    let (unassigned_pod, unassigned_ip) = pods
+        .iter()
+        .map(|(p, ip)| (p.clone(), *ip))
+        .find(|(_, ip)| pod_eni(*ip).1 == 0)
+        .expect("a pod on the primary ENI");
+    let primary_eni = pod_eni(unassigned_ip).0;
+    let detached: Vec<(String, Ipv4Addr)> = pods
+        .iter()
+        .filter(|(_, ip)| pod_eni(**ip).1 == 1)
+        .map(|(p, ip)| (p.clone(), *ip))
+        .collect();
+    assert!(!detached.is_empty(), "pods on device 1: {state}");
+    let eni1 = pod_eni(detached[0].1).0;
+    let attached = ec2.attached(&i1);
+    let eni1_ips: BTreeSet<Ipv4Addr> = attached
+        .iter()
+        .find(|e| e.id == eni1)
+        .unwrap()
+        .secondary_ips
+        .iter()
+        .copied()
+        .collect();
+    let warm = attached
+        .iter()
+        .find(|e| e.attachment.as_ref().is_some_and(|a| a.device_index == 2))
+        .expect("a warm ENI at device 2");
+    let free_ip = warm.secondary_ips[0];
+
+    // Behind the agent's back.
+    let c = &ec2.ec2;
+    ec2.rt
+        .block_on(c.unassign_private_ip_addresses(&primary_eni, &[unassigned_ip]))
+        .expect("UnassignPrivateIpAddresses (pod's address)");
+    ec2.rt
+        .block_on(c.unassign_private_ip_addresses(&warm.id, &[free_ip]))
+        .expect("UnassignPrivateIpAddresses (free address)");
+    let attachment = attached.iter().find(|e| e.id == eni1).unwrap();
+    let attachment_id = attachment
+        .attachment
+        .as_ref()
+        .unwrap()
+        .attachment_id
+        .clone();
+    ec2.rt
+        .block_on(c.detach_network_interface(&attachment_id, false))
+        .expect("DetachNetworkInterface");
+    let t_change = Instant::now();
+
+    // Noticed and reported within the reconcile period (and grace). (Should EC2 hand the
+    // unassigned address to this node again on its own ENI, its pod holds it again: that is
+    // counted as relisted, and it is no longer lost.)
+    let n = detached.len() as u64;
+    let state = wait_for(
+        Duration::from_secs(150),
+        &format!("instance1's agent to report 1 unassigned and {n} detached pod addresses"),
+        || {
+            agent_state("instance1").filter(|s| {
+                s["drift"]["lost"]["unassigned"].as_u64() == Some(1)
+                    && s["drift"]["lost"]["eni_detached"].as_u64() == Some(n)
+            })
+        },
+        || {
+            format!(
+                "{:?}",
+                agent_state("instance1").map(|s| (s["drift"].clone(), s["lost"].clone()))
+            )
+        },
+    );
+    eprintln!("noticed after {:?}: {}", t_change.elapsed(), state["drift"]);
+    let lost = state["lost"].as_array().unwrap();
+    let reason_of = |ip: Ipv4Addr| {
+        lost.iter()
+            .find(|l| l["ip"] == ip.to_string())
+            .map(|l| l["reason"].as_str().unwrap().to_string())
+    };
+    let relisted = state["drift"]["relisted"].as_u64().unwrap_or(0);
+    match reason_of(unassigned_ip).as_deref() {
+        Some("unassigned") => {}
+        None if relisted > 0 => eprintln!("EC2 handed {unassigned_ip} back to its ENI"),
+        other => panic!("{unassigned_ip}: {other:?} in {state}"),
+    }
+    for (_, ip) in &detached {
+        assert_eq!(reason_of(*ip).as_deref(), Some("eni_detached"), "{ip}");
+    }
+    assert!(
+        state["drift"]["removedFree"].as_u64().unwrap_or(0) >= 1,
+        "the free address and the detached ENI's free ones left the pool: {}",
+        state["drift"]
+    );
+    let metrics = lab_quiet(&[
+        "exec",
+        "instance1",
+        "--",
+        "curl",
+        "-sf",
+        "--max-time",
+        "2",
+        "http://127.0.0.1:61678/metrics",
+    ]);
+    let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
+    for line in [
+        "vpccni_lost_addresses_total{reason=\"unassigned\"} 1".to_string(),
+        format!("vpccni_lost_addresses_total{{reason=\"eni_detached\"}} {n}"),
+        format!("awscni_force_removed_ips {}", n + 1),
+        "awscni_force_removed_enis 1".to_string(),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line:?} in\n{metrics}"
+        );
+    }
+
+    // The pool recovers, and no new pod gets an address a lost pod holds (EC2 may hand the
+    // unassigned ones out again; the free one may then go to a new pod): enough pods to need a
+    // new ENI, which takes the detached one's device index.
+    let taken: BTreeSet<Ipv4Addr> = eni1_ips.iter().copied().chain([unassigned_ip]).collect();
+    let mut new_pods: BTreeMap<String, Ipv4Addr> = BTreeMap::new();
+    for n in 0..(per + 2) {
+        let name = format!("oob/q{n:02}");
+        let (ip, _) = pod_add_retry("instance1", &name, Duration::from_secs(60));
+        assert!(
+            !taken.contains(&ip),
+            "{name} got {ip}, an address taken away"
+        );
+        new_pods.insert(name, ip);
+    }
+    let devices: Vec<(String, u32)> = ec2
+        .attached(&i1)
+        .iter()
+        .map(|e| (e.id.clone(), e.attachment.as_ref().unwrap().device_index))
+        .collect();
+    assert!(
+        devices.iter().any(|(id, d)| *d == 1 && *id != eni1),
+        "a new ENI at the detached one's device index: {devices:?}"
+    );
+    let mut live = new_pods.clone();
+    live.extend(
+        pods.iter()
+            .filter(|(p, _)| **p != unassigned_pod && !detached.iter().any(|(d, _)| d == *p))
+            .map(|(p, ip)| (p.clone(), *ip)),
+    );
+    assert_pods_hold_ec2_addresses(&ec2, &i1, &live);
+    let ips: Vec<Ipv4Addr> = live.values().copied().collect();
+    let unreached = unreachable("instance2", &ips);
+    assert!(
+        unreached.is_empty(),
+        "pods not reachable from instance2: {unreached:?}"
+    );
+
+    // The lost pods' DELs drop their addresses: not lost any more, not in the pool either.
+    pod_del_retry("instance1", &unassigned_pod, Duration::from_secs(30));
+    for (p, _) in &detached {
+        pod_del_retry("instance1", p, Duration::from_secs(30));
+    }
+    let state = agent_state("instance1").expect("the agent answers");
+    assert_eq!(state["lost"].as_array().map(Vec::len), Some(0), "{state}");
+    let in_pool: BTreeSet<String> = state["enis"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|u| u["available"].as_array().unwrap().iter())
+        .map(|ip| ip.as_str().unwrap().to_string())
+        .collect();
+    for ip in taken.iter().chain([&free_ip]) {
+        assert!(
+            !in_pool.contains(&ip.to_string()) || ec2.secondary_ips(&i1).contains(ip),
+            "{ip} is free in the agent's pool but not assigned to the instance in EC2"
+        );
+    }
+    eprintln!("out-of-band test {:?}", t0.elapsed());
+}

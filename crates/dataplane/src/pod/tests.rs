@@ -248,7 +248,7 @@ fn check_names_what_is_missing() {
     w.borrow_mut()
         .ns_mut("host")
         .rules
-        .retain(|r| r.priority != FROM_POD_RULE_PRIORITY);
+        .retain(|r| r.priority != crate::FROM_POD_RULE_PRIORITY);
     w.borrow_mut()
         .ns_mut("host")
         .routes
@@ -596,17 +596,17 @@ fn eni_setup_errors_name_the_problem() {
 }
 
 #[test]
-fn wired_pod_ips_follow_setup_and_teardown() {
+fn wired_pods_follow_setup_and_teardown() {
     let (_w, mut h, mut p) = world();
-    assert!(wired_pod_ips_with(&mut h).unwrap().is_empty());
+    assert!(wired_pods_with(&mut h).unwrap().is_empty());
     setup_pod_with(&mut h, &mut p, &spec(3)).unwrap();
     assert_eq!(
-        wired_pod_ips_with(&mut h)
+        wired_pods_with(&mut h)
             .unwrap()
             .into_iter()
             .collect::<Vec<_>>(),
-        vec![IP]
+        vec![(IP, "enia1b2c3d4e5f".to_string())]
     );
     teardown_pod_with(&mut h, Some(&mut p), &td(Some("enia1b2c3d4e5f"))).unwrap();
-    assert!(wired_pod_ips_with(&mut h).unwrap().is_empty());
+    assert!(wired_pods_with(&mut h).unwrap().is_empty());
 }
