@@ -548,17 +548,7 @@ mod tests {
 mod fuzz {
     use super::*;
     use proptest::prelude::*;
-
-    /// `cases` cases, unless `PROPTEST_CASES` is set (proptest's default configuration reads
-    /// it); failures are not persisted to files in the tree.
-    fn config(cases: u32) -> ProptestConfig {
-        let mut c = ProptestConfig::default();
-        if std::env::var_os("PROPTEST_CASES").is_none() {
-            c.cases = cases;
-        }
-        c.failure_persistence = None;
-        c
-    }
+    use testkit::fuzz::{config, mutate};
 
     fn ipv4() -> impl Strategy<Value = Ipv4Addr> {
         any::<u32>().prop_map(Ipv4Addr::from)
@@ -652,22 +642,6 @@ mod fuzz {
                     clock,
                 },
             )
-    }
-
-    /// (position, operation, byte): operation 0 overwrites, 1 inserts, 2 deletes.
-    fn mutate(mut doc: Vec<u8>, m: &[(usize, u8, u8)]) -> Vec<u8> {
-        for &(pos, op, b) in m {
-            let at = pos % (doc.len() + 1);
-            match op {
-                0 if at < doc.len() => doc[at] = b,
-                1 => doc.insert(at, b),
-                _ if at < doc.len() => {
-                    doc.remove(at);
-                }
-                _ => {}
-            }
-        }
-        doc
     }
 
     /// File contents: arbitrary bytes, white space, a real checkpoint with a few bytes

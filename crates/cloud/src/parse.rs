@@ -261,17 +261,7 @@ mod tests {
 mod fuzz {
     use super::*;
     use proptest::prelude::*;
-
-    /// `cases` cases, unless `PROPTEST_CASES` is set (proptest's default configuration reads
-    /// it); failures are not persisted to files in the tree.
-    fn config(cases: u32) -> ProptestConfig {
-        let mut c = ProptestConfig::default();
-        if std::env::var_os("PROPTEST_CASES").is_none() {
-            c.cases = cases;
-        }
-        c.failure_persistence = None;
-        c
-    }
+    use testkit::fuzz::config;
 
     /// What an IMDS answer might be: arbitrary text, text of the right alphabet, or a
     /// well-formed value with a few characters changed.

@@ -168,6 +168,7 @@ mod fuzz {
 
     use super::*;
     use proptest::prelude::*;
+    use testkit::fuzz::config;
 
     static RT: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -176,17 +177,6 @@ mod fuzz {
             .build()
             .unwrap()
     });
-
-    /// `cases` cases, unless `PROPTEST_CASES` is set (proptest's default configuration
-    /// reads it); failures are not persisted to files in the tree.
-    fn config(cases: u32) -> ProptestConfig {
-        let mut c = ProptestConfig::default();
-        if std::env::var_os("PROPTEST_CASES").is_none() {
-            c.cases = cases;
-        }
-        c.failure_persistence = None;
-        c
-    }
 
     /// Arbitrary text, text of the alphabet IMDS values use, or the real value with a few
     /// characters changed.

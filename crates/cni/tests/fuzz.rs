@@ -18,18 +18,7 @@ use cni::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
-
-/// proptest's configuration for these properties: `cases` cases, unless `PROPTEST_CASES` is
-/// set (proptest's default configuration reads it); failures are not persisted to files in
-/// the tree (a regression found is kept as a plain unit test).
-fn config(cases: u32) -> ProptestConfig {
-    let mut c = ProptestConfig::default();
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        c.cases = cases;
-    }
-    c.failure_persistence = None;
-    c
-}
+use testkit::fuzz::{Field, config, mutate, mutations};
 
 // ---------------------------------------------------------------------------------------
 // strategies
@@ -148,26 +137,6 @@ fn stdin_bytes() -> impl Strategy<Value = Vec<u8>> {
         }),
         deep_nesting(),
     ]
-}
-
-/// (position, operation, byte): operation 0 overwrites, 1 inserts, 2 deletes.
-fn mutations() -> impl Strategy<Value = Vec<(usize, u8, u8)>> {
-    prop::collection::vec((any::<usize>(), 0u8..3, any::<u8>()), 0..6)
-}
-
-fn mutate(mut doc: Vec<u8>, m: &[(usize, u8, u8)]) -> Vec<u8> {
-    for &(pos, op, b) in m {
-        let at = pos % (doc.len() + 1);
-        match op {
-            0 if at < doc.len() => doc[at] = b,
-            1 => doc.insert(at, b),
-            _ if at < doc.len() => {
-                doc.remove(at);
-            }
-            _ => {}
-        }
-    }
-    doc
 }
 
 /// Arrays and objects nested up to 100 000 deep, closed or not, in the places a parser
@@ -329,22 +298,6 @@ fn attachments_json(list: &[Attachment]) -> Value {
     )
 }
 
-/// A configuration key: left out, given a value the parser must accept, or given anything.
-#[derive(Debug, Clone)]
-enum Field {
-    Absent,
-    Good,
-    Any(Value),
-}
-
-fn field() -> impl Strategy<Value = Field> {
-    prop_oneof![
-        1 => Just(Field::Absent),
-        4 => Just(Field::Good),
-        2 => json_value().prop_map(Field::Any),
-    ]
-}
-
 // ---------------------------------------------------------------------------------------
 // the network configuration
 
@@ -377,7 +330,7 @@ proptest! {
         plugin_type in ".{1,12}",
         prev in cni_result(),
         valid in prop::collection::vec(attachment(), 0..4),
-        fields in prop::collection::vec(field(), 6),
+        fields in prop::collection::vec(testkit::fuzz::field(4, json_value()), 6),
         extra in prop::collection::btree_map("x[a-z]{0,6}", json_value(), 0..3),
     ) {
         let keys = [

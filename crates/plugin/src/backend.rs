@@ -138,9 +138,12 @@ fn not_nsfs(fs_type: FsType) -> NetnsState {
     ))
 }
 
-fn file_kind(t: std::fs::FileType) -> &'static str {
+/// What a file that is not a regular file is, for messages (`CNI_NETNS`, `pluginLogFile`).
+pub(crate) fn file_kind(t: std::fs::FileType) -> &'static str {
     if t.is_dir() {
         "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
     } else if t.is_fifo() {
         "a FIFO"
     } else if t.is_char_device() {

@@ -12,7 +12,7 @@
 use std::fs::{File, FileType, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -130,21 +130,7 @@ pub fn open_log_file(path: &Path) -> Result<File, String> {
 }
 
 fn not_regular(t: FileType) -> String {
-    not_regular_text(if t.is_dir() {
-        "a directory"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "of another kind"
-    })
+    not_regular_text(crate::backend::file_kind(t))
 }
 
 fn not_regular_text(what: &str) -> String {

@@ -14,17 +14,7 @@ use proto::{
     Allocation, AttachmentKey, MAX_FRAME, PROTOCOL_VERSION, PodRef, ProtoError, Request, Response,
     StatusReply, decode, encode, read_frame,
 };
-
-/// `cases` cases, unless `PROPTEST_CASES` is set (proptest's default configuration reads
-/// it); failures are not persisted to files in the tree.
-fn config(cases: u32) -> ProptestConfig {
-    let mut c = ProptestConfig::default();
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        c.cases = cases;
-    }
-    c.failure_persistence = None;
-    c
-}
+use testkit::fuzz::{config, mutate, mutations};
 
 fn ipv4() -> impl Strategy<Value = Ipv4Addr> {
     any::<u32>().prop_map(Ipv4Addr::from)
@@ -156,26 +146,6 @@ fn payload() -> impl Strategy<Value = Vec<u8>> {
             .into_bytes()
         }),
     ]
-}
-
-/// (position, operation, byte): operation 0 overwrites, 1 inserts, 2 deletes.
-fn mutations() -> impl Strategy<Value = Vec<(usize, u8, u8)>> {
-    prop::collection::vec((any::<usize>(), 0u8..3, any::<u8>()), 1..6)
-}
-
-fn mutate(mut doc: Vec<u8>, m: &[(usize, u8, u8)]) -> Vec<u8> {
-    for &(pos, op, b) in m {
-        let at = pos % (doc.len() + 1);
-        match op {
-            0 if at < doc.len() => doc[at] = b,
-            1 => doc.insert(at, b),
-            _ if at < doc.len() => {
-                doc.remove(at);
-            }
-            _ => {}
-        }
-    }
-    doc
 }
 
 proptest! {

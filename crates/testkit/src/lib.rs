@@ -8,6 +8,7 @@
 //! passes `--include-ignored`, so CI fails if one of them cannot run.
 
 pub mod cni;
+pub mod fuzz;
 pub mod moto;
 pub mod procs;
 pub mod repo;

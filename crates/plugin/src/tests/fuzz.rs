@@ -12,23 +12,13 @@ use std::path::PathBuf;
 
 use proptest::prelude::*;
 use serde_json::Map;
+use testkit::fuzz::{Field, config};
 use tracing::level_filters::LevelFilter;
 
 use super::*;
 use crate::config::{MAX_MTU, MIN_MTU, PluginConfig, parse_log_file};
 use crate::input::{StdinError, read_until_eof};
 use crate::plugin_code;
-
-/// `cases` cases, unless `PROPTEST_CASES` is set (proptest's default configuration reads
-/// it); failures are not persisted to files in the tree.
-fn config(cases: u32) -> ProptestConfig {
-    let mut c = ProptestConfig::default();
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        c.cases = cases;
-    }
-    c.failure_persistence = None;
-    c
-}
 
 const OUR_KEYS: [&str; 6] = [
     "mtu",
@@ -200,22 +190,6 @@ fn good() -> impl Strategy<Value = Good> {
     )
 }
 
-/// A key of the configuration: left out, given its right value, or given anything.
-#[derive(Debug, Clone)]
-enum Field {
-    Absent,
-    Good,
-    Any(Value),
-}
-
-fn field() -> impl Strategy<Value = Field> {
-    prop_oneof![
-        1 => Just(Field::Absent),
-        3 => Just(Field::Good),
-        2 => json_value().prop_map(Field::Any),
-    ]
-}
-
 /// A verb, and an agent answer: mostly one that fits the verb, else any (codes it may not
 /// send included), or none (the agent is unreachable).
 fn verb_and_answer() -> impl Strategy<Value = (&'static str, Option<Response>)> {
@@ -370,7 +344,7 @@ proptest! {
     /// Our keys, each left out, right, or anything: parsed to exactly what was written when
     /// every one is right; otherwise code 7 naming one key that was not.
     #[test]
-    fn fuzz_plugin_config_keys(good in good(), fields in prop::collection::vec(field(), 6)) {
+    fn fuzz_plugin_config_keys(good in good(), fields in prop::collection::vec(testkit::fuzz::field(3, json_value()), 6)) {
         let mut raw = Map::new();
         for ((k, f), g) in OUR_KEYS.iter().zip(&fields).zip(good.values()) {
             match f {
