@@ -683,6 +683,33 @@ async fn add_pod(p: &Provisioner<FakeEc2, FakeNode>, i: usize) {
     panic!("pod {i} never got an address");
 }
 
+/// The id of the ENI holding pod `i`'s address.
+fn eni_of(p: &Provisioner<FakeEc2, FakeNode>, i: usize) -> String {
+    p.state
+        .lock()
+        .unwrap()
+        .pool()
+        .lookup(&key(i))
+        .unwrap()
+        .eni
+        .id
+}
+
+/// A node with five pods: four on the primary ENI, the fifth on the ENI at device 1.
+async fn five_pods() -> (
+    tempfile::TempDir,
+    Arc<FakeEc2>,
+    Arc<Provisioner<FakeEc2, FakeNode>>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(4));
+    let p = boot(&ec2, dir.path(), WARM_ENI);
+    for i in 0..5 {
+        add_pod(&p, i).await;
+    }
+    (dir, ec2, p)
+}
+
 #[tokio::test]
 async fn warm_ip_mode_releases_surplus_and_deletes_empty_enis() {
     let dir = tempfile::tempdir().unwrap();
@@ -959,22 +986,9 @@ async fn a_lost_address_survives_a_restart_still_blocked() {
 
 #[tokio::test]
 async fn a_lost_address_ec2_lists_again_is_its_pods_again_or_parked() {
-    let dir = tempfile::tempdir().unwrap();
-    let ec2 = Arc::new(FakeEc2::new(4));
-    let p = boot(&ec2, dir.path(), WARM_ENI);
-    for i in 0..5 {
-        add_pod(&p, i).await;
-    }
+    let (_dir, ec2, p) = five_pods().await;
     // Pods 0-3 on the primary ENI, pod 4 on the ENI at device 1 (three free there).
-    let eni1 = p
-        .state
-        .lock()
-        .unwrap()
-        .pool()
-        .lookup(&key(4))
-        .unwrap()
-        .eni
-        .id;
+    let eni1 = eni_of(&p, 4);
     let (ip0, ip1) = (ip_of(&p, 0), ip_of(&p, 1));
     ec2.unassign_behind(ip0);
     ec2.unassign_behind(ip1);
@@ -1113,21 +1127,8 @@ async fn a_gc_releases_lost_addresses_too() {
 
 #[tokio::test]
 async fn a_stale_or_implausible_answer_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let ec2 = Arc::new(FakeEc2::new(4));
-    let p = boot(&ec2, dir.path(), WARM_ENI);
-    for i in 0..5 {
-        add_pod(&p, i).await;
-    }
-    let eni1 = p
-        .state
-        .lock()
-        .unwrap()
-        .pool()
-        .lookup(&key(4))
-        .unwrap()
-        .eni
-        .id;
+    let (_dir, ec2, p) = five_pods().await;
+    let eni1 = eni_of(&p, 4);
     let before = p.state.lock().unwrap().pool().stats(0);
     // The list by attachment leaves the ENI out once; asked by id, EC2 shows it attached.
     ec2.hide_once.lock().unwrap().push(eni1.clone());
@@ -1173,21 +1174,8 @@ async fn the_agents_own_changes_get_a_grace_period() {
 
 #[tokio::test]
 async fn an_unknown_eni_in_an_ec2_answer_triggers_a_reconcile() {
-    let dir = tempfile::tempdir().unwrap();
-    let ec2 = Arc::new(FakeEc2::new(4));
-    let p = boot(&ec2, dir.path(), WARM_ENI);
-    for i in 0..5 {
-        add_pod(&p, i).await;
-    }
-    let eni1 = p
-        .state
-        .lock()
-        .unwrap()
-        .pool()
-        .lookup(&key(4))
-        .unwrap()
-        .eni
-        .id;
+    let (_dir, ec2, p) = five_pods().await;
+    let eni1 = eni_of(&p, 4);
     // The pool thinks the ENI has room (so the planner assigns there); the ENI is deleted.
     let spare = p
         .state
@@ -1230,15 +1218,7 @@ async fn the_loop_reconciles_on_its_period_and_recovers_the_pool() {
         add_pod(&p, i).await;
     }
     converge(&p).await;
-    let eni1 = p
-        .state
-        .lock()
-        .unwrap()
-        .pool()
-        .lookup(&key(4))
-        .unwrap()
-        .eni
-        .id;
+    let eni1 = eni_of(&p, 4);
     let task = tokio::spawn(p.clone().run());
     tokio::time::sleep(Duration::from_millis(100)).await;
     ec2.detach_behind(&eni1);
