@@ -27,7 +27,7 @@ fn add(pod: &str) -> Result<u32> {
 
 fn del(pod: &str) -> Result<()> {
     crate::retry(&format!("DEL {pod}"), Duration::from_secs(120), || {
-        pods::del(NODE, pod)
+        pods::del(NODE, pod, pods::Print::Quiet)
     })
 }
 

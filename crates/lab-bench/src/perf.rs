@@ -221,19 +221,6 @@ fn ms(t: Instant) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Lab helpers.
 
-/// The agent's introspection state (`/v1/state` on 127.0.0.1:61679 inside the instance).
-fn agent_state(instance: &str) -> Option<Value> {
-    let out = ns::command(&ns::instance_ns(instance), "curl")
-        .ok()?
-        .args(["-sf", "--max-time", "2", "http://127.0.0.1:61679/v1/state"])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
 /// Waits until `instance`'s agent has stopped provisioning: its pool statistics unchanged for
 /// `quiet` (EC2 calls go to moto, which competes for the same two CPUs as the measurement).
 fn wait_settled(instance: &str, quiet: Duration, timeout: Duration) -> Result<()> {
@@ -241,7 +228,7 @@ fn wait_settled(instance: &str, quiet: Duration, timeout: Duration) -> Result<()
     let mut last = None;
     let mut since = Instant::now();
     loop {
-        let stats = agent_state(instance).map(|s| s["stats"].clone());
+        let stats = control::agent_state(instance).map(|s| s["stats"].clone());
         if stats.is_some() && stats == last {
             if since.elapsed() >= quiet {
                 return Ok(());
@@ -260,7 +247,7 @@ fn wait_settled(instance: &str, quiet: Duration, timeout: Duration) -> Result<()
 fn wait_available(instance: &str, n: u64, timeout: Duration) -> Result<u64> {
     let t = Instant::now();
     loop {
-        let a = agent_state(instance).and_then(|s| s["stats"]["available"].as_u64());
+        let a = control::agent_state(instance).and_then(|s| s["stats"]["available"].as_u64());
         if let Some(a) = a
             && a >= n
         {

@@ -486,3 +486,17 @@ pub fn agent_stop(instance: &str, hard: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// The agent's introspection state (`/v1/state` on 127.0.0.1:61679 inside the instance), or
+/// `None` when the agent does not answer within 2 s.
+pub fn agent_state(instance: &str) -> Option<serde_json::Value> {
+    let out = ns::command(&ns::instance_ns(instance), "curl")
+        .ok()?
+        .args(["-sf", "--max-time", "2", "http://127.0.0.1:61679/v1/state"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}

@@ -450,7 +450,7 @@ pub fn demo() -> Result<bool> {
     }
     println!("== deleting the demo pods");
     for (inst, pod) in added.iter().rev() {
-        if let Err(e) = pods::del(inst, pod) {
+        if let Err(e) = pods::del(inst, pod, pods::Print::Pretty) {
             eprintln!("pod del {inst} {pod}: {e:#}");
             if result.is_ok() {
                 result = Ok(false);

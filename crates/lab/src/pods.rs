@@ -321,13 +321,16 @@ fn check_instance(instance: &str) -> Result<()> {
     Ok(())
 }
 
-/// A CNI call that the plugin answered with an error; `vpc-lab` exits with its code.
+/// A CNI call that the plugin answered with an error (or that was killed at its deadline, with
+/// no answer); `vpc-lab` exits with its code.
 #[derive(Debug, thiserror::Error)]
 #[error("{what} failed (CNI error code {code}): {output}")]
 pub struct CniFailure {
     pub code: u32,
     pub what: String,
     pub output: String,
+    /// The signal that ended the plugin (a runtime's timeout kill).
+    pub signal: Option<i32>,
 }
 
 /// What `add` prints: the result (pretty or on one line) and each plugin call's stderr and time
@@ -353,6 +356,19 @@ pub fn add_with(
     print: Print,
     port_mappings: &[PortMapping],
 ) -> Result<PodRecord> {
+    add_until(instance, pod, print, port_mappings, None)
+}
+
+/// [`add_with`] as a runtime whose sandbox request times out at `deadline`: a plugin still
+/// running then is killed (SIGKILL), and the pod is torn down with DEL as after any failed
+/// ADD (the failure's `signal` says it was killed).
+pub fn add_until(
+    instance: &str,
+    pod: &str,
+    print: Print,
+    port_mappings: &[PortMapping],
+    deadline: Option<Instant>,
+) -> Result<PodRecord> {
     check_instance(instance)?;
     let (pns, pname) = parse_pod(pod)?;
     let rec = record_path(instance, &pns, &pname);
@@ -374,7 +390,7 @@ pub fn add_with(
         k8s_name: pname.clone(),
     };
     let caps = capability_args(port_mappings);
-    let (result, total) = match rt.add_with(&pod_ref, &caps)? {
+    let (result, total) = match rt.add_until(&pod_ref, &caps, deadline)? {
         Ok(ok) => ok,
         Err(failed) => {
             if print != Print::Quiet {
@@ -406,6 +422,7 @@ pub fn add_with(
                 code: u32::try_from(failed.error_code()).unwrap_or(0),
                 what: format!("CNI ADD of {pod} on {instance}"),
                 output: failed.stdout.trim().to_string(),
+                signal: std::os::unix::process::ExitStatusExt::signal(&failed.status),
             }
             .into());
         }
@@ -446,8 +463,8 @@ fn load_record(instance: &str, pod: &str) -> Result<PodRecord> {
     serde_json::from_slice(&b).with_context(|| format!("parsing {}", p.display()))
 }
 
-/// `vpc-lab pod del`.
-pub fn del(instance: &str, pod: &str) -> Result<()> {
+/// `vpc-lab pod del`: prints each failed plugin call and (unless `print` is `Quiet`) the time.
+pub fn del(instance: &str, pod: &str, print: Print) -> Result<()> {
     check_instance(instance)?;
     let r = load_record(instance, pod)?;
     let rt = runtime(instance)?;
@@ -455,16 +472,23 @@ pub fn del(instance: &str, pod: &str) -> Result<()> {
     let (failed, total) = rt.del_with(&r.pod_ref(), Some(&r.result), &r.capability_args)?;
     failed.iter().for_each(echo);
     let total = total.as_secs_f64() * 1000.0;
-    let errors: Vec<String> = failed.iter().map(|o| o.stdout.trim().to_string()).collect();
-    if !errors.is_empty() {
-        bail!(
-            "CNI DEL of {pod} on {instance} failed (pod namespace and record kept; retry `vpc-lab pod del`): {}",
-            errors.join("; ")
-        );
+    if let Some(first) = failed.first() {
+        let errors: Vec<String> = failed.iter().map(|o| o.stdout.trim().to_string()).collect();
+        return Err(CniFailure {
+            code: u32::try_from(first.error_code()).unwrap_or(0),
+            what: format!(
+                "CNI DEL of {pod} on {instance} (pod namespace and record kept; retry `vpc-lab pod del`)"
+            ),
+            output: errors.join("; "),
+            signal: std::os::unix::process::ExitStatusExt::signal(&first.status),
+        }
+        .into());
     }
     ns::del(&r.ns_name())?;
     std::fs::remove_file(record_path(instance, &r.namespace, &r.name))?;
-    eprintln!("DEL {pod} on {instance}: {total:.1} ms");
+    if print != Print::Quiet {
+        eprintln!("DEL {pod} on {instance}: {total:.1} ms");
+    }
     Ok(())
 }
 

@@ -310,6 +310,21 @@ impl Runtime {
         prev: Option<&Value>,
         caps: &CapabilityArgs,
     ) -> Result<Outcome, CniExecError> {
+        self.call_until(plugin, verb, pod, prev, caps, None)
+    }
+
+    /// [`call_with`](Self::call_with), killing the plugin (SIGKILL) if it is still running at
+    /// `deadline`, as a runtime whose request timed out does. A killed plugin's outcome has
+    /// the signal in its status.
+    fn call_until(
+        &self,
+        plugin: &Map<String, Value>,
+        verb: &str,
+        pod: &PodRef,
+        prev: Option<&Value>,
+        caps: &CapabilityArgs,
+        deadline: Option<Instant>,
+    ) -> Result<Outcome, CniExecError> {
         let ty = plugin
             .get("type")
             .and_then(Value::as_str)
@@ -341,7 +356,36 @@ impl Runtime {
         let mut child = cmd.spawn().map_err(exec)?;
         // A plugin that exits without reading its stdin closes the pipe: that is its answer.
         let _ = child.stdin.take().expect("piped").write_all(&stdin);
-        let out = child.wait_with_output().map_err(exec)?;
+        let out = match deadline {
+            None => child.wait_with_output().map_err(exec)?,
+            Some(deadline) => {
+                let read = |mut r: Box<dyn std::io::Read + Send>| {
+                    std::thread::spawn(move || {
+                        let mut b = Vec::new();
+                        let _ = r.read_to_end(&mut b);
+                        b
+                    })
+                };
+                let stdout = read(Box::new(child.stdout.take().expect("piped")));
+                let stderr = read(Box::new(child.stderr.take().expect("piped")));
+                let status = loop {
+                    if let Some(s) = child.try_wait().map_err(exec)? {
+                        break s;
+                    }
+                    if Instant::now() >= deadline {
+                        // Not reaped yet, so the pid is still this child's.
+                        let _ = child.kill();
+                        break child.wait().map_err(exec)?;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                };
+                std::process::Output {
+                    status,
+                    stdout: stdout.join().unwrap_or_default(),
+                    stderr: stderr.join().unwrap_or_default(),
+                }
+            }
+        };
         Ok(Outcome {
             ty,
             verb: verb.to_string(),
@@ -366,10 +410,22 @@ impl Runtime {
         pod: &PodRef,
         caps: &CapabilityArgs,
     ) -> Result<Result<(Value, Duration), Outcome>, CniExecError> {
+        self.add_until(pod, caps, None)
+    }
+
+    /// [`add_with`](Self::add_with) that kills the running plugin at `deadline`, as a runtime
+    /// does when its sandbox request times out (the caller then tears down with DEL, as
+    /// kubelet does). The killed plugin's outcome is the failed call.
+    pub fn add_until(
+        &self,
+        pod: &PodRef,
+        caps: &CapabilityArgs,
+        deadline: Option<Instant>,
+    ) -> Result<Result<(Value, Duration), Outcome>, CniExecError> {
         let mut prev: Option<Value> = None;
         let mut total = Duration::ZERO;
         for plugin in &self.conf.plugins {
-            let o = self.call_with(plugin, "ADD", pod, prev.as_ref(), caps)?;
+            let o = self.call_until(plugin, "ADD", pod, prev.as_ref(), caps, deadline)?;
             total += o.elapsed;
             if !o.ok() {
                 return Ok(Err(o));

@@ -471,23 +471,10 @@ pub fn ec2_total(instance: &str, field: &str) -> u64 {
         .sum()
 }
 
-/// The agent's pool statistics from its introspection endpoint (127.0.0.1:61679 in the
-/// instance): `stats.available` etc., or `None` when the agent does not answer.
+/// The agent's introspection state (`stats.available` etc.), or `None` when the agent does
+/// not answer.
 pub fn agent_state(instance: &str) -> Option<serde_json::Value> {
-    let out = lab_quiet(&[
-        "exec",
-        instance,
-        "--",
-        "curl",
-        "-sf",
-        "--max-time",
-        "2",
-        "http://127.0.0.1:61679/v1/state",
-    ]);
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
+    lab::control::agent_state(instance)
 }
 
 pub fn agent_available(instance: &str) -> Option<usize> {
