@@ -318,7 +318,15 @@ pub struct Provisioner<C: Cloud, N: NodeNet> {
     recent: Mutex<Recent>,
     /// Device indexes EC2 last listed for attached ENIs outside the pool: not free.
     foreign_devices: Mutex<Vec<u32>>,
+    /// ENIs of the pool detached behind the agent's back, and since when: deleted once EC2
+    /// shows them detached (see [`ORPHAN_WATCH`]).
+    orphans: Mutex<BTreeMap<String, tokio::time::Instant>>,
 }
+
+/// How long a reconcile keeps looking for an ENI detached behind the agent's back to delete
+/// it (it stays `detaching` for a while; someone may also attach it elsewhere, and then it is
+/// not ours to delete).
+pub const ORPHAN_WATCH: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Default)]
 struct Recent {
@@ -346,6 +354,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             last_decrease: Mutex::new(None),
             subnet_full_until: Mutex::new(None),
             next_reconcile: Mutex::new(tokio::time::Instant::now() + settings_interval),
+            orphans: Mutex::default(),
             reconcile_now: AtomicBool::new(false),
             recent: Mutex::new(Recent::default()),
             foreign_devices: Mutex::new(Vec::new()),
@@ -399,7 +408,30 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
     /// the next reconcile is due a period after a success, [`RECONCILE_RETRY`] after a failure.
     pub async fn reconcile(&self) -> Result<Reconciled, ProvisionError> {
         self.reconcile_now.store(false, Ordering::SeqCst);
-        let result = self.reconcile_once().await;
+        let mut result = self.reconcile_once().await;
+        if let Ok(r) = &result {
+            let now = tokio::time::Instant::now();
+            let watching = {
+                let mut o = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+                for id in &r.enis_detached {
+                    o.insert(id.clone(), now);
+                }
+                o.retain(|_, since| now.duration_since(*since) < ORPHAN_WATCH);
+                !o.is_empty()
+            };
+            // An ENI detached behind the agent's back is tagged with this instance and
+            // held no pods the agent still serves: a leak once it is detached.
+            if watching {
+                match self.delete_leaked().await {
+                    Ok(deleted) => self
+                        .orphans
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .retain(|id, _| !deleted.contains(id)),
+                    Err(e) => result = Err(e),
+                }
+            }
+        }
         let next = match &result {
             Ok(_) => self.settings.reconcile_interval,
             Err(_) => RECONCILE_RETRY.min(self.settings.reconcile_interval),
@@ -649,7 +681,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             st.intents.remove(&intent.id);
             self.save(&st)?;
         }
-        self.delete_leaked().await
+        self.delete_leaked().await.map(drop)
     }
 
     /// The ENIs an intent may have produced: by its recorded id, or by its tag.
@@ -726,8 +758,9 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         })
     }
 
-    /// Deletes ENIs tagged with this instance that are not attached (status `available`).
-    pub async fn delete_leaked(&self) -> Result<(), ProvisionError> {
+    /// Deletes ENIs tagged with this instance that are not attached (status `available`);
+    /// returns their ids.
+    pub async fn delete_leaked(&self) -> Result<Vec<String>, ProvisionError> {
         let leaked = self
             .cloud
             .describe_enis(&[
@@ -735,14 +768,16 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                 Filter::eq("status", "available"),
             ])
             .await?;
+        let mut deleted = Vec::new();
         for eni in leaked {
             if crate::cloud_api::unmanaged_reason(&eni).is_some() || eni.attachment.is_some() {
                 continue;
             }
             warn!(eni = %eni.id, "deleting a leaked ENI (tagged with this instance, not attached)");
             self.remove_eni_in_ec2(&eni).await?;
+            deleted.push(eni.id);
         }
-        Ok(())
+        Ok(deleted)
     }
 
     /// Plans and executes one action. `Ok(None)`: the pool is where the targets want it (or

@@ -8,7 +8,10 @@
 //! addresses this node's ENIs carry. From those:
 //!
 //! - a sound checkpoint is restored; allocations no pod is wired to are pruned (their DEL ran
-//!   while the agent was down), as before;
+//!   while the agent was down), as before; those too young to judge ([`PRUNE_MIN_AGE_MS`]:
+//!   their ADD may still be wiring the pod, or was cut off by the restart, and the runtime's
+//!   DEL then tore down nothing while the agent was down) are looked at again once that old
+//!   and released if still unwired ([`watch_rebuilt`]);
 //! - a checkpoint that is empty, truncated, corrupt or of another version is renamed aside
 //!   (`ipam.json.corrupt-<unix seconds>`), logged as an error and counted in
 //!   `vpccni_checkpoint_rebuilds_total{reason}`; the agent starts from an empty pool;
@@ -227,8 +230,10 @@ impl Recovery {
 }
 
 /// Releases rebuilt allocations whose pod is gone: [`RESCAN_SETTLE`] after each wake-up (a DEL
-/// or GC that may concern one), and every [`RESCAN_PERIOD`]; only while any remain. `scan`
-/// lists the addresses wired on the node (blocking).
+/// or GC that may concern one), and every [`RESCAN_PERIOD`]; only while any remain. Also
+/// releases the allocations restored unwired at start once they are [`PRUNE_MIN_AGE_MS`] old
+/// and still unwired ([`State::release_unconfirmed`]). `scan` lists the addresses wired on
+/// the node (blocking).
 pub async fn watch_rebuilt<F>(
     state: Arc<Mutex<State>>,
     wake: Arc<Notify>,
@@ -239,10 +244,8 @@ pub async fn watch_rebuilt<F>(
     F: Fn() -> Result<BTreeSet<Ipv4Addr>, DataplaneError> + Clone + Send + 'static,
 {
     let any_rebuilt = |s: &Arc<Mutex<State>>| {
-        !s.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .rebuilt()
-            .is_empty()
+        let s = s.lock().unwrap_or_else(|p| p.into_inner());
+        !s.rebuilt().is_empty() || !s.unconfirmed.is_empty()
     };
     let mut last_error: Option<String> = None;
     loop {
@@ -269,12 +272,18 @@ pub async fn watch_rebuilt<F>(
             }
         };
         last_error = None;
-        let released = state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .release_unwired_rebuilt(&wired);
+        let (released, unfinished) = {
+            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                s.release_unwired_rebuilt(&wired),
+                s.release_unconfirmed(&wired, PRUNE_MIN_AGE_MS),
+            )
+        };
         for (key, ip) in released {
             info!(%key, %ip, "released: the pod held under a rebuilt key is gone from the node");
+        }
+        for (key, ip) in unfinished {
+            warn!(%key, %ip, "released: allocated just before the agent restarted and never wired to a pod (its ADD was cut off)");
         }
     }
 }

@@ -90,6 +90,11 @@ pub struct State {
     clock: Clock,
     /// Checkpoint writes that failed since start.
     write_failures: AtomicU64,
+    /// Allocations restored at start that no pod was wired to yet but too young to prune:
+    /// their ADD may have been cut off by this agent's restart (the plugin failed, and the
+    /// runtime's DEL tore down nothing while the agent was down). Released once they are old
+    /// enough and still unwired ([`State::release_unconfirmed`]).
+    pub unconfirmed: BTreeMap<AttachmentKey, Ipv4Addr>,
     /// Why this process rebuilt its allocations from the node at start (`corrupt`,
     /// `truncated`, `empty`, `version`, `missing`), if it did.
     pub recovered_from: Option<&'static str>,
@@ -132,6 +137,7 @@ impl State {
             exhausted_hint,
             clock: Clock::system(),
             write_failures: AtomicU64::new(0),
+            unconfirmed: BTreeMap::new(),
             recovered_from: None,
             rescan: None,
             intents: BTreeMap::new(),
@@ -357,7 +363,8 @@ impl State {
     /// Releases allocations whose address no pod on this node is wired to (no host route),
     /// e.g. because the runtime's DEL ran while the agent was down and tore the pod down from
     /// its prevResult. Allocations younger than `min_age_ms` are kept: their ADD may still be
-    /// wiring the pod. Returns what was released.
+    /// wiring the pod; they are remembered in [`State::unconfirmed`]. Returns what was
+    /// released.
     pub fn prune_unwired(
         &mut self,
         wired: &std::collections::BTreeSet<Ipv4Addr>,
@@ -375,12 +382,58 @@ impl State {
             self.pool.release(key, now);
             self.pods.remove(key);
         }
+        self.unconfirmed = self
+            .pool
+            .assignments()
+            .into_iter()
+            .filter(|(_, a)| !wired.contains(&a.ip))
+            .map(|(k, a)| (k, a.ip))
+            .collect();
         if !stale.is_empty()
             && let Err(e) = self.save()
         {
             warn!("writing the checkpoint after pruning: {e}");
         }
         stale
+    }
+
+    /// Looks again at the [`unconfirmed`](State::unconfirmed) allocations: one whose pod is
+    /// now wired, or that a DEL released, is forgotten; one still unwired at `min_age_ms` is
+    /// released (its ADD never finished), also if its address was lost since. Returns what was
+    /// released.
+    pub fn release_unconfirmed(
+        &mut self,
+        wired: &BTreeSet<Ipv4Addr>,
+        min_age_ms: u64,
+    ) -> Vec<(AttachmentKey, Ipv4Addr)> {
+        let now = self.clock.now();
+        let mut released = Vec::new();
+        let pool = &mut self.pool;
+        // Held, or lost since (its ENI detached, its address unassigned): still never wired.
+        let held = |pool: &Pool<AttachmentKey>, key: &AttachmentKey| {
+            pool.lookup(key)
+                .or_else(|| pool.lost_of(key).map(|l| l.assignment.clone()))
+        };
+        self.unconfirmed.retain(|key, ip| match held(pool, key) {
+            Some(a) if a.ip == *ip && !wired.contains(ip) => {
+                if now.saturating_sub(a.since_ms) < min_age_ms {
+                    return true;
+                }
+                pool.release(key, now);
+                released.push((key.clone(), *ip));
+                false
+            }
+            _ => false,
+        });
+        for (key, _) in &released {
+            self.pods.remove(key);
+        }
+        if !released.is_empty()
+            && let Err(e) = self.save()
+        {
+            warn!("writing the checkpoint after releasing unfinished ADDs: {e}");
+        }
+        released
     }
 
     fn snapshot(&self) -> Checkpoint {
@@ -1109,6 +1162,52 @@ mod tests {
         let saved = checkpoint::load(&dir.path().join("ipam.json")).unwrap();
         assert_eq!(saved.allocations.len(), 1);
         assert_eq!(saved.cooldowns.len(), 1, "the pruned address cools down");
+    }
+
+    #[test]
+    fn young_unwired_allocations_are_released_once_old_enough_unless_wired_or_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = FakeTime::new(1_700_000_000_000, 9_000, "boot-1");
+        let mut s = state(&dir).with_clock(t.clock());
+        s.pool
+            .add_eni(
+                EniInfo {
+                    id: "eni-2".into(),
+                    device_number: 2,
+                    subnet: "172.31.0.0/20".parse().unwrap(),
+                    primary_ip: "172.31.3.174".parse().unwrap(),
+                },
+                &[
+                    "172.31.13.131".parse().unwrap(),
+                    "172.31.11.78".parse().unwrap(),
+                ],
+            )
+            .unwrap();
+        // At start: a is wired, b's ADD was cut off by the restart, c's pod gets wired
+        // later, d's DEL comes in; all too young to prune.
+        let [a, b, c, d] = ["a", "b", "c", "d"].map(|k| ip_of(&s.handle(add(k))));
+        let wired = std::collections::BTreeSet::from([a]);
+        assert!(s.prune_unwired(&wired, 60_000).is_empty());
+        assert_eq!(
+            s.unconfirmed,
+            BTreeMap::from([(key("b"), b), (key("c"), c), (key("d"), d)])
+        );
+        s.handle(Request::Del { key: key("d") });
+        let wired = std::collections::BTreeSet::from([a, c]);
+        // Not yet old enough: nothing released, c (now wired) and d (deleted) forgotten.
+        t.advance(30_000);
+        assert!(s.release_unconfirmed(&wired, 60_000).is_empty());
+        assert_eq!(s.unconfirmed, BTreeMap::from([(key("b"), b)]));
+        t.advance(30_000);
+        assert_eq!(s.release_unconfirmed(&wired, 60_000), vec![(key("b"), b)]);
+        assert!(s.unconfirmed.is_empty());
+        assert!(s.pool.lookup(&key("b")).is_none());
+        assert!(
+            s.pool.lookup(&key("c")).is_some(),
+            "a wired pod keeps its address"
+        );
+        let saved = checkpoint::load(&dir.path().join("ipam.json")).unwrap();
+        assert_eq!(saved.allocations.len(), 2, "a and c");
     }
 
     #[test]

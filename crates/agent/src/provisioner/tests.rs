@@ -1055,6 +1055,10 @@ async fn an_eni_detached_outside_the_agent_is_dropped_and_replaced() {
     );
     assert_eq!(r.removed.len(), 2, "its two free addresses");
     assert!(!p.state.lock().unwrap().pool().has_eni(&eni1.id));
+    assert!(
+        !ec2.enis.lock().unwrap().contains_key(&eni1.id),
+        "the detached ENI, tagged with this instance, is deleted (a leak otherwise)"
+    );
     assert_eq!(*p.net.teardowns.lock().unwrap(), vec![1]);
     let (text, state) = metrics(&p);
     has_line(
