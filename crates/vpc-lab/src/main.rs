@@ -10,7 +10,7 @@ use lab::control::{self, UpOptions};
 use lab::store::LabState;
 use lab::{aws_node, daemon, matrix, paths, pods};
 use lab_aws::{fidelity, seed};
-use lab_bench::{bench, perf};
+use lab_bench::{bench, perf, soak};
 use lab_net::ns;
 
 #[derive(Debug, Parser)]
@@ -89,6 +89,12 @@ enum Cmd {
     /// of pods, pod vs instance TCP throughput). Brings up its own lab, takes it down; prints
     /// Markdown and writes the samples as JSON.
     Perf(perf::Opts),
+    /// Soak: two provisioning nodes under pod churn with random faults (agent kill -9, EC2
+    /// errors and throttling, IMDS lag, addresses unassigned and ENIs detached behind the
+    /// agents' backs, plugins killed mid-ADD); a line per minute of pods served, failures by
+    /// code and leaks; exits 1 on a duplicate address, a leak or an unreported lost pod.
+    /// Brings up its own lab and takes it down.
+    Soak(soak::Opts),
     /// Remove every namespace, process and file of the lab.
     Down,
     /// Instances, ENIs, their IPs and which pod holds which IP.
@@ -286,6 +292,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Bench { churn } => bench::run(churn)?,
         Cmd::Perf(opts) => perf::run(&opts)?,
+        Cmd::Soak(opts) => soak::run(&opts)?,
         Cmd::Ec2Stats => {
             LabState::load()?;
             println!(
@@ -305,7 +312,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } => {
                 pods::add_with(&instance, &pod, pods::Print::Pretty, &port_mappings)?;
             }
-            PodCmd::Del { instance, pod } => pods::del(&instance, &pod)?,
+            PodCmd::Del { instance, pod } => pods::del(&instance, &pod, pods::Print::Pretty)?,
             PodCmd::Check { instance, pod } => pods::check(&instance, &pod)?,
         },
         Cmd::Agent {
