@@ -52,6 +52,8 @@ pub struct Config {
     pub plugin_log_level: String,
     pub log_file: String,
     pub log_level: String,
+    /// `VPC_CNI_LOG_FORMAT`: text lines (default) or JSON lines.
+    pub log_format: LogFormat,
     /// `None` when DISABLE_METRICS=true.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// `None` when DISABLE_INTROSPECTION=true.
@@ -59,6 +61,25 @@ pub struct Config {
     /// What the operator should know about accepted variables that change nothing (or not
     /// what the reference would): logged once logging is set up.
     pub notices: Vec<Notice>,
+}
+
+/// How the agent writes its log lines (`VPC_CNI_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines (without colour codes unless the output is a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line (tracing-subscriber's JSON format).
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 /// A variable that was accepted but does not do in vpc-cni what it does in the reference.
@@ -370,8 +391,9 @@ pub const REFERENCE_README: &[Var] = &[
         "DISABLE_LEAKED_ENI_CLEANUP",
         Keep::Bool(false),
         "turning off the leaked-ENI clean-up",
-        "with provisioning, vpc-cni deletes this instance's detached ENIs when it starts; to \
-         make no EC2 call at all, set DISABLE_NETWORK_RESOURCE_PROVISIONING=true or \
+        "with provisioning, vpc-cni deletes this instance's detached ENIs when it starts (and \
+         an ENI of its pool detached behind its back once EC2 shows it detached); to make no \
+         EC2 call at all, set DISABLE_NETWORK_RESOURCE_PROVISIONING=true or \
          ENABLE_IMDS_ONLY_MODE=true",
     ),
     refused(
@@ -431,6 +453,21 @@ pub const OTHERS: &[Var] = &[
     implemented("VPC_CNI_PLUGIN_BINARY"),
     implemented("VPC_CNI_CHAINED_PLUGINS_DIR"),
     implemented("VPC_CNI_MIN_ENI_AGE"),
+    implemented("VPC_CNI_LOG_FORMAT"),
+];
+
+/// The implemented variables the reference's `/v1/networkutils-env-settings` shows (host
+/// networking: SNAT, connmark, MTU, veth names); the other implemented ones are shown by
+/// `/v1/ipamd-env-settings` (see [`Config::effective_values`]).
+pub const NETWORK_VARS: &[&str] = &[
+    "AWS_VPC_CNI_NODE_PORT_SUPPORT",
+    "AWS_VPC_ENI_MTU",
+    "AWS_VPC_K8S_CNI_EXTERNALSNAT",
+    "AWS_VPC_K8S_CNI_RANDOMIZESNAT",
+    "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
+    "AWS_VPC_K8S_CNI_CONNMARK",
+    "AWS_VPC_K8S_CNI_VETHPREFIX",
+    "POD_MTU",
 ];
 
 /// Every variable the agent knows.
@@ -816,8 +853,109 @@ fn parse(env: &Env, notices: Vec<Notice>) -> Result<Config, ConfigError> {
         plugin_log_level: level("AWS_VPC_K8S_PLUGIN_LOG_LEVEL")?,
         log_file: env.string("AWS_VPC_K8S_CNI_LOG_FILE", "stderr"),
         log_level: level("AWS_VPC_K8S_CNI_LOGLEVEL")?,
+        log_format: match env.get("VPC_CNI_LOG_FORMAT") {
+            None => LogFormat::Text,
+            Some(v) if v.eq_ignore_ascii_case("text") => LogFormat::Text,
+            Some(v) if v.eq_ignore_ascii_case("json") => LogFormat::Json,
+            Some(v) => return Err(err("VPC_CNI_LOG_FORMAT", v, "expected text or json")),
+        },
         notices,
     })
+}
+
+impl Config {
+    /// The value in effect of every implemented variable, defaults applied, as the text an
+    /// operator would set (unset optional values are empty): what the introspection endpoints
+    /// `/v1/ipamd-env-settings` and `/v1/networkutils-env-settings` show.
+    pub fn effective_values(&self) -> Vec<(&'static str, String)> {
+        fn opt<T: ToString>(v: &Option<T>) -> String {
+            v.as_ref().map(ToString::to_string).unwrap_or_default()
+        }
+        let path = |p: &PathBuf| p.display().to_string();
+        let randomize = match self.randomize_snat {
+            Randomize::Prng => "prng",
+            Randomize::HashRandom => "hashrandom",
+            Randomize::None => "none",
+        };
+        let cidrs: Vec<String> = self
+            .exclude_snat_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        vec![
+            (
+                "AWS_VPC_CNI_NODE_PORT_SUPPORT",
+                self.node_port_support.to_string(),
+            ),
+            ("HOST_CNI_BIN_PATH", path(&self.cni_bin_dir)),
+            ("HOST_CNI_CONFDIR_PATH", path(&self.cni_conf_dir)),
+            ("AWS_VPC_ENI_MTU", self.eni_mtu.to_string()),
+            (
+                "AWS_VPC_K8S_CNI_EXTERNALSNAT",
+                self.external_snat.to_string(),
+            ),
+            ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", randomize.to_string()),
+            ("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", cidrs.join(",")),
+            ("POD_MTU", self.pod_mtu.to_string()),
+            ("WARM_ENI_TARGET", self.warm_eni_target.to_string()),
+            ("WARM_IP_TARGET", opt(&self.warm_ip_target)),
+            ("MINIMUM_IP_TARGET", opt(&self.minimum_ip_target)),
+            ("MAX_ENI", opt(&self.max_eni)),
+            ("AWS_VPC_K8S_CNI_LOGLEVEL", self.log_level.clone()),
+            ("AWS_VPC_K8S_CNI_LOG_FILE", self.log_file.clone()),
+            (
+                "AWS_VPC_K8S_PLUGIN_LOG_FILE",
+                if self.plugin_log_file.is_empty() {
+                    "stderr".to_string()
+                } else {
+                    self.plugin_log_file.clone()
+                },
+            ),
+            (
+                "AWS_VPC_K8S_PLUGIN_LOG_LEVEL",
+                self.plugin_log_level.clone(),
+            ),
+            ("INTROSPECTION_BIND_ADDRESS", opt(&self.introspection_addr)),
+            (
+                "DISABLE_INTROSPECTION",
+                self.introspection_addr.is_none().to_string(),
+            ),
+            ("DISABLE_METRICS", self.metrics_addr.is_none().to_string()),
+            ("AWS_VPC_K8S_CNI_VETHPREFIX", self.veth_prefix.clone()),
+            (
+                "ADDITIONAL_ENI_TAGS",
+                serde_json::to_string(&self.additional_eni_tags).unwrap_or_default(),
+            ),
+            ("CLUSTER_NAME", opt(&self.cluster_name)),
+            (
+                "DISABLE_NETWORK_RESOURCE_PROVISIONING",
+                (!self.provisioning).to_string(),
+            ),
+            (
+                "ENABLE_BANDWIDTH_PLUGIN",
+                self.enable_bandwidth_plugin.to_string(),
+            ),
+            ("IP_COOLDOWN_PERIOD", self.ip_cooldown_s.to_string()),
+            ("ENABLE_IMDS_ONLY_MODE", self.imds_only.to_string()),
+            ("AWS_VPC_K8S_CNI_CONNMARK", format!("{:#x}", self.connmark)),
+            ("AWS_VPC_K8S_CNI_BACKING_STORE", path(&self.checkpoint)),
+            ("METRICS_BIND_ADDRESS", opt(&self.metrics_addr)),
+            ("VPC_CNI_AGENT_SOCKET", path(&self.socket)),
+            (
+                "VPC_CNI_PLUGIN_BINARY",
+                self.plugin_binary.as_ref().map(path).unwrap_or_default(),
+            ),
+            (
+                "VPC_CNI_CHAINED_PLUGINS_DIR",
+                self.chained_plugins_dir
+                    .as_ref()
+                    .map(path)
+                    .unwrap_or_default(),
+            ),
+            ("VPC_CNI_MIN_ENI_AGE", self.min_eni_age_s.to_string()),
+            ("VPC_CNI_LOG_FORMAT", self.log_format.as_str().to_string()),
+        ]
+    }
 }
 
 #[cfg(test)]
@@ -908,6 +1046,7 @@ mod tests {
             ("NETWORK_POLICY_ENFORCING_MODE", "lenient"),
             ("ADDITIONAL_ENI_TAGS", "{not json"),
             ("ADDITIONAL_ENI_TAGS", r#"{"node.k8s.amazonaws.com/x":"y"}"#),
+            ("VPC_CNI_LOG_FORMAT", "yaml"),
         ] {
             let e = parse(&[(var, value)]).unwrap_err();
             assert_eq!(e.var(), var);
@@ -915,6 +1054,51 @@ mod tests {
             assert!(text.starts_with(var), "{text}");
             assert_eq!(e.value(), value, "{text}");
         }
+    }
+
+    #[test]
+    fn the_log_format_is_text_or_json() {
+        assert_eq!(parse(&[]).unwrap().log_format, LogFormat::Text);
+        for (v, want) in [
+            ("json", LogFormat::Json),
+            ("JSON", LogFormat::Json),
+            ("text", LogFormat::Text),
+            ("", LogFormat::Text),
+        ] {
+            assert_eq!(
+                parse(&[("VPC_CNI_LOG_FORMAT", v)]).unwrap().log_format,
+                want,
+                "{v}"
+            );
+        }
+    }
+
+    /// The effective values name every implemented variable once (and no other), with the
+    /// defaults applied; the network group is a part of them.
+    #[test]
+    fn effective_values_cover_exactly_the_implemented_variables() {
+        let c = parse(&[("WARM_IP_TARGET", "5"), ("AWS_VPC_K8S_PLUGIN_LOG_FILE", "")]).unwrap();
+        let values = c.effective_values();
+        let names: Vec<&str> = values.iter().map(|(n, _)| *n).collect();
+        let unique: BTreeSet<&str> = names.iter().copied().collect();
+        assert_eq!(unique.len(), names.len(), "a name twice: {names:?}");
+        let implemented: BTreeSet<&str> = variables()
+            .filter(|v| v.status == Status::Implemented)
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(unique, implemented);
+        for n in NETWORK_VARS {
+            assert!(implemented.contains(n), "{n}");
+        }
+        let get = |n: &str| values.iter().find(|(k, _)| *k == n).unwrap().1.as_str();
+        assert_eq!(get("WARM_IP_TARGET"), "5");
+        assert_eq!(get("MINIMUM_IP_TARGET"), "");
+        assert_eq!(get("AWS_VPC_ENI_MTU"), "9001");
+        assert_eq!(get("AWS_VPC_K8S_CNI_CONNMARK"), "0x80");
+        assert_eq!(get("AWS_VPC_K8S_PLUGIN_LOG_FILE"), "stderr");
+        assert_eq!(get("INTROSPECTION_BIND_ADDRESS"), "127.0.0.1:61679");
+        assert_eq!(get("ADDITIONAL_ENI_TAGS"), "{}");
+        assert_eq!(get("VPC_CNI_LOG_FORMAT"), "text");
     }
 
     /// The variables of the reference's README (v1.23), from its headings.

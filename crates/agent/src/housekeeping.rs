@@ -1,10 +1,13 @@
 //! The agent's background upkeep and memory habits: a thread that deletes the pod veths DEL
-//! retired and returns free malloc memory to the kernel, and the glibc malloc tuning applied
-//! before any thread starts.
+//! retired and returns free malloc memory to the kernel (beating its liveness heartbeat each
+//! round), and the glibc malloc tuning applied before any thread starts.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{debug, warn};
+
+use crate::health::{Health, Loop};
 
 /// How often the agent deletes the pod veths that DEL retired.
 const VETH_REAP_INTERVAL: Duration = Duration::from_secs(1);
@@ -12,12 +15,12 @@ const VETH_REAP_INTERVAL: Duration = Duration::from_secs(1);
 /// The plugin's DEL leaves the pod's veth pair down in `dataplane::RETIRED_LINK_GROUP`
 /// (deleting it would make the runtime wait ~20 ms for the kernel); this thread deletes that
 /// group in one batch every [`VETH_REAP_INTERVAL`], starting now (leftovers of a previous run),
-/// and then returns free malloc memory to the kernel.
-pub fn spawn() -> std::io::Result<()> {
+/// then returns free malloc memory to the kernel and beats [`Loop::Housekeeping`].
+pub fn spawn(health: Arc<Health>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("housekeeping".into())
         .stack_size(64 * 1024)
-        .spawn(|| {
+        .spawn(move || {
             let mut last_error = None;
             loop {
                 match dataplane::reap_retired_links() {
@@ -36,6 +39,7 @@ pub fn spawn() -> std::io::Result<()> {
                     }
                 }
                 trim_malloc();
+                health.beat(Loop::Housekeeping);
                 std::thread::sleep(VETH_REAP_INTERVAL);
             }
         })

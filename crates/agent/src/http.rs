@@ -1,23 +1,32 @@
-//! Metrics (Prometheus text, `:61678/metrics`) and introspection (JSON, `127.0.0.1:61679`).
+//! The agent's two HTTP listeners: metrics (Prometheus text, `0.0.0.0:61678/metrics`) and
+//! introspection (JSON, `127.0.0.1:61679`), both with the probes `/livez`, `/readyz` and
+//! `/healthz` (crate::health decides what they answer).
 //!
 //! Metric names are the reference's `awscni_*` names, so existing dashboards and alerts keep
 //! working. The exposition is written here rather than with prometheus-client because that
 //! crate encodes OpenMetrics, which renames every counter to `<name>_total` — exactly the
 //! names users' queries must not lose.
+//!
+//! Both listeners start before the agent knows its pool ([`Endpoints`]): until then the
+//! probes answer (liveness, and readiness with the start-up step), `/metrics` has the build
+//! information only, and the introspection paths answer 503.
 
 use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use axum::Router;
 use axum::extract::State as AxState;
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::config::{self, Config};
+use crate::health::{self, Health, PoolView};
 use crate::state::State;
 
 /// Why the plugin socket refused or dropped a client (`reason` of
@@ -342,7 +351,41 @@ pub fn render_metrics(s: &Shared) -> String {
             "The number of times AWS API returns an error",
             &errs,
         );
+        let failed: Vec<(String, f64)> = api
+            .iter()
+            .map(|(name, c)| {
+                (
+                    format!("{{fn=\"{}\"}}", label_escape(name)),
+                    (c.throttled + c.failed) as f64,
+                )
+            })
+            .collect();
+        out.metric(
+            "awscni_ec2api_error_count",
+            "counter",
+            "The number of failed EC2 APIs requests",
+            &failed,
+        );
     }
+    out.0
+}
+
+/// `vpccni_build_info{version,commit} 1`: what this binary is (crate::build_info).
+pub fn render_build_info() -> String {
+    let mut out = Exposition(String::new());
+    out.metric(
+        "vpccni_build_info",
+        "gauge",
+        "The agent's version and the git commit it was built from; always 1",
+        &[(
+            format!(
+                "{{version=\"{}\",commit=\"{}\"}}",
+                label_escape(crate::build_info::VERSION),
+                label_escape(crate::build_info::COMMIT)
+            ),
+            1.0,
+        )],
+    );
     out.0
 }
 
@@ -391,39 +434,275 @@ pub fn introspection(s: &Shared) -> serde_json::Value {
     })
 }
 
-/// Serves the metrics endpoint on `addr` until the process ends.
-pub async fn serve_metrics(addr: SocketAddr, shared: Shared) {
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(|AxState(s): AxState<Shared>| async move {
-                (
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    render_metrics(&s),
-                )
-                    .into_response()
-            }),
-        )
-        .with_state(shared);
-    serve(addr, app, "metrics").await;
+/// `/v1/enis`: every ENI of the pool (in device-number order) with each of its secondary
+/// addresses, its state and the pod that holds it:
+///
+/// ```json
+/// {"totalIPs": 10, "assignedIPs": 1, "availableIPs": 8, "coolingIPs": 1,
+///  "enis": [{"id": "eni-0a…", "deviceNumber": 1, "isPrimary": false,
+///            "subnet": "172.31.0.0/20", "primaryIP": "172.31.3.173", "routeTable": 2,
+///            "addresses": [
+///              {"address": "172.31.13.130", "state": "assigned", "sinceMs": 1718000000000,
+///               "pod": {"namespace": "default", "name": "web-0", "containerID": "8f…",
+///                       "ifName": "eth0", "network": "vpc-cni"}},
+///              {"address": "172.31.13.131", "state": "cooling", "releasedMs": 1718000001000},
+///              {"address": "172.31.13.132", "state": "available"},
+///              {"address": "172.31.13.133", "state": "parked", "pod": {…}}]}]}
+/// ```
+///
+/// `state` is `assigned` (a pod's), `cooling` (released less than `IP_COOLDOWN_PERIOD` ago),
+/// `available`, or `parked` (a lost address of the pod named, which EC2 lists on this ENI
+/// again: taken, but not the pod's working address). Times are the agent's clock in
+/// milliseconds. Addresses on no ENI of the pool are in `/v1/state`'s `lost`.
+pub fn enis(s: &Shared) -> serde_json::Value {
+    use std::collections::BTreeMap;
+    let st = s.state.lock().unwrap_or_else(|p| p.into_inner());
+    let now = st.now();
+    let pool = st.pool();
+    let pod = |k: &proto::AttachmentKey| {
+        let p = st.pod(k).cloned().unwrap_or_default();
+        json!({"namespace": p.namespace, "name": p.name, "containerID": k.container_id,
+               "ifName": k.ifname, "network": k.network})
+    };
+    let assigned: BTreeMap<std::net::Ipv4Addr, (proto::AttachmentKey, u64)> = pool
+        .assignments()
+        .into_iter()
+        .map(|(k, a)| (a.ip, (k, a.since_ms)))
+        .collect();
+    let cooling: BTreeMap<std::net::Ipv4Addr, u64> = pool.cooldowns(now).into_iter().collect();
+    let stats = pool.stats(now);
+    let enis: Vec<serde_json::Value> = pool
+        .usage(now)
+        .into_iter()
+        .map(|u| {
+            let addresses: Vec<serde_json::Value> = pool
+                .ips_of(&u.info.id)
+                .into_iter()
+                .map(|ip| {
+                    if let Some((k, since)) = assigned.get(&ip) {
+                        json!({"address": ip, "state": "assigned", "sinceMs": since, "pod": pod(k)})
+                    } else if let Some(released) = cooling.get(&ip) {
+                        json!({"address": ip, "state": "cooling", "releasedMs": released})
+                    } else if u.available.contains(&ip) {
+                        json!({"address": ip, "state": "available"})
+                    } else if let Some((k, _)) = pool.lost_holder(ip) {
+                        json!({"address": ip, "state": "parked", "pod": pod(k)})
+                    } else {
+                        json!({"address": ip, "state": "unknown"})
+                    }
+                })
+                .collect();
+            json!({
+                "id": u.info.id,
+                "deviceNumber": u.info.device_number,
+                "isPrimary": u.info.device_number == 0,
+                "subnet": u.info.subnet,
+                "primaryIP": u.info.primary_ip,
+                "routeTable": dataplane::route_table_for_device(u.info.device_number),
+                "addresses": addresses,
+            })
+        })
+        .collect();
+    json!({
+        "totalIPs": stats.total,
+        "assignedIPs": stats.assigned,
+        "availableIPs": stats.available,
+        "coolingIPs": stats.cooling,
+        "enis": enis,
+    })
 }
 
-/// Serves the introspection API on `addr` until the process ends.
-pub async fn serve_introspection(addr: SocketAddr, shared: Shared) {
-    let app = Router::new()
-        .route(
-            "/v1/state",
-            get(|AxState(s): AxState<Shared>| async move {
-                (
-                    [(header::CONTENT_TYPE, "application/json")],
-                    serde_json::to_string_pretty(&introspection(&s)).unwrap_or_default(),
-                )
-                    .into_response()
-            }),
+/// What both listeners answer from: the probes' [`Health`], the pool once the agent has one
+/// ([`Endpoints::set_shared`]), and the configuration in effect.
+#[derive(Debug)]
+pub struct Endpoints {
+    pub health: Arc<Health>,
+    shared: OnceLock<Shared>,
+    provisioning: bool,
+    /// `/v1/ipamd-env-settings`.
+    ipamd_env: serde_json::Value,
+    /// `/v1/networkutils-env-settings`.
+    network_env: serde_json::Value,
+}
+
+/// The introspection paths, for `/`.
+pub const INTROSPECTION_PATHS: [&str; 9] = [
+    "/v1/state",
+    "/v1/enis",
+    "/v1/eni-configs",
+    "/v1/ipamd-env-settings",
+    "/v1/networkutils-env-settings",
+    "/livez",
+    "/readyz",
+    "/healthz",
+    "/",
+];
+
+impl Endpoints {
+    pub fn new(cfg: &Config, health: Arc<Health>) -> Endpoints {
+        let (network, ipamd): (Vec<_>, Vec<_>) = cfg
+            .effective_values()
+            .into_iter()
+            .partition(|(name, _)| config::NETWORK_VARS.contains(name));
+        let object = |v: Vec<(&str, String)>| {
+            serde_json::Value::Object(
+                v.into_iter()
+                    .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
+                    .collect(),
+            )
+        };
+        Endpoints {
+            health,
+            shared: OnceLock::new(),
+            provisioning: cfg.provisioning,
+            ipamd_env: object(ipamd),
+            network_env: object(network),
+        }
+    }
+
+    /// The pool is known: metrics and introspection answer from it from now on.
+    pub fn set_shared(&self, shared: Shared) {
+        let _ = self.shared.set(shared);
+    }
+
+    pub fn shared(&self) -> Option<&Shared> {
+        self.shared.get()
+    }
+
+    /// `/livez`.
+    pub fn liveness(&self) -> Result<(), String> {
+        self.health.liveness(Instant::now())
+    }
+
+    /// `/readyz` ([`health::readiness`] of the phase and the pool now).
+    pub fn readiness(&self) -> Result<(), String> {
+        let pool = self.shared().map(|s| {
+            let st = s.state.lock().unwrap_or_else(|p| p.into_inner());
+            PoolView {
+                stats: st.pool().stats(st.now()),
+                provisioning: self.provisioning,
+                capacity: st.capacity.as_ref().map(|(cap, _)| *cap),
+                blocker: st.blocker.clone(),
+                refused: self.health.refused(),
+            }
+        });
+        health::readiness(self.health.phase(), pool.as_ref(), Instant::now())
+    }
+}
+
+/// A probe's answer: 200 `ok`, or 503 with the reason (one line).
+fn probe(result: Result<(), String>) -> Response {
+    match result {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", health::one_line(&why)),
         )
-        .route("/healthz", get(|| async { "ok" }))
-        .with_state(shared);
-    serve(addr, app, "introspection").await;
+            .into_response(),
+    }
+}
+
+fn json_response(status: StatusCode, v: &serde_json::Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string_pretty(v).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// An introspection document from the pool, or 503 while the agent has none yet.
+fn from_pool(e: &Endpoints, doc: fn(&Shared) -> serde_json::Value) -> Response {
+    match e.shared() {
+        Some(s) => json_response(StatusCode::OK, &doc(s)),
+        None => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": e.readiness().err().unwrap_or_else(|| "starting".into())}),
+        ),
+    }
+}
+
+type Ep = AxState<Arc<Endpoints>>;
+
+fn with_probes(router: Router<Arc<Endpoints>>) -> Router<Arc<Endpoints>> {
+    router
+        .route(
+            "/livez",
+            get(|AxState(e): Ep| async move { probe(e.liveness()) }),
+        )
+        .route(
+            "/healthz",
+            get(|AxState(e): Ep| async move { probe(e.liveness()) }),
+        )
+        .route(
+            "/readyz",
+            get(|AxState(e): Ep| async move { probe(e.readiness()) }),
+        )
+}
+
+/// The metrics listener's routes: `/metrics` and the probes.
+pub fn metrics_router(endpoints: Arc<Endpoints>) -> Router {
+    with_probes(Router::new().route(
+        "/metrics",
+        get(|AxState(e): Ep| async move {
+            let mut text = render_build_info();
+            if let Some(s) = e.shared() {
+                text.push_str(&render_metrics(s));
+            }
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+        }),
+    ))
+    .with_state(endpoints)
+}
+
+/// The introspection listener's routes: the `/v1/…` documents, `/` (their list) and the
+/// probes.
+pub fn introspection_router(endpoints: Arc<Endpoints>) -> Router {
+    with_probes(
+        Router::new()
+            .route(
+                "/",
+                get(|| async { json_response(StatusCode::OK, &json!(INTROSPECTION_PATHS)) }),
+            )
+            .route(
+                "/v1/state",
+                get(|AxState(e): Ep| async move { from_pool(&e, introspection) }),
+            )
+            .route(
+                "/v1/enis",
+                get(|AxState(e): Ep| async move { from_pool(&e, enis) }),
+            )
+            .route(
+                "/v1/eni-configs",
+                get(|| async {
+                    json_response(
+                        StatusCode::NOT_FOUND,
+                        &json!({"error": "custom networking (ENIConfig) is not implemented: \
+                            vpc-cni refuses AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true, so this node \
+                            uses no ENIConfig"}),
+                    )
+                }),
+            )
+            .route(
+                "/v1/ipamd-env-settings",
+                get(|AxState(e): Ep| async move { json_response(StatusCode::OK, &e.ipamd_env) }),
+            )
+            .route(
+                "/v1/networkutils-env-settings",
+                get(|AxState(e): Ep| async move { json_response(StatusCode::OK, &e.network_env) }),
+            ),
+    )
+    .with_state(endpoints)
+}
+
+/// Serves the metrics endpoint and the probes on `addr` until the process ends.
+pub async fn serve_metrics(addr: SocketAddr, endpoints: Arc<Endpoints>) {
+    serve(addr, metrics_router(endpoints), "metrics").await;
+}
+
+/// Serves the introspection API and the probes on `addr` until the process ends.
+pub async fn serve_introspection(addr: SocketAddr, endpoints: Arc<Endpoints>) {
+    serve(addr, introspection_router(endpoints), "introspection").await;
 }
 
 async fn serve(addr: SocketAddr, app: Router, what: &str) {
@@ -510,5 +789,190 @@ mod tests {
         }
         let j = introspection(&shared);
         assert_eq!(j["pods"][0]["ip"], "10.0.0.11");
+    }
+
+    /// A pool of `ips` on eni-1 (device 1), with a pod on the first.
+    fn shared_with_pod(ips: &[&str]) -> (Shared, tempfile::TempDir) {
+        let mut pool = Pool::new(30_000);
+        let ips: Vec<std::net::Ipv4Addr> = ips.iter().map(|i| i.parse().unwrap()).collect();
+        pool.add_eni(
+            EniInfo {
+                id: "eni-1".into(),
+                device_number: 1,
+                subnet: "10.0.0.0/16".parse().unwrap(),
+                primary_ip: "10.0.0.10".parse().unwrap(),
+            },
+            &ips,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = State::new(pool, vec![], dir.path().join("c.json"), String::new());
+        st.handle(proto::Request::Add {
+            key: proto::AttachmentKey {
+                network: "vpc-cni".into(),
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+            },
+            pod: proto::PodRef {
+                namespace: "default".into(),
+                name: "web-0".into(),
+                infra_container_id: None,
+            },
+            netns: String::new(),
+        });
+        let shared = Shared {
+            state: Arc::new(Mutex::new(st)),
+            counters: Arc::new(Counters::default()),
+            ec2: None,
+            limits: None,
+        };
+        (shared, dir)
+    }
+
+    /// Serves `router` on 127.0.0.1 (a free port); returns the address.
+    async fn serve_local(router: Router) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, router).await });
+        addr
+    }
+
+    /// `GET path` over HTTP/1.1: the status and the body.
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut raw = String::new();
+        c.read_to_string(&mut raw).await.unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        (status, body.to_string())
+    }
+
+    #[tokio::test]
+    async fn probes_and_documents_before_and_after_start_up() {
+        let mut vars = std::collections::HashMap::new();
+        vars.insert("WARM_IP_TARGET".to_string(), "3".to_string());
+        let cfg = crate::config::from_env(&vars).unwrap();
+        let health = Arc::new(Health::new());
+        let e = Arc::new(Endpoints::new(&cfg, health.clone()));
+        let metrics = serve_local(metrics_router(e.clone())).await;
+        let intro = serve_local(introspection_router(e.clone())).await;
+
+        // Starting: alive, not ready (with the step), the documents not there yet.
+        health.step("setting up the host network");
+        for addr in [metrics, intro] {
+            assert_eq!(get(addr, "/livez").await, (200, "ok\n".into()));
+            assert_eq!(get(addr, "/healthz").await, (200, "ok\n".into()));
+            let (code, body) = get(addr, "/readyz").await;
+            assert_eq!(code, 503);
+            assert!(
+                body.starts_with("conflist not written yet: setting up the host network (for "),
+                "{body}"
+            );
+        }
+        let (code, text) = get(metrics, "/metrics").await;
+        assert_eq!(code, 200);
+        let build = format!(
+            "vpccni_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            crate::build_info::VERSION,
+            crate::build_info::COMMIT
+        );
+        assert!(text.lines().any(|l| l == build), "{text}");
+        assert!(!text.contains("awscni_"), "{text}");
+        let (code, body) = get(intro, "/v1/state").await;
+        assert_eq!(code, 503);
+        assert!(body.contains("conflist not written yet"), "{body}");
+        // Known from the configuration at once.
+        let (code, body) = get(intro, "/v1/ipamd-env-settings").await;
+        assert_eq!(code, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["WARM_IP_TARGET"], "3");
+        assert_eq!(v["WARM_ENI_TARGET"], "1");
+        assert!(
+            v.get("AWS_VPC_ENI_MTU").is_none(),
+            "a network variable: {v}"
+        );
+        let (_, body) = get(intro, "/v1/networkutils-env-settings").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["AWS_VPC_ENI_MTU"], "9001");
+        assert_eq!(v["AWS_VPC_K8S_CNI_RANDOMIZESNAT"], "prng");
+        let (code, body) = get(intro, "/v1/eni-configs").await;
+        assert_eq!(code, 404);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            v["error"].as_str().unwrap().contains("not implemented"),
+            "{v}"
+        );
+        let (code, body) = get(intro, "/").await;
+        assert_eq!(code, 200);
+        assert!(body.contains("/v1/enis"), "{body}");
+        assert_eq!(get(metrics, "/v1/state").await.0, 404, "introspection only");
+
+        // Serving: ready while the pool can serve.
+        let (shared, _dir) = shared_with_pod(&["10.0.0.11", "10.0.0.12"]);
+        e.set_shared(shared.clone());
+        health.serving();
+        assert_eq!(get(metrics, "/readyz").await, (200, "ok\n".into()));
+        let (_, text) = get(metrics, "/metrics").await;
+        assert!(text.lines().any(|l| l == build), "{text}");
+        assert!(
+            text.lines().any(|l| l == "awscni_assigned_ip_addresses 1"),
+            "{text}"
+        );
+
+        let (code, body) = get(intro, "/v1/enis").await;
+        assert_eq!(code, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (v["totalIPs"].as_u64(), v["assignedIPs"].as_u64()),
+            (Some(2), Some(1))
+        );
+        let eni = &v["enis"][0];
+        assert_eq!(eni["id"], "eni-1");
+        assert_eq!(eni["routeTable"], 2);
+        assert_eq!(eni["isPrimary"], false);
+        let a = &eni["addresses"];
+        assert_eq!(a[0]["address"], "10.0.0.11");
+        assert_eq!(a[0]["state"], "assigned");
+        assert_eq!(a[0]["pod"]["name"], "web-0");
+        assert_eq!(a[0]["pod"]["namespace"], "default");
+        assert_eq!(a[0]["pod"]["containerID"], "c1");
+        assert_eq!(a[1], json!({"address": "10.0.0.12", "state": "available"}));
+
+        // The last free address taken and EC2 refusing more: not ready, and why.
+        shared.state.lock().unwrap().handle(proto::Request::Add {
+            key: proto::AttachmentKey {
+                network: "vpc-cni".into(),
+                container_id: "c2".into(),
+                ifname: "eth0".into(),
+            },
+            pod: Default::default(),
+            netns: String::new(),
+        });
+        assert_eq!(
+            get(metrics, "/readyz").await.0,
+            200,
+            "more are being asked for"
+        );
+        health.record_growth(Err(&cloud::CloudError::Ec2 {
+            call: "AssignPrivateIpAddresses",
+            code: Some("UnauthorizedOperation".into()),
+            message: "You are not authorized\nto perform this operation.".into(),
+        }));
+        assert_eq!(
+            get(intro, "/readyz").await,
+            (
+                503,
+                "no address available: EC2 refused AssignPrivateIpAddresses: \
+                 UnauthorizedOperation: You are not authorized to perform this operation.\n"
+                    .into()
+            )
+        );
+        assert_eq!(get(intro, "/livez").await.0, 200, "alive all the same");
     }
 }

@@ -1,5 +1,6 @@
 //! Readiness: install the plugin binary and the plugins chained after it, and write the CNI
-//! network configuration.
+//! network configuration. The agent installs the binaries at start and `vpc-cni-agent init`
+//! (the DaemonSet's init container) before it, both with [`install_binaries`].
 //!
 //! Writing the conflist is what tells the container runtime that the node's network is ready,
 //! so it happens last, after the socket is listening. Every file is replaced atomically
@@ -39,11 +40,12 @@ pub const CNI_VERSION: &str = "1.0.0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
-    #[error("cannot {what} {path}: {source}")]
+    /// The I/O error is part of the message (and not a `source`, which `{:#}` would repeat).
+    #[error("cannot {what} {path}: {cause}")]
     Io {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(
         "the chained CNI plugin {name:?} is not installed: looked in {looked}; set \
@@ -68,10 +70,10 @@ pub enum InstallError {
 /// Replaces `path` with `bytes` atomically and durably: a temporary file in the same directory,
 /// fsync, closed, renamed over `path`, then the directory fsynced.
 pub(crate) fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
-    let err = |what, source| InstallError::Io {
+    let err = |what, cause| InstallError::Io {
         what,
         path: path.into(),
-        source,
+        cause,
     };
     let dir = path.parent().expect("absolute path has a parent");
     fs::create_dir_all(dir).map_err(|e| err("create the directory of", e))?;
@@ -98,12 +100,57 @@ pub(crate) fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), I
     result.map_err(|e| err("write", e))
 }
 
+/// What [`install_binaries`] installed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// Our plugin in the CNI bin dir.
+    pub plugin: PathBuf,
+    /// Where it was copied from.
+    pub plugin_from: PathBuf,
+    pub chained: Chained,
+}
+
+/// Installs our plugin and the chained plugins the conflist names into the CNI bin dir
+/// (`HOST_CNI_BIN_PATH`): ours from `VPC_CNI_PLUGIN_BINARY`, else from beside the running
+/// executable; the chained ones as [`install_chained`] says, beside the running executable
+/// being the fallback source.
+pub fn install_binaries(cfg: &Config) -> Result<Installed, InstallError> {
+    match std::env::current_exe() {
+        Ok(exe) => install_binaries_from(cfg, Some(&exe)),
+        // Only needed when VPC_CNI_PLUGIN_BINARY is unset (then the error says so).
+        Err(e) if cfg.plugin_binary.is_none() => Err(InstallError::Io {
+            what: "locate the running executable (to find the plugin beside it; or set \
+                   VPC_CNI_PLUGIN_BINARY)",
+            path: PathBuf::from("/proc/self/exe"),
+            cause: e,
+        }),
+        Err(_) => install_binaries_from(cfg, None),
+    }
+}
+
+/// [`install_binaries`] with the running executable at `exe`.
+pub fn install_binaries_from(cfg: &Config, exe: Option<&Path>) -> Result<Installed, InstallError> {
+    let beside = exe.and_then(Path::parent);
+    let plugin_from = match (&cfg.plugin_binary, beside) {
+        (Some(p), _) => p.clone(),
+        (None, Some(dir)) => dir.join(PLUGIN_NAME),
+        (None, None) => PathBuf::from(PLUGIN_NAME),
+    };
+    let plugin = install_plugin(&plugin_from, &cfg.cni_bin_dir)?;
+    let chained = install_chained(cfg, cfg.chained_plugins_dir.as_deref(), beside)?;
+    Ok(Installed {
+        plugin,
+        plugin_from,
+        chained,
+    })
+}
+
 /// Copies the plugin binary into the CNI bin directory.
 pub fn install_plugin(source: &Path, bin_dir: &Path) -> Result<PathBuf, InstallError> {
     let bytes = fs::read(source).map_err(|e| InstallError::Io {
         what: "read the plugin binary (set VPC_CNI_PLUGIN_BINARY)",
         path: source.into(),
-        source: e,
+        cause: e,
     })?;
     let dest = bin_dir.join(PLUGIN_NAME);
     atomic_write(&dest, &bytes, 0o755)?;
@@ -136,6 +183,16 @@ pub struct ChainedPlugin {
     pub copied_from: Option<PathBuf>,
     /// The CNI versions it answers VERSION with.
     pub versions: Vec<String>,
+}
+
+impl ChainedPlugin {
+    /// Where its binary came from: a path, or "already in the CNI bin dir".
+    pub fn source(&self) -> String {
+        self.copied_from.as_ref().map_or_else(
+            || "already in the CNI bin dir".to_string(),
+            |f| f.display().to_string(),
+        )
+    }
 }
 
 /// The chained plugins, installed and asked for their versions.
@@ -232,7 +289,7 @@ fn copy_if_changed(src: &Path, dest: &Path) -> Result<(), InstallError> {
     let bytes = fs::read(src).map_err(|e| InstallError::Io {
         what: "read the chained plugin",
         path: src.into(),
-        source: e,
+        cause: e,
     })?;
     if fs::read(dest).is_ok_and(|old| old == bytes) {
         return Ok(());
@@ -412,6 +469,61 @@ mod tests {
         )
         .unwrap();
         fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn binaries_come_from_the_variables_else_from_beside_the_executable() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image");
+        fs::create_dir_all(&image).unwrap();
+        fs::write(image.join(PLUGIN_NAME), b"#!/bin/true\n").unwrap();
+        fake_plugin(&image.join(PORTMAP), &["1.0.0", "1.1.0"]);
+        fake_plugin(&image.join(BANDWIDTH), &["1.0.0"]);
+        let exe = image.join("vpc-cni-agent");
+
+        // Beside the executable: the plugin, portmap (and bandwidth only when enabled).
+        let cfg = config_in(dir.path(), &[]);
+        let done = install_binaries_from(&cfg, Some(&exe)).unwrap();
+        assert_eq!(done.plugin, cfg.cni_bin_dir.join(PLUGIN_NAME));
+        assert_eq!(done.plugin_from, image.join(PLUGIN_NAME));
+        assert_eq!(fs::read(&done.plugin).unwrap(), b"#!/bin/true\n");
+        let names: Vec<&str> = done.chained.plugins.iter().map(|p| p.name).collect();
+        assert_eq!(names, [PORTMAP]);
+        assert_eq!(
+            done.chained.plugins[0].source(),
+            image.join(PORTMAP).display().to_string()
+        );
+        assert!(!cfg.cni_bin_dir.join(BANDWIDTH).exists());
+        let cfg = config_in(dir.path(), &[("ENABLE_BANDWIDTH_PLUGIN", "true")]);
+        let done = install_binaries_from(&cfg, Some(&exe)).unwrap();
+        assert_eq!(done.chained.plugins.len(), 2);
+        assert_eq!(done.chained.cni_versions, ["1.0.0"]);
+
+        // The variables win over the executable's directory.
+        let other = dir.path().join("other");
+        fs::create_dir_all(&other).unwrap();
+        fs::write(other.join("my-plugin"), b"#!/bin/false\n").unwrap();
+        fake_plugin(&other.join(PORTMAP), &["1.0.0"]);
+        let plugin_var = other.join("my-plugin").display().to_string();
+        let dir_var = other.display().to_string();
+        let cfg = config_in(
+            dir.path(),
+            &[
+                ("VPC_CNI_PLUGIN_BINARY", plugin_var.as_str()),
+                (CHAINED_PLUGINS_DIR_VAR, dir_var.as_str()),
+            ],
+        );
+        let done = install_binaries_from(&cfg, Some(&exe)).unwrap();
+        assert_eq!(fs::read(&done.plugin).unwrap(), b"#!/bin/false\n");
+        assert_eq!(
+            done.chained.plugins[0].copied_from,
+            Some(other.join(PORTMAP))
+        );
+
+        // No plugin anywhere: the error names the variable.
+        let cfg = config_in(&dir.path().join("x"), &[]);
+        let e = install_binaries_from(&cfg, Some(&dir.path().join("empty/agent"))).unwrap_err();
+        assert!(e.to_string().contains("VPC_CNI_PLUGIN_BINARY"), "{e}");
     }
 
     #[test]

@@ -14,21 +14,32 @@
 //! - [`node_net`]: the seam to the node's network ([`node_net::NodeNet`]);
 //! - [`startup`] (→ config, cloud_api, node_net): the node's start-up from IMDS;
 //! - [`provisioner`] (→ checkpoint, cloud_api, node_net, state): the warm pool through EC2;
-//! - [`http`] (→ state), [`server`] (→ http, state): metrics, introspection, plugin socket;
-//! - [`housekeeping`]: reaping retired veths, malloc tuning;
+//! - [`build_info`]: the version and git commit of this build;
+//! - [`health`] (→ cloud_api): what the probes answer (heartbeats, readiness), and the EC2
+//!   seam that remembers EC2's last refusal to add addresses;
+//! - [`http`] (→ build_info, config, health, state), [`server`] (→ http, state): metrics,
+//!   introspection and probes, plugin socket;
+//! - [`housekeeping`] (→ health): reaping retired veths, malloc tuning;
+//! - [`init`] (→ config, install, startup): `vpc-cni-agent init`, the DaemonSet's init
+//!   container (plugin binaries, host sysctls);
 //! - [`swap`] (→ checkpoint, config, install, startup, state): adopting a node aws-node wired, and
 //!   handing it back (`vpc-cni-agent uninstall --to aws-node`);
+//! - [`rbac`]: the Kubernetes API permissions the agent uses (none yet), for the ClusterRole;
 //! - [`run`] (→ all): the agent's life from configuration to SIGTERM.
 
+pub mod build_info;
 pub mod checkpoint;
 pub mod clock;
 pub mod cloud_api;
 pub mod config;
+pub mod health;
 pub mod housekeeping;
 pub mod http;
+pub mod init;
 pub mod install;
 pub mod node_net;
 pub mod provisioner;
+pub mod rbac;
 pub mod recovery;
 pub mod run;
 pub mod server;

@@ -1,28 +1,49 @@
-//! `vpc-cni-agent`: the node agent binary. Parses the configuration from the environment, sets
-//! up logging, runs the agent (crate `agent`) and maps a fatal error to a log line, a message on
-//! stderr and exit status 1.
+//! `vpc-cni-agent`: the node agent binary. Parses the command line and the configuration from
+//! the environment, sets up logging, runs the agent (crate `agent`) or one of its one-shot
+//! commands, and reports a fatal error exactly once per destination: in the log, and on
+//! stderr unless the log already is stderr.
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use agent::config::{self, Config};
+use agent::build_info;
+use agent::config::{self, Config, LogFormat};
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
-fn init_logging(cfg: &Config) -> anyhow::Result<()> {
+/// Where the log lines go once logging is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogSink {
+    Stderr,
+    Stdout,
+    File,
+}
+
+/// Sets up logging as `AWS_VPC_K8S_CNI_LOG_FILE`, `AWS_VPC_K8S_CNI_LOGLEVEL` (or `RUST_LOG`) and
+/// `VPC_CNI_LOG_FORMAT` say. Colour codes only on a terminal.
+fn init_logging(cfg: &Config) -> anyhow::Result<LogSink> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    match cfg.log_file.as_str() {
-        "stderr" => builder.with_writer(std::io::stderr).init(),
-        "stdout" => builder.with_writer(std::io::stdout).init(),
+    let (writer, ansi, sink) = match cfg.log_file.as_str() {
+        "stderr" => (
+            BoxMakeWriter::new(std::io::stderr),
+            std::io::stderr().is_terminal(),
+            LogSink::Stderr,
+        ),
+        "stdout" => (
+            BoxMakeWriter::new(std::io::stdout),
+            std::io::stdout().is_terminal(),
+            LogSink::Stdout,
+        ),
         path => {
             if let Some(dir) = std::path::Path::new(path).parent() {
                 std::fs::create_dir_all(dir)
@@ -33,19 +54,29 @@ fn init_logging(cfg: &Config) -> anyhow::Result<()> {
                 .append(true)
                 .open(path)
                 .with_context(|| format!("AWS_VPC_K8S_CNI_LOG_FILE={path}: cannot open"))?;
-            builder
-                .with_writer(Mutex::new(file))
-                .with_ansi(false)
-                .init()
+            (BoxMakeWriter::new(Mutex::new(file)), false, LogSink::File)
         }
+    };
+    let layer = tracing_subscriber::fmt::layer()
+        .with_target(false)
+        .with_writer(writer)
+        .with_ansi(ansi);
+    let registry = tracing_subscriber::registry().with(filter);
+    match cfg.log_format {
+        LogFormat::Text => registry.with(layer).init(),
+        LogFormat::Json => registry.with(layer.json()).init(),
     }
-    Ok(())
+    Ok(sink)
 }
 
-/// The node agent of vpc-cni. Configured by the reference's environment variables (see the
-/// README); without a subcommand it runs until SIGTERM.
+/// The node agent of vpc-cni (one per node, on the host network).
+///
+/// Configured by the reference's environment variables (see the README's Configuration).
+/// Without a subcommand it runs until SIGTERM: it serves the plugin on VPC_CNI_AGENT_SOCKET,
+/// metrics and the probes /livez and /readyz on METRICS_BIND_ADDRESS (0.0.0.0:61678), and
+/// introspection on INTROSPECTION_BIND_ADDRESS (127.0.0.1:61679).
 #[derive(Debug, Parser)]
-#[command(name = "vpc-cni-agent", version)]
+#[command(name = "vpc-cni-agent", version = build_info::LONG_VERSION)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -53,8 +84,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Hand this node back to another CNI with every running pod keeping its address (run it
-    /// with the agent stopped and the agent's environment).
+    /// Install the plugin binaries and set the host sysctls (the DaemonSet's init container).
+    ///
+    /// Installs into HOST_CNI_BIN_PATH vpc-cni (from VPC_CNI_PLUGIN_BINARY) and the chained
+    /// portmap, and bandwidth with ENABLE_BANDWIDTH_PLUGIN=true (from
+    /// VPC_CNI_CHAINED_PLUGINS_DIR), each else from beside this executable; sets the sysctls
+    /// the reference's init container sets in this network namespace (rp_filter=2 on the
+    /// primary interface, found by IMDS's primary MAC, and tcp_early_demux=1); prints what it
+    /// did and exits.
+    Init,
+    /// Hand this node back to another CNI with every running pod keeping its address.
+    ///
+    /// Run it with the agent stopped and the agent's environment.
     Uninstall {
         /// The CNI that takes the node over.
         #[arg(long, value_enum)]
@@ -68,23 +109,37 @@ enum Target {
     AwsNode,
 }
 
-async fn start(cli: Cli, started: Instant) -> anyhow::Result<()> {
+async fn start(cli: Cli, started: Instant, sink: &mut Option<LogSink>) -> anyhow::Result<()> {
     let vars: HashMap<String, String> = std::env::vars().collect();
     let cfg = config::from_env(&vars).context("invalid configuration")?;
-    init_logging(&cfg)?;
-    if let Some(Cmd::Uninstall {
-        to: Target::AwsNode,
-    }) = cli.cmd
-    {
-        let done = agent::swap::uninstall_to_aws_node(&cfg)
-            .await
-            .context("handing the node back to aws-node")?;
-        println!(
-            "the node is aws-node's again: {} pods kept their addresses; {} written; start aws-node now",
-            done.pods,
-            done.conflist.display()
-        );
-        return Ok(());
+    *sink = Some(init_logging(&cfg)?);
+    info!(
+        version = build_info::VERSION,
+        commit = build_info::COMMIT,
+        "vpc-cni-agent starting"
+    );
+    match cli.cmd {
+        Some(Cmd::Init) => {
+            let report = agent::init::run(&cfg)
+                .await
+                .context("the init step (plugin binaries, host sysctls)")?;
+            print!("{report}");
+            return Ok(());
+        }
+        Some(Cmd::Uninstall {
+            to: Target::AwsNode,
+        }) => {
+            let done = agent::swap::uninstall_to_aws_node(&cfg)
+                .await
+                .context("handing the node back to aws-node")?;
+            println!(
+                "the node is aws-node's again: {} pods kept their addresses; {} written; start aws-node now",
+                done.pods,
+                done.conflist.display()
+            );
+            return Ok(());
+        }
+        None => {}
     }
     for n in &cfg.notices {
         if n.differs {
@@ -97,18 +152,29 @@ async fn start(cli: Cli, started: Instant) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reports a fatal error once per destination: through the log (in its format) when logging
+/// is set up, and on stderr unless the log is stderr.
+fn report_fatal(e: &anyhow::Error, sink: Option<LogSink>) {
+    if sink.is_some() {
+        error!("{e:#}");
+    }
+    if sink != Some(LogSink::Stderr) {
+        eprintln!("vpc-cni-agent: {e:#}");
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     agent::housekeeping::tune_malloc();
+    let mut sink = None;
     let result = match agent::runtime() {
-        Ok(rt) => rt.block_on(start(cli, Instant::now())),
+        Ok(rt) => rt.block_on(start(cli, Instant::now(), &mut sink)),
         Err(e) => Err(anyhow::Error::new(e).context("starting the tokio runtime")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
-            eprintln!("vpc-cni-agent: {e:#}");
+            report_fatal(&e, sink);
             ExitCode::FAILURE
         }
     }

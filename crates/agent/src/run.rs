@@ -1,6 +1,6 @@
-//! The agent's life from a parsed configuration to SIGTERM: learn the node, set it up, restore
-//! the pool, start the provisioner and the endpoints, install the plugin and its network
-//! configuration (the readiness signal), then serve the plugin socket.
+//! The agent's life from a parsed configuration to SIGTERM: start the endpoints (probes
+//! first), learn the node, set it up, restore the pool, start the provisioner, install the
+//! plugin and its network configuration (the readiness signal), then serve the plugin socket.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use crate::checkpoint::CheckpointError;
 use crate::cloud_api::LimitsError;
 use crate::config::Config;
+use crate::health::{Health, Watched};
 use crate::install::InstallError;
 use crate::node_net::KernelNode;
 use crate::provisioner::{NodeIdentity, Provisioner, Settings};
@@ -20,7 +21,8 @@ use crate::server::ServerError;
 use crate::startup::StartupError;
 use crate::state::State;
 use crate::{
-    checkpoint, cloud_api, housekeeping, http, install, recovery, server, startup, state, swap,
+    checkpoint, cloud_api, health, housekeeping, http, install, recovery, server, startup, state,
+    swap,
 };
 
 /// Why the agent could not start, or stopped serving.
@@ -46,8 +48,6 @@ pub enum AgentError {
     NoPrimaryEni,
     #[error(transparent)]
     Server(#[from] ServerError),
-    #[error("locating the agent executable")]
-    CurrentExe(#[source] std::io::Error),
     #[error(transparent)]
     Install(#[from] InstallError),
     #[error(transparent)]
@@ -76,6 +76,25 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// Runs the agent until SIGTERM or SIGINT (`Ok`) or a fatal error. `started` is when the
 /// process began, for the start-up time logged at readiness.
 pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
+    // The probes answer from the start: liveness at once, readiness with the step under way.
+    let health = Arc::new(Health::new());
+    let endpoints = Arc::new(http::Endpoints::new(&cfg, health.clone()));
+    if let Some(addr) = cfg.metrics_addr {
+        tokio::spawn(http::serve_metrics(addr, endpoints.clone()));
+    }
+    if let Some(addr) = cfg.introspection_addr {
+        tokio::spawn(http::serve_introspection(addr, endpoints.clone()));
+    }
+    tokio::spawn(health::heartbeat(health.clone(), {
+        let endpoints = endpoints.clone();
+        move || {
+            if let Some(s) = endpoints.shared() {
+                let _held = s.state.lock().unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }));
+
+    health.step("learning the instance from IMDS");
     let imds = cloud::ImdsMetadata::from_env().map_err(AgentError::ImdsClient)?;
     let md = startup::learn(&imds, 10).await?;
     info!(instance = %md.instance_id, r#type = %md.instance_type, enis = md.enis.len(), "learned the instance from IMDS");
@@ -90,6 +109,7 @@ pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
     } else {
         None
     };
+    health.step("listing the instance's ENIs");
     let enis = match &ec2 {
         Some(ec2) => startup::enis_from_ec2(ec2.as_ref(), &md)
             .await
@@ -97,12 +117,14 @@ pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
         None => startup::enis_from_imds(&md),
     };
 
+    health.step("setting up the host network");
     let node = {
         let (cfg, md, enis) = (cfg.clone(), md.clone(), enis.clone());
         tokio::task::spawn_blocking(move || startup::setup(&cfg, &md, &enis)).await??
     };
     info!(primary = %node.primary_ifname, vpc_cidrs = ?node.vpc_cidrs, "host network set up");
-    housekeeping::spawn().map_err(AgentError::Housekeeping)?;
+    housekeeping::spawn(health.clone()).map_err(AgentError::Housekeeping)?;
+    health.step("restoring the pool");
 
     let hint = if cfg.provisioning {
         "more addresses have been requested from EC2; the runtime retries the pod".to_string()
@@ -142,7 +164,9 @@ pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
             .filter(|e| e.unmanaged.is_some())
             .map(|e| e.device_number)
             .collect();
-        let provisioner = provisioner(&cfg, &md, ec2.clone(), state.clone(), reserved).await?;
+        health.step("starting the provisioner");
+        let cloud = Arc::new(Watched::new(ec2.clone(), health.clone()));
+        let provisioner = provisioner(&cfg, &md, cloud, state.clone(), reserved).await?;
         limits = Some(provisioner.settings.limits);
         if let Err(e) = provisioner.recover().await {
             warn!("recovering unfinished ENI operations: {e}; will retry");
@@ -155,33 +179,15 @@ pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
         ec2,
         limits,
     };
-    if let Some(addr) = cfg.metrics_addr {
-        tokio::spawn(http::serve_metrics(addr, shared.clone()));
-    }
-    if let Some(addr) = cfg.introspection_addr {
-        tokio::spawn(http::serve_introspection(addr, shared.clone()));
-    }
+    endpoints.set_shared(shared.clone());
 
     let listener = server::bind(&cfg.socket)?;
-    let plugin_src = match &cfg.plugin_binary {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .map_err(AgentError::CurrentExe)?
-            .with_file_name(install::PLUGIN_NAME),
-    };
-    let plugin = install::install_plugin(&plugin_src, &cfg.cni_bin_dir)?;
-    let chained_src = cfg.chained_plugins_dir.clone();
-    let agent_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(std::path::Path::to_path_buf));
-    let chained = install::install_chained(&cfg, chained_src.as_deref(), agent_dir.as_deref())?;
-    for p in &chained.plugins {
-        let from = p.copied_from.as_ref().map_or_else(
-            || "already in the CNI bin dir".to_string(),
-            |f| f.display().to_string(),
-        );
-        info!(plugin = p.name, path = %p.path.display(), %from, versions = ?p.versions, "chained plugin");
+    health.step("installing the plugin binaries");
+    let installed = install::install_binaries(&cfg)?;
+    for p in &installed.chained.plugins {
+        info!(plugin = p.name, path = %p.path.display(), from = %p.source(), versions = ?p.versions, "chained plugin");
     }
+    health.step("moving aws-node's pods to vpc-cni's layout");
     // A node aws-node wired: its pods move to our layout before any ADD is served, and only
     // once every step that can still fail has passed (an agent that exits leaves them as they
     // were, for aws-node).
@@ -202,16 +208,18 @@ pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
     for e in &adopted.errors {
         warn!("adopting aws-node's pods: {e}");
     }
-    let conflist = install::write_conflist(&cfg, &chained)?;
+    health.step("writing the conflist");
+    let conflist = install::write_conflist(&cfg, &installed.chained)?;
+    health.serving();
     // Ours is live: aws-node's conflist and iptables rules go (never before).
     let retire_cfg = cfg.clone();
     let (done, failed) =
         tokio::task::spawn_blocking(move || swap::retire_aws_node(&retire_cfg)).await?;
     swap::log_retired(&done, &failed);
     info!(
-        plugin = %plugin.display(),
+        plugin = %installed.plugin.display(),
         conflist = %conflist.display(),
-        cni_versions = ?chained.cni_versions,
+        cni_versions = ?installed.chained.cni_versions,
         socket = %cfg.socket.display(),
         startup_ms = started.elapsed().as_millis() as u64,
         "ready"
@@ -233,10 +241,10 @@ pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
 async fn provisioner(
     cfg: &Config,
     md: &cloud::InstanceMetadata,
-    ec2: Arc<cloud::Ec2>,
+    ec2: Arc<Watched<cloud::Ec2>>,
     state: Arc<Mutex<State>>,
     reserved_devices: Vec<u32>,
-) -> Result<Arc<Provisioner<cloud::Ec2, KernelNode>>, AgentError> {
+) -> Result<Arc<Provisioner<Watched<cloud::Ec2>, KernelNode>>, AgentError> {
     let cached = state
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -1,6 +1,7 @@
 //! `vpc-cni`: the CNI plugin binary. Reads `CNI_*` and stdin, prints the result or a CNI
 //! error object on stdout, exits 0 or 1 — by the call's deadline (10 s, STATUS 3 s) whatever
-//! stdin, the files named in the configuration or the agent do.
+//! stdin, the files named in the configuration or the agent do. Run by hand (no
+//! `CNI_COMMAND`), it says what it is on stderr and exits 1 without reading stdin.
 
 use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -9,9 +10,25 @@ use std::time::Instant;
 
 use plugin::{Deadline, Invocation, PluginError, RealBackend, Reply, execute, input, logging};
 
+/// What a person who runs the binary by hand is told (one line, on stderr).
+fn about() -> String {
+    format!(
+        "vpc-cni {}: the vpc-cni CNI plugin; run by a container runtime with CNI_COMMAND set \
+         (CNI spec {}\u{2013}{}); see the README's \"Operating the agent\"",
+        env!("CARGO_PKG_VERSION"),
+        cni::SUPPORTED_VERSIONS[0],
+        cni::SUPPORTED_VERSIONS[cni::SUPPORTED_VERSIONS.len() - 1],
+    )
+}
+
 fn main() -> ExitCode {
     let started = Instant::now();
     let command = std::env::var_os("CNI_COMMAND");
+    // Run by hand: say what this is instead of waiting for a configuration on stdin.
+    if command.as_ref().is_none_or(|c| c.is_empty()) {
+        eprintln!("{}", about());
+        return ExitCode::FAILURE;
+    }
     let deadline = Deadline::for_command(command.as_deref(), started);
     logging::install_panic_hook(&deadline);
     // Whatever happens, one JSON object on stdout: a panic anywhere is a CNI error too.

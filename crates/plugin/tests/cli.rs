@@ -53,6 +53,54 @@ fn version_needs_only_the_command() {
     assert_eq!(r.json()["supportedVersions"][4], "1.1.0");
 }
 
+/// The one line a person who runs the plugin by hand gets on stderr.
+fn assert_about(status: i32, stdout: &str, stderr: &str) {
+    assert_eq!(status, 1, "stderr: {stderr}");
+    assert_eq!(stdout, "", "nothing on stdout");
+    let want = format!(
+        "vpc-cni {}: the vpc-cni CNI plugin; run by a container runtime with CNI_COMMAND set \
+         (CNI spec 0.3.0\u{2013}1.1.0); see the README's \"Operating the agent\"\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(stderr, want);
+}
+
+#[test]
+fn run_by_hand_it_says_what_it_is_without_reading_stdin() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    // No CNI_COMMAND, and stdin open and silent (a terminal): it must not wait for it.
+    let mut child = Command::new(common::BIN)
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vpc-cni");
+    let stdin = child.stdin.take();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(5) {
+            let _ = child.kill();
+            panic!("vpc-cni without CNI_COMMAND waited on its stdin");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert_about(
+        status.code().unwrap_or(-1),
+        &String::from_utf8_lossy(&out.stdout),
+        &String::from_utf8_lossy(&out.stderr),
+    );
+    // An empty CNI_COMMAND is no command either (as libcni's skel reads it).
+    let r = run_plugin(&[("CNI_COMMAND", "")], br#"{"cniVersion":"1.0.0"}"#, None);
+    assert_about(r.status, &r.stdout, &r.stderr);
+}
+
 #[test]
 fn malformed_json_is_code_6() {
     let r = run_plugin(&env("ADD", "/run/netns/x"), b"{\"cniVersion\": ", None);
