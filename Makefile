@@ -7,7 +7,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 LAB := target/debug/vpc-lab
 
-.PHONY: setup build demo test lint unit clean
+.PHONY: setup build demo test lint unit clean image
 
 setup:
 	@bash scripts/setup.sh
@@ -20,6 +20,13 @@ demo: build
 	$(LAB) up; \
 	$(LAB) demo; \
 	if [ -n "$(KEEP)" ]; then echo "KEEP=1: the lab is still up; '$(LAB) down' removes it"; fi
+
+# The node image (docs/image.md), without a registry or a Docker engine: the base from Debian's
+# packages (mmdebstrap), the Containerfile with buildah, target/image/vpc-cni.oci.tar for
+# `ctr -n k8s.io images import`. Debug binaries unless PROFILE=release. Check it with
+# `bash scripts/image/check.sh`; `bash scripts/image/build.sh clean` removes it all.
+image: setup
+	bash scripts/image/build.sh $(if $(PROFILE),--profile $(PROFILE))
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -3,7 +3,9 @@
 #   - apt: containerd (with its CRI plugin), runc, busybox-static, Debian's CNI plugins
 #     (/usr/lib/cni: ptp, host-local, ...; portmap and bandwidth, which the lab's agents chain
 #     after vpc-cni), Go (to build cnitool), iperf3, hyperfine, and protoc
-#     (protobuf-compiler: the k8s-cri crate of crates/conformance generates its CRI client at build time)
+#     (protobuf-compiler: the k8s-cri crate of crates/conformance generates its CRI client at build time),
+#     mmdebstrap and buildah (`make image`: the base image from Debian's packages, then the
+#     Containerfile built without a Docker engine; scripts/image/build.sh)
 #   - .cache/bin/cnitool, built offline from Debian's *source* package of the CNI library
 #     (no binary package ships it); /etc/apt is not touched: a private sources list and
 #     lists directory live under .cache/aptsrc
@@ -22,7 +24,8 @@ fi
 
 # ---- 1. Debian packages ----------------------------------------------------------------------
 APT_PACKAGES=(containerd runc busybox-static containernetworking-plugins golang-go
-  golang-github-appc-cni-dev iperf3 hyperfine dpkg-dev xz-utils protobuf-compiler)
+  golang-github-appc-cni-dev iperf3 hyperfine dpkg-dev xz-utils protobuf-compiler
+  mmdebstrap buildah)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
