@@ -47,6 +47,9 @@ pub struct Config {
     pub plugin_binary: Option<PathBuf>,
     /// Where the chained plugins (portmap, bandwidth) are copied from (`VPC_CNI_CHAINED_PLUGINS_DIR`).
     pub chained_plugins_dir: Option<PathBuf>,
+    /// Where the node's sysctls are written (`VPC_CNI_PROC_SYS`, default `/proc/sys`): an
+    /// unprivileged container sees `/proc/sys` read-only and writes through a host mount.
+    pub proc_sys: PathBuf,
     /// The plugin's log file; empty: stderr (AWS_VPC_K8S_PLUGIN_LOG_FILE `stderr` or set empty).
     pub plugin_log_file: String,
     pub plugin_log_level: String,
@@ -454,6 +457,7 @@ pub const OTHERS: &[Var] = &[
     implemented("VPC_CNI_CHAINED_PLUGINS_DIR"),
     implemented("VPC_CNI_MIN_ENI_AGE"),
     implemented("VPC_CNI_LOG_FORMAT"),
+    implemented("VPC_CNI_PROC_SYS"),
 ];
 
 /// The implemented variables the reference's `/v1/networkutils-env-settings` shows (host
@@ -849,6 +853,7 @@ fn parse(env: &Env, notices: Vec<Notice>) -> Result<Config, ConfigError> {
             .get("VPC_CNI_CHAINED_PLUGINS_DIR")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from),
+        proc_sys: path("VPC_CNI_PROC_SYS", "/proc/sys")?,
         plugin_log_file,
         plugin_log_level: level("AWS_VPC_K8S_PLUGIN_LOG_LEVEL")?,
         log_file: env.string("AWS_VPC_K8S_CNI_LOG_FILE", "stderr"),
@@ -954,6 +959,7 @@ impl Config {
             ),
             ("VPC_CNI_MIN_ENI_AGE", self.min_eni_age_s.to_string()),
             ("VPC_CNI_LOG_FORMAT", self.log_format.as_str().to_string()),
+            ("VPC_CNI_PROC_SYS", path(&self.proc_sys)),
         ]
     }
 }

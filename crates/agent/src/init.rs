@@ -140,6 +140,7 @@ impl fmt::Display for Report {
 /// Installs the binaries, learns the primary MAC from IMDS and sets the sysctls in this
 /// process's network namespace.
 pub async fn run(cfg: &Config) -> Result<Report, InitError> {
+    dataplane::netlink::set_proc_sys(&cfg.proc_sys);
     let installed = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || crate::install::install_binaries(&cfg)).await??

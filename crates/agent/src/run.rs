@@ -76,6 +76,7 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// Runs the agent until SIGTERM or SIGINT (`Ok`) or a fatal error. `started` is when the
 /// process began, for the start-up time logged at readiness.
 pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
+    dataplane::netlink::set_proc_sys(&cfg.proc_sys);
     // The probes answer from the start: liveness at once, readiness with the step under way.
     let health = Arc::new(Health::new());
     let endpoints = Arc::new(http::Endpoints::new(&cfg, health.clone()));

@@ -441,16 +441,36 @@ fn parse_neighbour(m: &NeighbourMessage) -> Option<Neighbour> {
     })
 }
 
-/// Writes `/proc/sys/<key>` from the calling thread (whose netns the write applies to).
+/// Where this process writes sysctls: `/proc/sys` unless [`set_proc_sys`] said otherwise.
+static PROC_SYS: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Writes sysctls under `root` instead of `/proc/sys` from now on (once per process): an
+/// unprivileged container sees `/proc/sys` read-only, and writes through a mount of the host's
+/// `/proc/sys/net` (the files under it belong to the network namespace of the thread that
+/// opens them, whichever mount it goes through). Returns `false` when a root was already set.
+pub fn set_proc_sys(root: &Path) -> bool {
+    PROC_SYS.set(root.to_path_buf()).is_ok()
+}
+
+/// Writes `<proc sys>/<key>` from the calling thread (whose netns the write applies to).
 pub(crate) fn write_proc_sys(key: &str, value: &str) -> Result<(), NetError> {
-    let path = Path::new("/proc/sys").join(key);
+    let root = PROC_SYS
+        .get()
+        .map_or(Path::new("/proc/sys"), |p| p.as_path());
+    let path = root.join(key);
     let op = format!("write {value} to {}", path.display());
     let mut f = OpenOptions::new()
         .write(true)
         .open(&path)
-        .map_err(|source| NetError::Io {
-            op: op.clone(),
-            source,
+        .map_err(|source| {
+            let op = if source.raw_os_error() == Some(libc::EROFS) {
+                format!(
+                    "{op} (read-only: in an unprivileged container, mount the host's /proc/sys/net at /host/proc/sys/net and set VPC_CNI_PROC_SYS=/host/proc/sys)"
+                )
+            } else {
+                op.clone()
+            };
+            NetError::Io { op, source }
         })?;
     f.write_all(value.as_bytes())
         .map_err(|source| NetError::Io { op, source })
