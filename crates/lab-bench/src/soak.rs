@@ -100,8 +100,18 @@ struct Ledger {
     total: Counts,
     faults: BTreeMap<&'static str, u64>,
     faults_total: BTreeMap<&'static str, u64>,
+    /// Addresses the agent holds for a container the runtime does not run, and since when:
+    /// after a kill -9 the agent keeps an allocation whose ADD it cannot judge for a minute
+    /// (`recovery::PRUNE_MIN_AGE_MS`) before releasing it, so only one held longer than
+    /// [`STRAY_GRACE`] is a leak.
+    strays: BTreeMap<(&'static str, Ipv4Addr, String), Instant>,
     problems: Vec<String>,
 }
+
+/// How long the agent may hold an address for a container the runtime does not run: the
+/// minute an allocation restored unwired at start is kept, the minute until the agent looks
+/// again, and slack.
+const STRAY_GRACE: Duration = Duration::from_secs(150);
 
 impl Ledger {
     fn problem(&mut self, p: String) {
@@ -821,11 +831,21 @@ fn sample(
             .copied()
             .chain(casualties.iter().map(|c| c.pod.ip))
             .collect();
-        for ip in agent.difference(&running_ips) {
-            problems.push(format!(
-                "{node}: the agent holds {ip} for a pod the runtime does not run (container {})",
-                s.agent_pods[ip]
-            ));
+        let strays: BTreeSet<(&'static str, Ipv4Addr, String)> = agent
+            .difference(&running_ips)
+            .map(|ip| (*node, *ip, s.agent_pods[ip].clone()))
+            .collect();
+        l.strays.retain(|k, _| k.0 != *node || strays.contains(k));
+        for k in strays {
+            let since = *l.strays.entry(k.clone()).or_insert_with(Instant::now);
+            if fin || since.elapsed() > STRAY_GRACE {
+                problems.push(format!(
+                    "{node}: the agent holds {} for a pod the runtime does not run (container {}, for {:.0} s)",
+                    k.1,
+                    k.2,
+                    since.elapsed().as_secs_f64()
+                ));
+            }
         }
         for ip in live.difference(&agent) {
             if !s.lost.contains(ip) {
