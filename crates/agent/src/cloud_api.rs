@@ -117,28 +117,9 @@ pub fn unmanaged_reason(e: &NetworkInterface) -> Option<String> {
 }
 
 /// Limits of common instance types (ENIs, IPv4 addresses per ENI), used when
-/// DescribeInstanceTypes cannot be reached. Values from EC2's published limits.
+/// DescribeInstanceTypes cannot be reached ([`crate::max_pods`]'s built-in table).
 pub fn builtin_limits(instance_type: &str) -> Option<InstanceTypeLimits> {
-    let (max_enis, ipv4_per_eni) = match instance_type {
-        "t3.nano" | "t3.micro" => (2, 2),
-        "t3.small" => (3, 4),
-        "t3.medium" => (3, 6),
-        "t3.large" => (3, 12),
-        "t3.xlarge" | "t3.2xlarge" => (4, 15),
-        "m5.large" | "c5.large" | "r5.large" | "m6i.large" | "c6i.large" => (3, 10),
-        "m5.xlarge" | "c5.xlarge" | "r5.xlarge" | "m6i.xlarge" | "c6i.xlarge" => (4, 15),
-        "m5.2xlarge" | "c5.2xlarge" | "r5.2xlarge" | "m6i.2xlarge" | "c6i.2xlarge" => (4, 15),
-        "m5.4xlarge" | "c5.4xlarge" | "r5.4xlarge" | "m6i.4xlarge" | "c6i.4xlarge" => (8, 30),
-        "m5.8xlarge" | "m5.12xlarge" | "r5.8xlarge" | "r5.12xlarge" | "m6i.8xlarge" => (8, 30),
-        "c5.9xlarge" | "c5.12xlarge" => (8, 30),
-        "m5.16xlarge" | "m5.24xlarge" | "c5.18xlarge" | "c5.24xlarge" | "r5.16xlarge"
-        | "r5.24xlarge" => (15, 50),
-        _ => return None,
-    };
-    Some(InstanceTypeLimits {
-        max_enis,
-        ipv4_per_eni,
-    })
+    crate::max_pods::builtin(instance_type).map(|i| i.limits)
 }
 
 /// DescribeInstanceTypes, or the built-in table when EC2 cannot answer.

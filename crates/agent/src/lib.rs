@@ -10,7 +10,8 @@
 //!   agent's step-proof clock, the pool and its requests;
 //! - [`recovery`] (→ checkpoint, clock, state): the allocations at start, from the checkpoint
 //!   or, when it is torn or missing, from the node's pod wiring;
-//! - [`cloud_api`]: the seam to EC2 ([`cloud_api::Cloud`]);
+//! - [`max_pods`]: instance types as max pods needs them, and the reference's max-pods values;
+//! - [`cloud_api`] (→ max_pods): the seam to EC2 ([`cloud_api::Cloud`]);
 //! - [`node_net`]: the seam to the node's network ([`node_net::NodeNet`]);
 //! - [`startup`] (→ config, cloud_api, node_net): the node's start-up from IMDS;
 //! - [`provisioner`] (→ checkpoint, cloud_api, node_net, state): the warm pool through EC2;
@@ -37,6 +38,7 @@ pub mod housekeeping;
 pub mod http;
 pub mod init;
 pub mod install;
+pub mod max_pods;
 pub mod node_net;
 pub mod provisioner;
 pub mod rbac;

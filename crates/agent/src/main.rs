@@ -101,6 +101,16 @@ enum Cmd {
         #[arg(long, value_enum)]
         to: Target,
     },
+    /// Print the reference's max pods for an instance type: with secondary IPs (its
+    /// eni-max-pods.txt), prefix delegation, custom networking and both, and the value for
+    /// kubelet's --max-pods (capped at 110 up to 30 vCPUs, 250 above). From the built-in table.
+    MaxPods {
+        /// An EC2 instance type, e.g. m5.large.
+        instance_type: String,
+        /// MAX_ENI: fewer ENIs than the type allows.
+        #[arg(long)]
+        max_eni: Option<u32>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -139,6 +149,7 @@ async fn start(cli: Cli, started: Instant, sink: &mut Option<LogSink>) -> anyhow
             );
             return Ok(());
         }
+        Some(Cmd::MaxPods { .. }) => unreachable!("answered before the configuration is read"),
         None => {}
     }
     for n in &cfg.notices {
@@ -165,6 +176,28 @@ fn report_fatal(e: &anyhow::Error, sink: Option<LogSink>) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Cmd::MaxPods {
+        instance_type,
+        max_eni,
+    }) = &cli.cmd
+    {
+        return match agent::max_pods::builtin(instance_type) {
+            Some(info) => {
+                print!(
+                    "{}",
+                    agent::max_pods::report(instance_type, &info, *max_eni)
+                );
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!(
+                    "vpc-cni-agent: instance type {instance_type:?} is not in the built-in table ({}); its limits come from DescribeInstanceTypes, which this command does not call yet",
+                    agent::max_pods::builtin_types().join(", ")
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
     agent::housekeeping::tune_malloc();
     let mut sink = None;
     let result = match agent::runtime() {
