@@ -666,6 +666,8 @@ struct NodeSample {
     agent_pods: BTreeMap<Ipv4Addr, String>,
     lost: BTreeSet<Ipv4Addr>,
     veths: usize,
+    /// Retired veths waiting for the agent's reaper (a second at most).
+    retired: usize,
     routes: usize,
     ec2_only: usize,
     pool_only: usize,
@@ -676,10 +678,15 @@ struct NodeSample {
     conntrack: usize,
 }
 
-/// A pod's host-side veth: `eni…` (the reference's prefix, which vpc-cni keeps), or `vcr…`
-/// (one being retired); the lab's own links are `ethN` and `lab…`.
+/// A running pod's host-side veth: `eni…` (the reference's prefix, which vpc-cni keeps); the
+/// lab's own links are `ethN` and `lab…`.
 fn is_pod_veth(name: &str) -> bool {
-    name.starts_with("eni") || name.starts_with("vcr")
+    name.starts_with("eni")
+}
+
+/// A veth DEL retired (`vcr…`, down, deleted by the agent's reaper within a second).
+fn is_retired_veth(name: &str) -> bool {
+    name.starts_with("vcr")
 }
 
 fn json_lines(node: &str, args: &[&str]) -> Result<Vec<Value>> {
@@ -720,10 +727,15 @@ fn node_sample(
         .flatten()
         .filter_map(|u| u["info"]["primary_ip"].as_str()?.parse().ok())
         .collect();
-    s.veths = json_lines(node, &["ip", "-j", "link", "show", "type", "veth"])?
-        .iter()
-        .filter(|l| l["ifname"].as_str().is_some_and(is_pod_veth))
-        .count();
+    let links = json_lines(node, &["ip", "-j", "link", "show", "type", "veth"])?;
+    let named = |f: fn(&str) -> bool| {
+        links
+            .iter()
+            .filter(|l| l["ifname"].as_str().is_some_and(f))
+            .count()
+    };
+    s.veths = named(is_pod_veth);
+    s.retired = named(is_retired_veth);
     s.routes = json_lines(node, &["ip", "-j", "route", "show", "table", "main"])?
         .iter()
         .filter(|r| {
@@ -904,6 +916,12 @@ fn sample(
                 problems.push(format!(
                     "{node}: EC2 and the pool disagree at rest: {} addresses only in EC2, {} only in the pool",
                     s.ec2_only, s.pool_only
+                ));
+            }
+            if s.retired > 0 {
+                problems.push(format!(
+                    "{node}: {} retired veths left (the agent's reaper deletes them within a second)",
+                    s.retired
                 ));
             }
             if !s.detached.is_empty() {
