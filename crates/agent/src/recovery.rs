@@ -11,7 +11,8 @@
 //!   while the agent was down), as before; those too young to judge ([`PRUNE_MIN_AGE_MS`]:
 //!   their ADD may still be wiring the pod, or was cut off by the restart, and the runtime's
 //!   DEL then tore down nothing while the agent was down) are looked at again once that old
-//!   and released if still unwired ([`watch_rebuilt`]);
+//!   and released if still unwired ([`watch_rebuilt`]); so are the checkpoint's allocations on
+//!   no ENI (their address was unassigned meanwhile) that no pod is wired to;
 //! - a checkpoint that is empty, truncated, corrupt or of another version is renamed aside
 //!   (`ipam.json.corrupt-<unix seconds>`), logged as an error and counted in
 //!   `vpccni_checkpoint_rebuilds_total{reason}`; the agent starts from an empty pool;

@@ -93,8 +93,12 @@ pub struct State {
     /// Allocations restored at start that no pod was wired to yet but too young to prune:
     /// their ADD may have been cut off by this agent's restart (the plugin failed, and the
     /// runtime's DEL tore down nothing while the agent was down). Released once they are old
-    /// enough and still unwired ([`State::release_unconfirmed`]).
+    /// enough and still unwired ([`State::release_unconfirmed`]). Also the checkpoint's
+    /// allocations on no ENI (orphans) that no pod was wired to at start: their DEL may have
+    /// come while the agent was down, and will not come again.
     pub unconfirmed: BTreeMap<AttachmentKey, Ipv4Addr>,
+    /// When the unconfirmed set was taken (the agent's clock): an orphan's age.
+    unconfirmed_since_ms: u64,
     /// Why this process rebuilt its allocations from the node at start (`corrupt`,
     /// `truncated`, `empty`, `version`, `missing`), if it did.
     pub recovered_from: Option<&'static str>,
@@ -138,6 +142,7 @@ impl State {
             clock: Clock::system(),
             write_failures: AtomicU64::new(0),
             unconfirmed: BTreeMap::new(),
+            unconfirmed_since_ms: 0,
             recovered_from: None,
             rescan: None,
             intents: BTreeMap::new(),
@@ -386,9 +391,11 @@ impl State {
             .pool
             .assignments()
             .into_iter()
-            .filter(|(_, a)| !wired.contains(&a.ip))
             .map(|(k, a)| (k, a.ip))
+            .chain(self.orphans.iter().map(|(k, r)| (k.clone(), r.ipv4)))
+            .filter(|(_, ip)| !wired.contains(ip))
             .collect();
+        self.unconfirmed_since_ms = now;
         if !stale.is_empty()
             && let Err(e) = self.save()
         {
@@ -409,21 +416,39 @@ impl State {
         let now = self.clock.now();
         let mut released = Vec::new();
         let pool = &mut self.pool;
+        let orphans = &mut self.orphans;
+        let orphan_age = now.saturating_sub(self.unconfirmed_since_ms);
         // Held, or lost since (its ENI detached, its address unassigned): still never wired.
         let held = |pool: &Pool<AttachmentKey>, key: &AttachmentKey| {
             pool.lookup(key)
                 .or_else(|| pool.lost_of(key).map(|l| l.assignment.clone()))
         };
-        self.unconfirmed.retain(|key, ip| match held(pool, key) {
-            Some(a) if a.ip == *ip && !wired.contains(ip) => {
-                if now.saturating_sub(a.since_ms) < min_age_ms {
-                    return true;
-                }
-                pool.release(key, now);
-                released.push((key.clone(), *ip));
-                false
+        self.unconfirmed.retain(|key, ip| {
+            if wired.contains(ip) {
+                return false;
             }
-            _ => false,
+            match held(pool, key) {
+                Some(a) if a.ip == *ip => {
+                    if now.saturating_sub(a.since_ms) < min_age_ms {
+                        return true;
+                    }
+                    pool.release(key, now);
+                    released.push((key.clone(), *ip));
+                    false
+                }
+                Some(_) => false,
+                // An orphan (its address on no ENI): nothing to release in the pool, the
+                // record goes.
+                None => match orphans.get(key) {
+                    Some(r) if r.ipv4 == *ip && orphan_age < min_age_ms => true,
+                    Some(r) if r.ipv4 == *ip => {
+                        orphans.remove(key);
+                        released.push((key.clone(), *ip));
+                        false
+                    }
+                    _ => false,
+                },
+            }
         });
         for (key, _) in &released {
             self.pods.remove(key);
@@ -1237,6 +1262,48 @@ mod tests {
         assert!(s.lost().is_empty());
         let st = s.pool.stats(s.now());
         assert_eq!((st.total, st.available), (1, 1), "dropped, not freed");
+    }
+
+    #[test]
+    fn an_orphan_no_pod_is_wired_to_is_dropped_a_minute_after_start_unless_wired() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = FakeTime::new(1_700_000_000_000, 9_000, "boot-1");
+        let mut s = state(&dir).with_clock(t.clock());
+        let orphan = |c: &str, ip: &str| AllocationRecord {
+            network_name: "vpc-cni".into(),
+            container_id: c.into(),
+            if_name: "eth0".into(),
+            ipv4: ip.parse().unwrap(),
+            allocation_timestamp: 0,
+            metadata: AllocationMetadata::default(),
+        };
+        // Two allocations whose addresses are on no ENI: "gone"'s pod was deleted while the
+        // agent was down (its DEL will not come again), "running"'s pod is wired.
+        let cp = Checkpoint {
+            allocations: vec![orphan("gone", "10.9.9.9"), orphan("running", "10.9.9.8")],
+            ..Checkpoint::default()
+        };
+        assert_eq!(s.restore(&cp).warnings.len(), 2);
+        let wired = std::collections::BTreeSet::from(["10.9.9.8".parse().unwrap()]);
+        assert!(s.prune_unwired(&wired, 60_000).is_empty());
+        t.advance(30_000);
+        assert!(s.release_unconfirmed(&wired, 60_000).is_empty());
+        t.advance(30_000);
+        assert_eq!(
+            s.release_unconfirmed(&wired, 60_000),
+            vec![(key("gone"), "10.9.9.9".parse().unwrap())]
+        );
+        let saved = checkpoint::load(&dir.path().join("ipam.json")).unwrap();
+        assert_eq!(
+            saved
+                .allocations
+                .iter()
+                .map(|a| a.container_id.as_str())
+                .collect::<Vec<_>>(),
+            ["running"],
+            "the wired orphan is kept until its DEL"
+        );
+        assert!(s.lost().iter().all(|(k, _, _)| k.container_id != "gone"));
     }
 
     #[test]
