@@ -66,6 +66,22 @@ pub struct InstanceTypeLimits {
     pub ipv4_per_eni: u32,
 }
 
+/// What DescribeInstanceTypes says about one instance type.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceTypeInfo {
+    pub limits: InstanceTypeLimits,
+    /// EC2's `Hypervisor`: `nitro` or `xen`; `None` for bare metal (EC2 lists none there).
+    pub hypervisor: Option<String>,
+}
+
+impl InstanceTypeInfo {
+    /// Nitro-based: EC2 assigns IPv4 prefixes only to network interfaces of these (bare-metal
+    /// types, which list no hypervisor, are built on Nitro too).
+    pub fn is_nitro(&self) -> bool {
+        self.hypervisor.as_deref().is_none_or(|h| h == "nitro")
+    }
+}
+
 /// Which secondary addresses to ask for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IpRequest {
@@ -211,6 +227,17 @@ impl Ec2 {
         &self,
         instance_type: &str,
     ) -> Result<InstanceTypeLimits, CloudError> {
+        Ok(self
+            .describe_instance_type_info(instance_type)
+            .await?
+            .limits)
+    }
+
+    /// DescribeInstanceTypes for one type: its limits and its hypervisor (prefixes need Nitro).
+    pub async fn describe_instance_type_info(
+        &self,
+        instance_type: &str,
+    ) -> Result<InstanceTypeInfo, CloudError> {
         const CALL: &str = "DescribeInstanceTypes";
         let out = self
             .client
@@ -233,7 +260,7 @@ impl Ec2 {
         let net = info
             .network_info()
             .ok_or_else(|| CloudError::missing(CALL, format!("{instance_type}.NetworkInfo")))?;
-        Ok(InstanceTypeLimits {
+        let limits = InstanceTypeLimits {
             max_enis: ec2_u32(
                 CALL,
                 "NetworkInfo.MaximumNetworkInterfaces",
@@ -244,6 +271,10 @@ impl Ec2 {
                 "NetworkInfo.Ipv4AddressesPerInterface",
                 net.ipv4_addresses_per_interface(),
             )?,
+        };
+        Ok(InstanceTypeInfo {
+            limits,
+            hypervisor: info.hypervisor().map(|h| h.as_str().to_owned()),
         })
     }
 
@@ -254,12 +285,36 @@ impl Ec2 {
         &self,
         spec: &NewEni,
     ) -> Result<NetworkInterface, CloudError> {
+        self.create_eni(spec, 0).await
+    }
+
+    /// CreateNetworkInterface with `ipv4_prefix_count` /28 prefixes assigned at creation: one
+    /// mutating call instead of a create and an assign. EC2 takes a prefix count only without
+    /// secondary addresses (`spec.secondary_ip_count` must be 0).
+    pub async fn create_network_interface_with_prefixes(
+        &self,
+        spec: &NewEni,
+        ipv4_prefix_count: u32,
+    ) -> Result<NetworkInterface, CloudError> {
+        self.create_eni(spec, ipv4_prefix_count).await
+    }
+
+    async fn create_eni(
+        &self,
+        spec: &NewEni,
+        ipv4_prefix_count: u32,
+    ) -> Result<NetworkInterface, CloudError> {
         const CALL: &str = "CreateNetworkInterface";
-        let count =
-            i32::try_from(spec.secondary_ip_count).map_err(|_| CloudError::InvalidArgument {
+        let count = api_count(CALL, "secondary_ip_count", spec.secondary_ip_count)?;
+        let prefixes = api_count(CALL, "ipv4_prefix_count", ipv4_prefix_count)?;
+        if count > 0 && prefixes > 0 {
+            return Err(CloudError::InvalidArgument {
                 call: CALL,
-                detail: format!("secondary_ip_count {} too large", spec.secondary_ip_count),
-            })?;
+                detail: format!(
+                    "{count} secondary addresses and {prefixes} prefixes: EC2 takes one or the other"
+                ),
+            });
+        }
         let out = self
             .client
             .create_network_interface()
@@ -268,6 +323,7 @@ impl Ec2 {
             .set_groups(ids(&spec.security_groups))
             .description(&spec.description)
             .set_secondary_private_ip_address_count((count > 0).then_some(count))
+            .set_ipv4_prefix_count((prefixes > 0).then_some(prefixes))
             .set_tag_specifications(tag_spec(ResourceType::NetworkInterface, &spec.tags))
             .send()
             .await
@@ -276,7 +332,7 @@ impl Ec2 {
             .network_interface()
             .ok_or_else(|| CloudError::missing(CALL, "NetworkInterface"))?;
         let eni = eni_from_sdk(CALL, eni)?;
-        tracing::info!(eni = %eni.id, subnet = %eni.subnet_id, ip = %eni.primary_ip, "created ENI");
+        tracing::info!(eni = %eni.id, subnet = %eni.subnet_id, ip = %eni.primary_ip, prefixes = ?eni.prefixes, "created ENI");
         Ok(eni)
     }
 
@@ -437,18 +493,19 @@ impl Ec2 {
         }
         let before: BTreeSet<Ipv4Addr> = self.describe_one_eni(eni_id).await?.all_ips().collect();
         let out = req.send().await.map_err(|e| CloudError::ec2(CALL, e))?;
-        let mut new = Vec::new();
-        for a in out.assigned_private_ip_addresses() {
-            let ip = ec2_field(
-                CALL,
-                "AssignedPrivateIpAddresses.PrivateIpAddress",
-                a.private_ip_address(),
-                parse::ipv4,
-            )?;
-            if !before.contains(&ip) && !new.contains(&ip) {
-                new.push(ip);
-            }
-        }
+        let answered = out
+            .assigned_private_ip_addresses()
+            .iter()
+            .map(|a| {
+                ec2_field(
+                    CALL,
+                    "AssignedPrivateIpAddresses.PrivateIpAddress",
+                    a.private_ip_address(),
+                    parse::ipv4,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let new = only_new(&before, answered);
         tracing::info!(eni = eni_id, ?request, assigned = ?new, "assigned private IPs");
         Ok(new)
     }
@@ -476,6 +533,98 @@ impl Ec2 {
         tracing::info!(eni = eni_id, ?ips, "unassigned private IPs");
         Ok(())
     }
+
+    /// AssignPrivateIpAddresses with `Ipv4PrefixCount`: `count` /28 prefixes chosen by EC2, in
+    /// one call; returns only the prefixes that are new on the ENI (the answer is diffed
+    /// against the ENI described just before, as for addresses). A subnet without a free
+    /// aligned /28 answers `InsufficientCidrBlocks` ([`CloudError::is_insufficient_cidr_blocks`]).
+    pub async fn assign_ipv4_prefixes(
+        &self,
+        eni_id: &str,
+        count: u32,
+    ) -> Result<Vec<Ipv4Net>, CloudError> {
+        const CALL: &str = "AssignPrivateIpAddresses";
+        let n = i32::try_from(count)
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| CloudError::InvalidArgument {
+                call: CALL,
+                detail: format!("prefix count {count} for {eni_id} must be 1..={}", i32::MAX),
+            })?;
+        let before: BTreeSet<Ipv4Net> = self
+            .describe_one_eni(eni_id)
+            .await?
+            .prefixes
+            .into_iter()
+            .collect();
+        let out = self
+            .client
+            .assign_private_ip_addresses()
+            .network_interface_id(eni_id)
+            .ipv4_prefix_count(n)
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        let answered = out
+            .assigned_ipv4_prefixes()
+            .iter()
+            .map(|p| {
+                ec2_field(
+                    CALL,
+                    "AssignedIpv4Prefixes.Ipv4Prefix",
+                    p.ipv4_prefix(),
+                    parse::ipv4_net,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let new = only_new(&before, answered);
+        tracing::info!(eni = eni_id, count, assigned = ?new, "assigned IPv4 prefixes");
+        Ok(new)
+    }
+
+    /// UnassignPrivateIpAddresses with `Ipv4Prefixes`.
+    pub async fn unassign_ipv4_prefixes(
+        &self,
+        eni_id: &str,
+        prefixes: &[Ipv4Net],
+    ) -> Result<(), CloudError> {
+        const CALL: &str = "UnassignPrivateIpAddresses";
+        if prefixes.is_empty() {
+            return Err(CloudError::InvalidArgument {
+                call: CALL,
+                detail: format!("empty prefix list for {eni_id}"),
+            });
+        }
+        self.client
+            .unassign_private_ip_addresses()
+            .network_interface_id(eni_id)
+            .set_ipv4_prefixes(Some(prefixes.iter().map(Ipv4Net::to_string).collect()))
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        tracing::info!(eni = eni_id, ?prefixes, "unassigned IPv4 prefixes");
+        Ok(())
+    }
+}
+
+/// A count for an EC2 request (EC2's integers are `i32`).
+fn api_count(call: &'static str, what: &str, n: u32) -> Result<i32, CloudError> {
+    i32::try_from(n).map_err(|_| CloudError::InvalidArgument {
+        call,
+        detail: format!("{what} {n} too large"),
+    })
+}
+
+/// The entries of an Assign* answer that are not in `before`, once each, in answer order
+/// (some EC2 implementations list everything the ENI holds).
+fn only_new<T: Ord + Copy>(before: &BTreeSet<T>, answered: Vec<T>) -> Vec<T> {
+    let mut new = Vec::new();
+    for x in answered {
+        if !before.contains(&x) && !new.contains(&x) {
+            new.push(x);
+        }
+    }
+    new
 }
 
 // ---- SDK → domain conversions --------------------------------------------------------------
@@ -629,6 +778,50 @@ mod tests {
                 && err.contains("PrivateIpAddress")
                 && err.contains("172.31.3.999"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn only_new_entries_of_an_assign_answer() {
+        let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        let before: BTreeSet<Ipv4Net> = [net("10.0.0.16/28")].into();
+        // EC2 lists only the new prefixes; an emulator may list all of them, or one twice.
+        let answered = vec![
+            net("10.0.0.48/28"),
+            net("10.0.0.16/28"),
+            net("10.0.0.32/28"),
+            net("10.0.0.48/28"),
+        ];
+        assert_eq!(
+            only_new(&before, answered),
+            [net("10.0.0.48/28"), net("10.0.0.32/28")]
+        );
+        assert!(only_new(&before, vec![net("10.0.0.16/28")]).is_empty());
+    }
+
+    #[test]
+    fn nitro_from_the_hypervisor() {
+        let info = |h: Option<&str>| InstanceTypeInfo {
+            limits: InstanceTypeLimits {
+                max_enis: 3,
+                ipv4_per_eni: 10,
+            },
+            hypervisor: h.map(str::to_owned),
+        };
+        assert!(info(Some("nitro")).is_nitro());
+        assert!(!info(Some("xen")).is_nitro());
+        assert!(info(None).is_nitro(), "bare metal lists no hypervisor");
+    }
+
+    #[test]
+    fn counts_must_fit_ec2s_integers() {
+        assert_eq!(api_count("C", "n", 9).unwrap(), 9);
+        let e = api_count("CreateNetworkInterface", "ipv4_prefix_count", u32::MAX)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ipv4_prefix_count") && e.contains("too large"),
+            "{e}"
         );
     }
 

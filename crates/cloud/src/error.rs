@@ -70,6 +70,12 @@ impl CloudError {
         self.code().is_some_and(|c| c.ends_with(".NotFound"))
     }
 
+    /// True when EC2 found no free aligned /28 in the subnet for an IPv4 prefix
+    /// (`InsufficientCidrBlocks`: a fragmented subnet; single addresses may still be free).
+    pub fn is_insufficient_cidr_blocks(&self) -> bool {
+        self.code() == Some("InsufficientCidrBlocks")
+    }
+
     pub(crate) fn ec2<E, R>(call: &'static str, err: SdkError<E, R>) -> Self
     where
         E: ProvideErrorMetadata + StdError + Send + Sync + 'static,

@@ -1,6 +1,7 @@
-//! The EC2 calls only the lab makes (feature `lab`): VPCs, subnets, security groups, tags,
-//! instances, the one-ENI describe, and a client for an emulator such as moto. The agent does
-//! not enable the feature, so its view of EC2 is the ENI calls of [`crate::Ec2`] alone.
+//! The EC2 calls only the lab makes (feature `lab`): VPCs, subnets, security groups, tags
+//! (created and deleted), instances, the one-ENI describe, and a client for an emulator such as
+//! moto. The agent does not enable the feature, so its view of EC2 is the ENI calls of
+//! [`crate::Ec2`] alone.
 
 use std::net::Ipv4Addr;
 
@@ -255,6 +256,33 @@ impl Ec2 {
             .create_tags()
             .set_resources(Some(resource_ids.to_vec()))
             .set_tags(Some(tags))
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        Ok(())
+    }
+
+    /// DeleteTags: removes the tags with these keys (whatever their values) from resources.
+    pub async fn delete_tags(
+        &self,
+        resource_ids: &[String],
+        keys: &[&str],
+    ) -> Result<(), CloudError> {
+        const CALL: &str = "DeleteTags";
+        if resource_ids.is_empty() || keys.is_empty() {
+            return Err(CloudError::InvalidArgument {
+                call: CALL,
+                detail: format!("need resources and tag keys, got {resource_ids:?} and {keys:?}"),
+            });
+        }
+        self.client
+            .delete_tags()
+            .set_resources(Some(resource_ids.to_vec()))
+            .set_tags(Some(
+                keys.iter()
+                    .map(|k| Tag::builder().key(*k).build())
+                    .collect(),
+            ))
             .send()
             .await
             .map_err(|e| CloudError::ec2(CALL, e))?;

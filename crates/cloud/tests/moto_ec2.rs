@@ -116,6 +116,12 @@ async fn provisioning_flow_against_moto() {
 
     let limits = ec2.describe_instance_types("m5.large").await.unwrap();
     assert_eq!((limits.max_enis, limits.ipv4_per_eni), (3, 10));
+    let info = ec2.describe_instance_type_info("m5.large").await.unwrap();
+    assert_eq!(info.limits, limits);
+    assert!(info.is_nitro(), "{info:?}");
+    let xen = ec2.describe_instance_type_info("t2.micro").await.unwrap();
+    assert_eq!(xen.hypervisor.as_deref(), Some("xen"));
+    assert!(!xen.is_nitro());
     let err = ec2
         .describe_instance_types("m5.nonsense")
         .await

@@ -1,8 +1,10 @@
 //! The EC2 fidelity layer's pure parts: the knobs (`vpc-lab up` flags and `vpc-lab fidelity
-//! set`), EC2 Query API parsing, EC2's error format, the token buckets, the limit decisions and
-//! the rewrite of moto's AssignPrivateIpAddresses answer. The proxy (`ec2proxy`) uses them.
+//! set`), EC2 Query API parsing, EC2's error format, the token buckets, the limit decisions,
+//! the rewrite of moto's AssignPrivateIpAddresses answer, and the IPv4 prefix model moto lacks
+//! (aligned free /28s, slots, fragmentation, where the prefixes are kept, the answers). The proxy
+//! (`ec2proxy`) uses them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -75,6 +77,9 @@ pub struct Knobs {
     /// How many more addresses each subnet can hand out from the moment this is set
     /// (`None`: as many as the subnet has).
     pub subnet_free: Option<u32>,
+    /// Subnets (ids, or `all`) where every aligned /28 counts as taken: IPv4 prefix requests get
+    /// InsufficientCidrBlocks while single addresses are still handed out.
+    pub subnet_fragmented: BTreeSet<String>,
 }
 
 pub const KEYS: &[&str] = &[
@@ -84,7 +89,11 @@ pub const KEYS: &[&str] = &[
     "imds-delay-ms",
     "attach-delay-ms",
     "subnet-free",
+    "subnet-fragmented",
 ];
+
+/// The `subnet-fragmented` value meaning every subnet.
+pub const ALL_SUBNETS: &str = "all";
 
 impl Knobs {
     /// Sets one knob from `key=value` (keys as in [`KEYS`], `_` accepted for `-`).
@@ -124,9 +133,46 @@ impl Knobs {
                     })?),
                 }
             }
+            "subnet-fragmented" => self.set_fragmented(value.trim())?,
             _ => bail!("unknown fidelity knob {key:?}; knobs: {}", KEYS.join(", ")),
         }
         Ok(())
+    }
+
+    /// `subnet-fragmented=SUBNET|all[=true|false]` adds (or with `=false` removes) a subnet,
+    /// `all` stands for every subnet, and `none` (or `off`) clears the list.
+    fn set_fragmented(&mut self, value: &str) -> Result<()> {
+        let (target, on) = match value.split_once('=') {
+            Some((t, flag)) => {
+                let on = match flag.trim() {
+                    "true" | "on" | "1" => true,
+                    "false" | "off" | "0" => false,
+                    f => bail!("subnet-fragmented={value:?}: {f:?} is not true or false"),
+                };
+                (t.trim(), on)
+            }
+            None => (value, true),
+        };
+        match target {
+            "none" | "off" | "" => self.subnet_fragmented.clear(),
+            ALL_SUBNETS if !on => self.subnet_fragmented.clear(),
+            t if t == ALL_SUBNETS || t.starts_with("subnet-") => {
+                if on {
+                    self.subnet_fragmented.insert(t.to_owned());
+                } else {
+                    self.subnet_fragmented.remove(t);
+                }
+            }
+            t => {
+                bail!("subnet-fragmented: {t:?} is not a subnet id (subnet-…), \"all\" or \"none\"")
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `subnet` has no free aligned /28 by the `subnet-fragmented` knob.
+    pub fn is_fragmented(&self, subnet: &str) -> bool {
+        self.subnet_fragmented.contains(ALL_SUBNETS) || self.subnet_fragmented.contains(subnet)
     }
 
     /// The knobs in effect, from the knobs file `p` (defaults when the file is missing).
@@ -258,11 +304,85 @@ impl Query {
 
     /// How many addresses a CreateNetworkInterface takes: the primary plus the secondaries.
     pub fn create_count(&self) -> Result<u32, Ec2Error> {
-        let explicit = self.list("PrivateIpAddresses").len() as u32;
+        let explicit = self
+            .list_field("PrivateIpAddresses", "PrivateIpAddress")
+            .len() as u32;
         let secondaries = self.number("SecondaryPrivateIpAddressCount")?.unwrap_or(0);
         // `PrivateIpAddresses.N.PrivateIpAddress` entries include the primary when given.
         Ok((1 + secondaries).max(explicit))
     }
+
+    /// The IPv4 prefixes an AssignPrivateIpAddresses or CreateNetworkInterface asks for
+    /// (`None`: none), refusing what EC2 refuses: a prefix count with explicit prefixes, and
+    /// prefixes with secondary addresses (a count or a list).
+    pub fn prefix_ask(&self) -> Result<Option<PrefixAsk>, Ec2Error> {
+        let create = self.action() == "CreateNetworkInterface";
+        let explicit: Vec<String> = if create {
+            self.list_field("Ipv4Prefix", "Ipv4Prefix")
+        } else {
+            self.list("Ipv4Prefix")
+        }
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        let count = self.number("Ipv4PrefixCount")?.filter(|n| *n > 0);
+        let ask = match (count, explicit.is_empty()) {
+            (None, true) => return Ok(None),
+            (Some(_), false) => {
+                return Err(combination("Ipv4PrefixCount and Ipv4Prefixes"));
+            }
+            (Some(n), true) => PrefixAsk::Count(n),
+            (None, false) => PrefixAsk::Explicit(explicit),
+        };
+        let addresses = if create {
+            !self
+                .list_field("PrivateIpAddresses", "PrivateIpAddress")
+                .is_empty()
+        } else {
+            !self.list("PrivateIpAddress").is_empty()
+        };
+        if addresses || self.number("SecondaryPrivateIpAddressCount")?.unwrap_or(0) > 0 {
+            return Err(combination(
+                "IPv4 prefixes and secondary private IPv4 addresses",
+            ));
+        }
+        Ok(Some(ask))
+    }
+
+    /// The prefixes an UnassignPrivateIpAddresses releases (empty: it releases addresses);
+    /// EC2 takes addresses or prefixes, not both.
+    pub fn unassign_prefixes(&self) -> Result<Vec<&str>, Ec2Error> {
+        let prefixes = self.list("Ipv4Prefix");
+        if !prefixes.is_empty() && !self.list("PrivateIpAddress").is_empty() {
+            return Err(combination("PrivateIpAddresses and Ipv4Prefixes"));
+        }
+        Ok(prefixes)
+    }
+}
+
+/// What an assign or create asks for in IPv4 prefixes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PrefixAsk {
+    /// This many, chosen by EC2.
+    Count(u32),
+    /// These, as written in the request.
+    Explicit(Vec<String>),
+}
+
+impl PrefixAsk {
+    pub fn count(&self) -> u32 {
+        match self {
+            PrefixAsk::Count(n) => *n,
+            PrefixAsk::Explicit(v) => v.len() as u32,
+        }
+    }
+}
+
+fn combination(what: &str) -> Ec2Error {
+    Ec2Error::bad_request(
+        "InvalidParameterCombination",
+        format!("{what} cannot be specified in the same request."),
+    )
 }
 
 impl Query {
@@ -518,18 +638,12 @@ pub fn rewrite_assign(xml: &str, before: &[Ipv4Addr]) -> String {
     }
     let inner = &xml[a + OPEN.len()..b];
     let mut kept = String::new();
-    let mut rest = inner;
-    while let Some(s) = rest.find("<item>") {
-        let Some(e) = rest[s..].find("</item>") else {
-            break;
-        };
-        let item = &rest[s..s + e + "</item>".len()];
+    for item in items(inner) {
         let ip = between(item, "<privateIpAddress>", "</privateIpAddress>")
             .and_then(|v| v.trim().parse::<Ipv4Addr>().ok());
         if !ip.is_some_and(|ip| before.contains(&ip)) {
             kept.push_str(item);
         }
-        rest = &rest[s + e + "</item>".len()..];
     }
     format!(
         "{}{OPEN}{kept}{CLOSE}{}",
@@ -538,10 +652,395 @@ pub fn rewrite_assign(xml: &str, before: &[Ipv4Addr]) -> String {
     )
 }
 
+/// The `<item>…</item>` elements of a list whose items hold no nested items (in order).
+fn items(list: &str) -> impl Iterator<Item = &str> {
+    const OPEN: &str = "<item>";
+    const CLOSE: &str = "</item>";
+    let mut rest = list;
+    std::iter::from_fn(move || {
+        let s = rest.find(OPEN)?;
+        let e = rest[s..].find(CLOSE)? + s + CLOSE.len();
+        let item = &rest[s..e];
+        rest = &rest[e..];
+        Some(item)
+    })
+}
+
 fn between<'a>(s: &'a str, open: &str, close: &str) -> Option<&'a str> {
     let a = s.find(open)? + open.len();
     let b = s[a..].find(close)? + a;
     Some(&s[a..b])
+}
+
+// ---- IPv4 prefixes --------------------------------------------------------------------------
+
+/// EC2's IPv4 prefix delegation hands out /28s (16 addresses, all usable on the instance).
+pub const PREFIX_LEN: u8 = 28;
+/// Addresses in one prefix.
+pub const PREFIX_SIZE: u32 = 1 << (32 - PREFIX_LEN);
+
+/// The tag in which the proxy keeps an ENI's prefixes in moto (comma-separated CIDRs in
+/// assignment order). moto has no prefixes; a tag lives and dies with its ENI in moto's state
+/// (deleting the ENI frees its prefixes, a restarted daemon finds them), and the world is
+/// loaded from moto. The proxy never shows the tag: answers carry EC2's `ipv4PrefixSet`.
+pub const PREFIX_TAG: &str = "vpc-lab:ipv4-prefixes";
+
+/// The prefixes kept in a [`PREFIX_TAG`] value (anything unreadable is skipped).
+pub fn prefixes_from_tag(value: &str) -> Vec<ipnet::Ipv4Net> {
+    value
+        .split(',')
+        .filter_map(|p| p.trim().parse::<ipnet::Ipv4Net>().ok())
+        .collect()
+}
+
+/// The [`PREFIX_TAG`] value for these prefixes.
+pub fn prefix_tag_value(prefixes: &[ipnet::Ipv4Net]) -> String {
+    prefixes
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// An ENI as read from moto, made what EC2 would describe: the prefixes kept in its tag become
+/// its `prefixes`, and the tag goes.
+pub fn with_lab_prefixes(mut e: cloud::NetworkInterface) -> cloud::NetworkInterface {
+    if let Some(v) = e.tags.remove(PREFIX_TAG) {
+        for p in prefixes_from_tag(&v) {
+            if !e.prefixes.contains(&p) {
+                e.prefixes.push(p);
+            }
+        }
+    }
+    e
+}
+
+/// Every address and prefix in use in a subnet (all its ENIs).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SubnetUse {
+    pub cidr: ipnet::Ipv4Net,
+    /// Primary and secondary addresses.
+    pub addrs: BTreeSet<Ipv4Addr>,
+    pub prefixes: Vec<ipnet::Ipv4Net>,
+}
+
+impl SubnetUse {
+    /// From the subnet's ENIs, as [`with_lab_prefixes`] made them.
+    pub fn new(cidr: ipnet::Ipv4Net, enis: &[cloud::NetworkInterface]) -> SubnetUse {
+        SubnetUse {
+            cidr,
+            addrs: enis.iter().flat_map(|e| e.all_ips()).collect(),
+            prefixes: enis.iter().flat_map(|e| e.prefixes.clone()).collect(),
+        }
+    }
+
+    /// Addresses no new address or prefix may take: the ENIs' addresses and every address of
+    /// every prefix.
+    pub fn taken(&self) -> BTreeSet<Ipv4Addr> {
+        let mut t = self.addrs.clone();
+        for p in &self.prefixes {
+            t.extend((u32::from(p.network())..=u32::from(p.broadcast())).map(Ipv4Addr::from));
+        }
+        t
+    }
+
+    /// Whether `p` could be assigned: a /28, aligned, inside the subnet, clear of the 4
+    /// AWS-reserved addresses and the broadcast address, and of every address and prefix in
+    /// use (`taken` is [`Self::taken`]).
+    fn fits(&self, p: ipnet::Ipv4Net, taken: &BTreeSet<Ipv4Addr>) -> bool {
+        let first = u32::from(self.cidr.network()) + 4;
+        let last = u32::from(self.cidr.broadcast()).saturating_sub(1);
+        let (a, b) = (u32::from(p.network()), u32::from(p.broadcast()));
+        p.prefix_len() == PREFIX_LEN
+            && p.trunc() == p
+            && self.cidr.contains(&p)
+            && a >= first
+            && b <= last
+            && taken
+                .range(Ipv4Addr::from(a)..=Ipv4Addr::from(b))
+                .next()
+                .is_none()
+    }
+
+    /// Every aligned /28 that could be assigned now; none in a fragmented subnet.
+    pub fn free_prefixes(&self, fragmented: bool) -> Vec<ipnet::Ipv4Net> {
+        if fragmented || self.cidr.prefix_len() > PREFIX_LEN {
+            return Vec::new();
+        }
+        let taken = self.taken();
+        self.cidr
+            .subnets(PREFIX_LEN)
+            .into_iter()
+            .flatten()
+            .filter(|p| self.fits(*p, &taken))
+            .collect()
+    }
+
+    /// `n` free /28s chosen at random, as EC2 chooses (InsufficientCidrBlocks when fewer are
+    /// free).
+    pub fn pick_prefixes(
+        &self,
+        subnet: &str,
+        n: u32,
+        fragmented: bool,
+    ) -> Result<Vec<ipnet::Ipv4Net>, Ec2Error> {
+        let mut free = self.free_prefixes(fragmented);
+        if (free.len() as u64) < u64::from(n) {
+            return Err(insufficient_cidr_blocks(subnet, n, free.len()));
+        }
+        let mut out = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let i = (rand::random::<u64>() % free.len() as u64) as usize;
+            out.push(free.swap_remove(i));
+        }
+        Ok(out)
+    }
+
+    /// The prefixes an assign or create gets: `n` chosen ones, or the explicit ones checked.
+    pub fn grant(
+        &self,
+        subnet: &str,
+        ask: &PrefixAsk,
+        fragmented: bool,
+    ) -> Result<Vec<ipnet::Ipv4Net>, Ec2Error> {
+        match ask {
+            PrefixAsk::Count(n) => self.pick_prefixes(subnet, *n, fragmented),
+            PrefixAsk::Explicit(v) => self.check_explicit(subnet, v),
+        }
+    }
+
+    /// Explicitly requested prefixes, checked as EC2 checks them.
+    pub fn check_explicit(
+        &self,
+        subnet: &str,
+        asked: &[String],
+    ) -> Result<Vec<ipnet::Ipv4Net>, Ec2Error> {
+        let mut taken = self.taken();
+        let mut out = Vec::new();
+        for s in asked {
+            let bad = |why: &str| {
+                Ec2Error::bad_request(
+                    "InvalidParameterValue",
+                    format!("Invalid value '{s}' for Ipv4Prefix: {why}"),
+                )
+            };
+            let p: ipnet::Ipv4Net = s.trim().parse().map_err(|_| bad("not an IPv4 CIDR"))?;
+            if p.prefix_len() != PREFIX_LEN {
+                return Err(bad("only /28 prefixes can be assigned"));
+            }
+            if p.trunc() != p {
+                return Err(bad("the prefix is not aligned (host bits set)"));
+            }
+            if !self.cidr.contains(&p) {
+                return Err(bad(&format!("not within subnet {subnet} ({})", self.cidr)));
+            }
+            if !self.fits(p, &taken) {
+                return Err(Ec2Error::bad_request(
+                    "InvalidParameterValue",
+                    format!(
+                        "The prefix {p} is already in use in subnet {subnet} or overlaps a reserved address."
+                    ),
+                ));
+            }
+            taken.extend((u32::from(p.network())..=u32::from(p.broadcast())).map(Ipv4Addr::from));
+            out.push(p);
+        }
+        Ok(out)
+    }
+}
+
+/// EC2's answer when no aligned /28 is free.
+pub fn insufficient_cidr_blocks(subnet: &str, asked: u32, free: usize) -> Ec2Error {
+    Ec2Error::bad_request(
+        "InsufficientCidrBlocks",
+        format!(
+            "The specified subnet does not have enough free cidr blocks to satisfy the request ({subnet}: asked for {asked} /28, {free} free)."
+        ),
+    )
+}
+
+/// Prefixes go only to network interfaces of Nitro-based instances.
+pub fn check_nitro(instance: &str, instance_type: &str, nitro: bool) -> Result<(), Ec2Error> {
+    if nitro {
+        return Ok(());
+    }
+    Err(Ec2Error::bad_request(
+        "InvalidParameterValue",
+        format!(
+            "IPv4 prefixes are not supported for instance type {instance_type} (instance {instance}): prefixes can be assigned only to network interfaces of Nitro-based instances."
+        ),
+    ))
+}
+
+/// The ENI's prefixes once `asked` are released; InvalidParameterValue when one of them is
+/// not assigned to it.
+pub fn release_prefixes(
+    eni: &str,
+    have: &[ipnet::Ipv4Net],
+    asked: &[&str],
+) -> Result<Vec<ipnet::Ipv4Net>, Ec2Error> {
+    let mut gone = Vec::new();
+    for s in asked {
+        match s.trim().parse::<ipnet::Ipv4Net>() {
+            Ok(p) if have.contains(&p) => gone.push(p),
+            _ => {
+                return Err(Ec2Error::bad_request(
+                    "InvalidParameterValue",
+                    format!(
+                        "Some of the specified prefixes are not assigned to interface {eni}: {s}"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(have.iter().filter(|p| !gone.contains(p)).copied().collect())
+}
+
+/// EC2's AssignPrivateIpAddresses answer for prefixes: only the new ones.
+pub fn assign_prefixes_answer(eni: &str, new: &[ipnet::Ipv4Net], request_id: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<AssignPrivateIpAddressesResponse xmlns=\"{EC2_XMLNS}\"><requestId>{}</requestId><networkInterfaceId>{}</networkInterfaceId><assignedPrivateIpAddressesSet/>{}<return>true</return></AssignPrivateIpAddressesResponse>",
+        xml_escape(request_id),
+        xml_escape(eni),
+        prefix_set("assignedIpv4PrefixSet", new)
+    )
+}
+
+/// EC2's UnassignPrivateIpAddresses answer.
+pub fn unassign_answer(request_id: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<UnassignPrivateIpAddressesResponse xmlns=\"{EC2_XMLNS}\"><requestId>{}</requestId><return>true</return></UnassignPrivateIpAddressesResponse>",
+        xml_escape(request_id)
+    )
+}
+
+const EC2_XMLNS: &str = "http://ec2.amazonaws.com/doc/2016-11-15/";
+
+fn prefix_set(element: &str, prefixes: &[ipnet::Ipv4Net]) -> String {
+    let items: String = prefixes
+        .iter()
+        .map(|p| format!("<item><ipv4Prefix>{p}</ipv4Prefix></item>"))
+        .collect();
+    format!("<{element}>{items}</{element}>")
+}
+
+/// Hides [`PREFIX_TAG`] from an answer of moto's: drops it from every `tagSet`, and, with
+/// `add_sets` (answers that describe ENIs), puts the prefixes it held into the ENI's
+/// `ipv4PrefixSet` as EC2 lists them. (DescribeTags lists tags of many resources: strip only.)
+pub fn rewrite_prefix_tags(xml: &str, add_sets: bool) -> String {
+    const OPEN: &str = "<tagSet>";
+    const CLOSE: &str = "</tagSet>";
+    let mut out = String::with_capacity(xml.len());
+    let mut rest = xml;
+    while let Some(a) = rest.find(OPEN) {
+        let Some(len) = rest[a..].find(CLOSE) else {
+            break;
+        };
+        let inner = &rest[a + OPEN.len()..a + len];
+        let mut kept = String::new();
+        let mut prefixes = Vec::new();
+        for item in items(inner) {
+            if between(item, "<key>", "</key>") == Some(PREFIX_TAG) {
+                prefixes.extend(prefixes_from_tag(
+                    between(item, "<value>", "</value>").unwrap_or_default(),
+                ));
+            } else {
+                kept.push_str(item);
+            }
+        }
+        out.push_str(&rest[..a]);
+        if kept.is_empty() {
+            out.push_str("<tagSet/>");
+        } else {
+            out.push_str(OPEN);
+            out.push_str(&kept);
+            out.push_str(CLOSE);
+        }
+        if add_sets && !prefixes.is_empty() {
+            out.push_str(&prefix_set("ipv4PrefixSet", &prefixes));
+        }
+        rest = &rest[a + len + CLOSE.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A CreateNetworkInterface as moto can take it: the prefix parameters (which moto ignores)
+/// replaced by [`PREFIX_TAG`] holding the prefixes the proxy chose, added to the request's
+/// network-interface tag specification (moto reads only one).
+pub fn create_with_prefix_tag(q: &Query, prefixes: &[ipnet::Ipv4Net]) -> Query {
+    let mut q = q.clone();
+    q.params
+        .retain(|k, _| k != "Ipv4PrefixCount" && !k.starts_with("Ipv4Prefix."));
+    let spec = (1..)
+        .take_while(|n| {
+            q.params
+                .contains_key(&format!("TagSpecification.{n}.ResourceType"))
+        })
+        .find(|n| q.get(&format!("TagSpecification.{n}.ResourceType")) == Some("network-interface"))
+        .unwrap_or_else(|| {
+            let n = (1..)
+                .find(|n| {
+                    !q.params
+                        .contains_key(&format!("TagSpecification.{n}.ResourceType"))
+                })
+                .unwrap_or(1);
+            q.params.insert(
+                format!("TagSpecification.{n}.ResourceType"),
+                "network-interface".into(),
+            );
+            n
+        });
+    let next = q
+        .list_field(&format!("TagSpecification.{spec}.Tag"), "Key")
+        .len()
+        + 1;
+    let base = format!("TagSpecification.{spec}.Tag.{next}");
+    q.params.insert(format!("{base}.Key"), PREFIX_TAG.into());
+    q.params
+        .insert(format!("{base}.Value"), prefix_tag_value(prefixes));
+    q
+}
+
+/// DescribeNetworkInterfaces with EC2's `ipv4-prefix.ipv4-prefix` filter (moto answers 500)
+/// turned into a filter on [`PREFIX_TAG`] that matches exactly the ENIs holding the prefix;
+/// `None` when the request has no such filter.
+pub fn translate_prefix_filter(q: &Query) -> Option<String> {
+    let names: Vec<String> = q
+        .params
+        .iter()
+        .filter(|(k, v)| {
+            k.starts_with("Filter.") && k.ends_with(".Name") && *v == "ipv4-prefix.ipv4-prefix"
+        })
+        .map(|(k, _)| k.trim_end_matches(".Name").to_owned())
+        .collect();
+    if names.is_empty() {
+        return None;
+    }
+    let mut q = q.clone();
+    for f in names {
+        let values: Vec<String> = q
+            .list(&format!("{f}.Value"))
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let value_prefix = format!("{f}.Value.");
+        q.params.retain(|k, _| !k.starts_with(&value_prefix));
+        q.params
+            .insert(format!("{f}.Name"), format!("tag:{PREFIX_TAG}"));
+        let patterns = values.iter().flat_map(|v| {
+            [
+                v.clone(),
+                format!("{v},*"),
+                format!("*,{v}"),
+                format!("*,{v},*"),
+            ]
+        });
+        for (i, p) in patterns.enumerate() {
+            q.params.insert(format!("{value_prefix}{}", i + 1), p);
+        }
+    }
+    Some(q.encode())
 }
 
 // ---- Throttling -----------------------------------------------------------------------------
@@ -621,13 +1120,13 @@ impl Buckets {
 pub struct CallCount {
     /// Every request.
     pub calls: u64,
-    /// Answered 2xx by moto.
+    /// Answered 2xx: by moto, or by the proxy for what moto lacks (IPv4 prefixes).
     pub ok: u64,
     /// Answered 503 RequestLimitExceeded by the token buckets.
     pub throttled: u64,
     /// Answered 503/500 by error injection.
     pub injected: u64,
-    /// Refused by an EC2 rule moto lacks (limits, InUse, subnet full).
+    /// Refused by an EC2 rule moto lacks (limits, InUse, subnet full, no free /28).
     pub refused: u64,
     /// Answered an error by moto (or moto unreachable).
     pub failed: u64,
@@ -860,6 +1359,395 @@ mod tests {
             ["true", "false"]
         );
         assert_eq!(b.get("TagSpecification.1.Tag.1.Key"), Some("k x"));
+    }
+
+    fn net(s: &str) -> ipnet::Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn fragmented_subnets_knob() {
+        let mut k = Knobs::default();
+        assert!(!k.is_fragmented("subnet-a"));
+        k.set("subnet-fragmented", "subnet-a").unwrap();
+        k.set("subnet_fragmented", "subnet-b=true").unwrap();
+        assert!(k.is_fragmented("subnet-a") && k.is_fragmented("subnet-b"));
+        assert!(!k.is_fragmented("subnet-c"));
+        k.set("subnet-fragmented", "subnet-a=false").unwrap();
+        assert!(!k.is_fragmented("subnet-a") && k.is_fragmented("subnet-b"));
+        k.set("subnet-fragmented", "all").unwrap();
+        assert!(k.is_fragmented("subnet-zzz"));
+        let back: Knobs = serde_json::from_str(&serde_json::to_string(&k).unwrap()).unwrap();
+        assert_eq!(back, k);
+        k.set("subnet-fragmented", "all=false").unwrap();
+        assert!(k.subnet_fragmented.is_empty());
+        k.set("subnet-fragmented", "subnet-a").unwrap();
+        k.set("subnet-fragmented", "none").unwrap();
+        assert!(k.subnet_fragmented.is_empty());
+        for bad in ["eni-1", "subnet-a=maybe"] {
+            let e = format!("{:#}", k.set("subnet-fragmented", bad).unwrap_err());
+            assert!(e.contains("subnet-fragmented"), "{bad}: {e}");
+        }
+        assert!(KEYS.contains(&"subnet-fragmented"));
+        // An older knobs file without the field still loads.
+        let old: Knobs = serde_json::from_str(r#"{"subnet_free": 3}"#).unwrap();
+        assert!(old.subnet_fragmented.is_empty());
+    }
+
+    #[test]
+    fn prefix_requests_and_ec2s_combination_rules() {
+        let q = |b: &str| Query::parse(b.as_bytes(), None);
+        let ask = q("Action=AssignPrivateIpAddresses&NetworkInterfaceId=eni-1&Ipv4PrefixCount=2")
+            .prefix_ask()
+            .unwrap();
+        assert_eq!(ask, Some(PrefixAsk::Count(2)));
+        assert_eq!(ask.unwrap().count(), 2);
+        let ask = q("Action=AssignPrivateIpAddresses&Ipv4Prefix.2=10.0.0.32%2F28&Ipv4Prefix.1=10.0.0.16%2F28")
+            .prefix_ask()
+            .unwrap();
+        assert_eq!(
+            ask,
+            Some(PrefixAsk::Explicit(vec![
+                "10.0.0.16/28".into(),
+                "10.0.0.32/28".into()
+            ]))
+        );
+        // CreateNetworkInterface nests the prefix: Ipv4Prefix.N.Ipv4Prefix.
+        let ask = q("Action=CreateNetworkInterface&SubnetId=s&Ipv4Prefix.1.Ipv4Prefix=10.0.0.16%2F28&PrivateIpAddress=10.0.0.5")
+            .prefix_ask()
+            .unwrap();
+        assert_eq!(ask, Some(PrefixAsk::Explicit(vec!["10.0.0.16/28".into()])));
+        for none in [
+            "Action=AssignPrivateIpAddresses&SecondaryPrivateIpAddressCount=2",
+            "Action=AssignPrivateIpAddresses&Ipv4PrefixCount=0&SecondaryPrivateIpAddressCount=1",
+        ] {
+            assert_eq!(q(none).prefix_ask().unwrap(), None, "{none}");
+        }
+        for bad in [
+            "Action=AssignPrivateIpAddresses&Ipv4PrefixCount=1&SecondaryPrivateIpAddressCount=1",
+            "Action=AssignPrivateIpAddresses&Ipv4PrefixCount=1&PrivateIpAddress.1=10.0.0.9",
+            "Action=AssignPrivateIpAddresses&Ipv4PrefixCount=1&Ipv4Prefix.1=10.0.0.16%2F28",
+            "Action=CreateNetworkInterface&Ipv4PrefixCount=1&SecondaryPrivateIpAddressCount=2",
+            "Action=CreateNetworkInterface&Ipv4PrefixCount=1&PrivateIpAddresses.1.PrivateIpAddress=10.0.0.9",
+        ] {
+            let e = q(bad).prefix_ask().unwrap_err();
+            assert_eq!(e.code, "InvalidParameterCombination", "{bad}");
+        }
+        let e = q("Action=AssignPrivateIpAddresses&Ipv4PrefixCount=two")
+            .prefix_ask()
+            .unwrap_err();
+        assert_eq!(e.code, "InvalidParameterValue");
+
+        let u = q("Action=UnassignPrivateIpAddresses&Ipv4Prefix.1=10.0.0.16%2F28");
+        assert_eq!(u.unassign_prefixes().unwrap(), ["10.0.0.16/28"]);
+        assert!(
+            q("Action=UnassignPrivateIpAddresses&PrivateIpAddress.1=10.0.0.9")
+                .unassign_prefixes()
+                .unwrap()
+                .is_empty()
+        );
+        let e = q("Action=UnassignPrivateIpAddresses&PrivateIpAddress.1=10.0.0.9&Ipv4Prefix.1=10.0.0.16%2F28")
+            .unassign_prefixes()
+            .unwrap_err();
+        assert_eq!(e.code, "InvalidParameterCombination");
+        // The explicit address list of a create is counted (it was not).
+        assert_eq!(
+            q("Action=CreateNetworkInterface&PrivateIpAddresses.1.PrivateIpAddress=10.0.0.9&PrivateIpAddresses.2.PrivateIpAddress=10.0.0.10")
+                .create_count()
+                .unwrap(),
+            2
+        );
+    }
+
+    /// A /24 with the primary .10 (first /28), a secondary .40 (third /28) and a prefix .64/28.
+    fn subnet_use() -> SubnetUse {
+        SubnetUse {
+            cidr: net("10.0.0.0/24"),
+            addrs: [ip("10.0.0.10"), ip("10.0.0.40")].into(),
+            prefixes: vec![net("10.0.0.64/28")],
+        }
+    }
+
+    #[test]
+    fn free_prefixes_are_aligned_inside_and_clear_of_everything_in_use() {
+        let u = subnet_use();
+        let taken = u.taken();
+        assert_eq!(taken.len(), 2 + 16);
+        assert!(taken.contains(&ip("10.0.0.64")) && taken.contains(&ip("10.0.0.79")));
+        let free = u.free_prefixes(false);
+        // 16 /28s: the first (reserved .0-.3, and .10), the last (broadcast), .32/28 (.40)
+        // and .64/28 (a prefix) are not free.
+        assert_eq!(free.len(), 12, "{free:?}");
+        for p in &free {
+            assert_eq!(p.prefix_len(), PREFIX_LEN);
+            assert_eq!(p.trunc(), *p);
+            assert!(u.cidr.contains(p));
+            assert!(!taken.iter().any(|a| p.contains(a)), "{p}");
+        }
+        for not in [
+            "10.0.0.0/28",
+            "10.0.0.32/28",
+            "10.0.0.64/28",
+            "10.0.0.240/28",
+        ] {
+            assert!(!free.contains(&net(not)), "{not}");
+        }
+        assert!(free.contains(&net("10.0.0.16/28")) && free.contains(&net("10.0.0.224/28")));
+        assert!(u.free_prefixes(true).is_empty(), "fragmented: none free");
+        // A subnet smaller than /28 has none; a /27 neither (reserved at both ends).
+        for tiny in ["10.0.0.0/29", "10.0.0.0/28", "10.0.0.0/27"] {
+            let t = SubnetUse {
+                cidr: net(tiny),
+                ..SubnetUse::default()
+            };
+            assert!(t.free_prefixes(false).is_empty(), "{tiny}");
+        }
+        let t = SubnetUse {
+            cidr: net("10.0.0.0/26"),
+            ..SubnetUse::default()
+        };
+        assert_eq!(
+            t.free_prefixes(false),
+            [net("10.0.0.16/28"), net("10.0.0.32/28")]
+        );
+    }
+
+    #[test]
+    fn picking_prefixes_is_unique_or_insufficient_cidr_blocks() {
+        let u = subnet_use();
+        for _ in 0..20 {
+            let got = u.pick_prefixes("subnet-a", 12, false).unwrap();
+            let set: BTreeSet<_> = got.iter().collect();
+            assert_eq!(set.len(), 12, "no duplicates: {got:?}");
+            assert!(got.iter().all(|p| u.free_prefixes(false).contains(p)));
+        }
+        let e = u.pick_prefixes("subnet-a", 13, false).unwrap_err();
+        assert_eq!((e.status, e.code.as_str()), (400, "InsufficientCidrBlocks"));
+        assert!(
+            e.message.contains("subnet-a") && e.message.contains("12 free"),
+            "{}",
+            e.message
+        );
+        let e = u.pick_prefixes("subnet-a", 1, true).unwrap_err();
+        assert_eq!(e.code, "InsufficientCidrBlocks");
+        // Single addresses are not affected by fragmentation: they come from `taken`.
+        assert!(pick_free(u.cidr, &u.taken(), 200).is_some());
+        let all = pick_free(u.cidr, &u.taken(), 256 - 5 - 18).unwrap();
+        assert!(!all.iter().any(|a| net("10.0.0.64/28").contains(a)));
+    }
+
+    #[test]
+    fn explicit_prefixes_are_checked_like_ec2() {
+        let u = subnet_use();
+        let ok = u
+            .check_explicit("subnet-a", &["10.0.0.16/28".into(), "10.0.0.48/28".into()])
+            .unwrap();
+        assert_eq!(ok, [net("10.0.0.16/28"), net("10.0.0.48/28")]);
+        for (bad, why) in [
+            ("10.0.0.16/27", "/28"),
+            ("10.0.0.17/28", "aligned"),
+            ("10.0.1.16/28", "not within"),
+            ("nonsense", "CIDR"),
+            ("10.0.0.64/28", "in use"),
+            ("10.0.0.32/28", "in use"),
+            ("10.0.0.0/28", "reserved"),
+        ] {
+            let e = u.check_explicit("subnet-a", &[bad.into()]).unwrap_err();
+            assert_eq!(e.code, "InvalidParameterValue", "{bad}");
+            assert!(e.message.contains(why), "{bad}: {}", e.message);
+        }
+        // The same prefix twice in one request.
+        let e = u
+            .check_explicit("subnet-a", &["10.0.0.16/28".into(), "10.0.0.16/28".into()])
+            .unwrap_err();
+        assert!(e.message.contains("in use"), "{}", e.message);
+    }
+
+    #[test]
+    fn nitro_and_release_rules() {
+        assert!(check_nitro("i-1", "m5.large", true).is_ok());
+        let e = check_nitro("i-1", "t2.micro", false).unwrap_err();
+        assert_eq!(e.code, "InvalidParameterValue");
+        assert!(e.message.contains("t2.micro") && e.message.contains("Nitro"));
+
+        let have = [net("10.0.0.16/28"), net("10.0.0.32/28")];
+        assert_eq!(
+            release_prefixes("eni-1", &have, &["10.0.0.16/28"]).unwrap(),
+            [net("10.0.0.32/28")]
+        );
+        assert!(
+            release_prefixes("eni-1", &have, &["10.0.0.16/28", "10.0.0.32/28"])
+                .unwrap()
+                .is_empty()
+        );
+        for bad in ["10.0.0.48/28", "junk"] {
+            let e = release_prefixes("eni-1", &have, &["10.0.0.16/28", bad]).unwrap_err();
+            assert_eq!(e.code, "InvalidParameterValue");
+            assert!(e.message.contains("eni-1") && e.message.contains(bad));
+        }
+        // Addresses and prefixes share the per-interface limit: 1 primary + 2 secondaries +
+        // 6 prefixes on an m5.large (10) leave room for one more of either.
+        assert!(check_ip_limit("eni-1", "m5.large", 10, 3 + 6, 1).is_ok());
+        assert!(check_ip_limit("eni-1", "m5.large", 10, 3 + 6, 2).is_err());
+    }
+
+    #[test]
+    fn prefixes_live_in_a_tag_that_answers_never_show() {
+        let ps = [net("10.0.0.16/28"), net("10.0.0.48/28")];
+        assert_eq!(prefix_tag_value(&ps), "10.0.0.16/28,10.0.0.48/28");
+        assert_eq!(prefixes_from_tag(&prefix_tag_value(&ps)), ps);
+        assert_eq!(prefixes_from_tag("10.0.0.16/28, junk,"), [ps[0]]);
+        assert!(prefixes_from_tag("").is_empty());
+
+        let mut e = cloud::NetworkInterface {
+            id: "eni-1".into(),
+            mac: "02:00:00:00:00:01".into(),
+            subnet_id: "subnet-a".into(),
+            vpc_id: "vpc-1".into(),
+            status: "in-use".into(),
+            description: String::new(),
+            primary_ip: ip("10.0.0.10"),
+            secondary_ips: vec![],
+            prefixes: vec![],
+            security_groups: vec![],
+            tags: [
+                ("Name".to_string(), "x".to_string()),
+                (PREFIX_TAG.to_string(), prefix_tag_value(&ps)),
+            ]
+            .into(),
+            attachment: None,
+            interface_type: "interface".into(),
+        };
+        e = with_lab_prefixes(e);
+        assert_eq!(e.prefixes, ps);
+        assert_eq!(e.tags.keys().collect::<Vec<_>>(), ["Name"]);
+        let u = SubnetUse::new(net("10.0.0.0/24"), &[e]);
+        assert_eq!(u.prefixes, ps);
+        assert_eq!(u.addrs, [ip("10.0.0.10")].into());
+
+        // moto's DescribeNetworkInterfaces answer: the tag becomes EC2's ipv4PrefixSet.
+        let moto = format!(
+            "<DescribeNetworkInterfacesResponse><networkInterfaceSet><item><networkInterfaceId>eni-1</networkInterfaceId><groupSet><item><groupId>sg-1</groupId></item></groupSet><tagSet><item><key>Name</key><value>x</value></item><item><key>{PREFIX_TAG}</key><value>10.0.0.16/28,10.0.0.48/28</value></item></tagSet><vpcId>vpc-1</vpcId></item><item><networkInterfaceId>eni-2</networkInterfaceId><tagSet/></item><item><networkInterfaceId>eni-3</networkInterfaceId><tagSet><item><key>{PREFIX_TAG}</key><value>10.0.0.96/28</value></item></tagSet></item></networkInterfaceSet></DescribeNetworkInterfacesResponse>"
+        );
+        let out = rewrite_prefix_tags(&moto, true);
+        assert!(!out.contains(PREFIX_TAG), "{out}");
+        assert!(out.contains("<tagSet><item><key>Name</key><value>x</value></item></tagSet><ipv4PrefixSet><item><ipv4Prefix>10.0.0.16/28</ipv4Prefix></item><item><ipv4Prefix>10.0.0.48/28</ipv4Prefix></item></ipv4PrefixSet><vpcId>vpc-1</vpcId>"), "{out}");
+        assert!(
+            out.contains("<networkInterfaceId>eni-2</networkInterfaceId><tagSet/></item>"),
+            "{out}"
+        );
+        assert!(out.contains("<networkInterfaceId>eni-3</networkInterfaceId><tagSet/><ipv4PrefixSet><item><ipv4Prefix>10.0.0.96/28</ipv4Prefix></item></ipv4PrefixSet></item>"), "{out}");
+        assert!(out.contains("<groupSet><item><groupId>sg-1</groupId></item></groupSet>"));
+        // DescribeTags: the tag is dropped, nothing added.
+        let tags = format!(
+            "<DescribeTagsResponse><tagSet><item><resourceId>eni-1</resourceId><key>{PREFIX_TAG}</key><value>10.0.0.16/28</value></item><item><resourceId>eni-1</resourceId><key>Name</key><value>x</value></item></tagSet></DescribeTagsResponse>"
+        );
+        let out = rewrite_prefix_tags(&tags, false);
+        assert_eq!(
+            out,
+            "<DescribeTagsResponse><tagSet><item><resourceId>eni-1</resourceId><key>Name</key><value>x</value></item></tagSet></DescribeTagsResponse>"
+        );
+        assert_eq!(rewrite_prefix_tags("<x/>", true), "<x/>");
+
+        let a = assign_prefixes_answer("eni-1", &ps, "r-1");
+        assert!(a.contains("<networkInterfaceId>eni-1</networkInterfaceId>"));
+        assert!(a.contains("<assignedIpv4PrefixSet><item><ipv4Prefix>10.0.0.16/28</ipv4Prefix></item><item><ipv4Prefix>10.0.0.48/28</ipv4Prefix></item></assignedIpv4PrefixSet>"), "{a}");
+        assert!(unassign_answer("r-2").contains("<return>true</return>"));
+    }
+
+    #[test]
+    fn a_create_with_prefixes_carries_the_tag_instead() {
+        let q = Query::parse(
+            b"Action=CreateNetworkInterface&SubnetId=s&Ipv4PrefixCount=2&TagSpecification.1.ResourceType=network-interface&TagSpecification.1.Tag.1.Key=a&TagSpecification.1.Tag.1.Value=b",
+            None,
+        );
+        let ps = [net("10.0.0.16/28"), net("10.0.0.48/28")];
+        let c = create_with_prefix_tag(&q, &ps);
+        assert_eq!(c.get("Ipv4PrefixCount"), None);
+        assert_eq!(
+            c.list_field("TagSpecification.1.Tag", "Key"),
+            ["a", PREFIX_TAG]
+        );
+        assert_eq!(
+            c.list_field("TagSpecification.1.Tag", "Value"),
+            ["b", "10.0.0.16/28,10.0.0.48/28"]
+        );
+        assert_eq!(c.get("TagSpecification.2.ResourceType"), None);
+        // Without tags of its own: a specification is added.
+        let q = Query::parse(
+            b"Action=CreateNetworkInterface&SubnetId=s&Ipv4Prefix.1.Ipv4Prefix=10.0.0.16%2F28",
+            None,
+        );
+        let c = create_with_prefix_tag(&q, &ps[..1]);
+        assert!(
+            !c.params.keys().any(|k| k.starts_with("Ipv4Prefix")),
+            "{c:?}"
+        );
+        assert_eq!(
+            c.get("TagSpecification.1.ResourceType"),
+            Some("network-interface")
+        );
+        assert_eq!(c.get("TagSpecification.1.Tag.1.Key"), Some(PREFIX_TAG));
+        assert_eq!(
+            c.get("TagSpecification.1.Tag.1.Value"),
+            Some("10.0.0.16/28")
+        );
+    }
+
+    #[test]
+    fn the_prefix_filter_becomes_an_exact_tag_filter() {
+        let q = Query::parse(
+            b"Action=DescribeNetworkInterfaces&Filter.1.Name=subnet-id&Filter.1.Value.1=subnet-a&Filter.2.Name=ipv4-prefix.ipv4-prefix&Filter.2.Value.1=10.0.0.16%2F28",
+            None,
+        );
+        let t = Query::parse(translate_prefix_filter(&q).unwrap().as_bytes(), None);
+        assert_eq!(t.get("Filter.1.Name"), Some("subnet-id"));
+        assert_eq!(t.get("Filter.2.Name"), Some("tag:vpc-lab:ipv4-prefixes"));
+        let patterns = t.list("Filter.2.Value");
+        assert_eq!(
+            patterns,
+            [
+                "10.0.0.16/28",
+                "10.0.0.16/28,*",
+                "*,10.0.0.16/28",
+                "*,10.0.0.16/28,*"
+            ]
+        );
+        // fnmatch semantics (moto's): the patterns match the tag only where it holds the prefix.
+        let matches = |v: &str| {
+            patterns.iter().any(|p| {
+                let (pre, post) = (p.starts_with('*'), p.ends_with('*'));
+                let core = p.trim_matches('*');
+                match (pre, post) {
+                    (false, false) => v == core,
+                    (false, true) => v.starts_with(core),
+                    (true, false) => v.ends_with(core),
+                    (true, true) => v.contains(core),
+                }
+            })
+        };
+        for yes in [
+            "10.0.0.16/28",
+            "10.0.0.16/28,10.0.0.32/28",
+            "10.0.0.32/28,10.0.0.16/28",
+        ] {
+            assert!(matches(yes), "{yes}");
+        }
+        for no in [
+            "110.0.0.16/28",
+            "10.0.0.160/28",
+            "10.0.0.32/28,110.0.0.16/28",
+        ] {
+            assert!(!matches(no), "{no}");
+        }
+        assert!(
+            translate_prefix_filter(&Query::parse(b"Action=DescribeNetworkInterfaces", None))
+                .is_none()
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The lab's model of EC2 state, rebuilt from EC2 (moto), which is the source of truth.
-//! The fabric, IMDS and `status` are all derived from a [`World`].
+//! The lab's model of EC2 state, rebuilt from EC2 (moto), which is the source of truth (with
+//! the IPv4 prefixes the EC2 proxy keeps in moto as ENI tags). The fabric, IMDS and `status`
+//! are all derived from a [`World`].
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -7,6 +8,8 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
+
+use crate::fidelity;
 
 /// Tag naming an instance (`instance1`, `instance2`, `vpc-host`).
 pub const TAG_NAME: &str = "Name";
@@ -132,6 +135,8 @@ impl World {
         let mut by_instance: BTreeMap<&str, Vec<Eni>> = BTreeMap::new();
         for e in enis {
             let Some(att) = &e.attachment else { continue };
+            // moto has no prefixes: the EC2 proxy keeps them in a tag of the ENI.
+            let prefixes = fidelity::with_lab_prefixes(e.clone()).prefixes;
             if att.status != "attached" {
                 continue;
             }
@@ -145,7 +150,7 @@ impl World {
                     subnet_id: e.subnet_id.clone(),
                     primary_ip: e.primary_ip,
                     secondary_ips: e.secondary_ips.clone(),
-                    prefixes: e.prefixes.clone(),
+                    prefixes,
                     security_groups: e.security_groups.clone(),
                 });
         }
@@ -379,6 +384,26 @@ mod tests {
             "detaching and unattached ENIs are not part of an instance"
         );
         assert_eq!(w.instance_by_id("i-2").unwrap().name, "instance2");
+    }
+
+    #[test]
+    fn assemble_takes_the_prefixes_the_proxy_keeps_in_moto() {
+        let instances = [cloud_instance("i-1", "instance1", "node")];
+        let mut eni = cloud_eni("eni-a", Some(("i-1", 0, "attached")), "172.31.15.228");
+        eni.tags.insert(
+            fidelity::PREFIX_TAG.into(),
+            "172.31.8.0/28,172.31.8.32/28".into(),
+        );
+        // What a real EC2 lists is kept too (no duplicates).
+        eni.prefixes = vec!["172.31.8.0/28".parse().unwrap()];
+        let w = World::assemble(&vpc(), "r", vec![], &instances, &[eni]).unwrap();
+        assert_eq!(
+            w.instances[0].enis[0].prefixes,
+            [
+                "172.31.8.0/28".parse::<Ipv4Net>().unwrap(),
+                "172.31.8.32/28".parse().unwrap()
+            ]
+        );
     }
 
     #[test]

@@ -6,13 +6,13 @@
 //! - Every attached ENI is a veth: `eth<device index>` with the ENI's MAC in the instance's
 //!   namespace, its peer a port of the subnet's bridge. The primary ENI is configured like EC2's
 //!   DHCP would; secondary ENIs are left to the agent.
-//! - ARP: the fabric answers every request for an ENI address (primary and secondary) with the
-//!   owning ENI's MAC and each gateway with its bridge's MAC, and drops all other requests
-//!   (ebtables nat `arpreply`), so instances never see each other's requests; the router has
-//!   permanent neighbours for every ENI address.
+//! - ARP: the fabric answers every request for an ENI address (primary, secondary, and each of
+//!   the 16 addresses of every delegated /28 prefix) with the owning ENI's MAC and each gateway
+//!   with its bridge's MAC, and drops all other requests (ebtables nat `arpreply`), so instances
+//!   never see each other's requests; the router has permanent neighbours for every ENI address.
 //! - Source/destination check: nft table `bridge vpclab` drops frames from an ENI port whose
-//!   IPv4 source is not one of the ENI's addresses, and frames to an ENI port whose destination
-//!   is not one of them, with counters.
+//!   IPv4 source is not one of the ENI's addresses (prefix addresses included), and frames to an
+//!   ENI port whose destination is not one of them, with counters.
 //! - Internet gateway: nft table `ip vpclab-igw` forwards to/from the internet only packets of
 //!   an instance's primary IP (an IGW has no mapping for any other address).
 
@@ -746,6 +746,49 @@ mod tests {
         let mut w3 = w.clone();
         w3.instances[0].enis.pop();
         assert_ne!(Plan::from_world(&w3).unwrap().nft_shape(), a.nft_shape());
+    }
+
+    /// Every address of a delegated /28 (network and broadcast included: EC2 routes all 16
+    /// to the ENI) is answered by ARP, passes the src/dst check and has a router neighbour;
+    /// assigning or releasing a prefix changes only the address sets, not the rules.
+    #[test]
+    fn every_address_of_a_prefix_reaches_its_eni() {
+        let mut w = sample();
+        let p: Ipv4Net = "172.31.9.16/28".parse().unwrap();
+        w.instances[0].enis[0].prefixes.push(p);
+        let plan = Plan::from_world(&w).unwrap();
+        let eth0 = plan.ports.iter().find(|p| p.device == 0).unwrap();
+        let eb = plan.ebtables();
+        let sets = plan.nft_sets();
+        let neigh = plan.neighbours();
+        for a in (u32::from(p.network())..=u32::from(p.broadcast())).map(Ipv4Addr::from) {
+            assert!(eth0.addrs.contains(&a), "{a}");
+            assert!(
+                eb.contains(&format!(
+                    "--arp-ip-dst {a} -j arpreply --arpreply-mac 02:00:00:00:00:01"
+                )),
+                "{a}"
+            );
+            assert_eq!(
+                neigh["br-a"].get(&a).map(String::as_str),
+                Some("02:00:00:00:00:01")
+            );
+        }
+        let eth0_set = sets
+            .lines()
+            .find(|l| l.starts_with("add element bridge vpclab a_i1e0 "))
+            .unwrap();
+        assert!(
+            eth0_set.contains("172.31.9.16,") && eth0_set.contains("172.31.9.31"),
+            "{eth0_set}"
+        );
+        // Not the neighbouring addresses, and not on the other ENI.
+        let eth1 = plan.ports.iter().find(|p| p.device == 1).unwrap();
+        assert!(!eth0.addrs.contains(&ip("172.31.9.32")));
+        assert!(!eth1.addrs.contains(&ip("172.31.9.20")));
+        let before = Plan::from_world(&sample()).unwrap();
+        assert_eq!(before.nft_shape(), plan.nft_shape());
+        assert_ne!(before.nft_sets(), sets);
     }
 
     #[test]
