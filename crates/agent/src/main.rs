@@ -103,13 +103,18 @@ enum Cmd {
     },
     /// Print the reference's max pods for an instance type: with secondary IPs (its
     /// eni-max-pods.txt), prefix delegation, custom networking and both, and the value for
-    /// kubelet's --max-pods (capped at 110 up to 30 vCPUs, 250 above). From the built-in table.
+    /// kubelet's --max-pods (capped at 110 up to 30 vCPUs, 250 above). From the built-in
+    /// table, or DescribeInstanceTypes for a type it lacks (or with --ec2), with the AWS SDK's
+    /// usual configuration (AWS_REGION, credentials).
     MaxPods {
         /// An EC2 instance type, e.g. m5.large.
         instance_type: String,
         /// MAX_ENI: fewer ENIs than the type allows.
         #[arg(long)]
         max_eni: Option<u32>,
+        /// Ask EC2 even when the built-in table has the type.
+        #[arg(long)]
+        ec2: bool,
     },
 }
 
@@ -163,6 +168,26 @@ async fn start(cli: Cli, started: Instant, sink: &mut Option<LogSink>) -> anyhow
     Ok(())
 }
 
+/// `vpc-cni-agent max-pods`: the built-in table's entry, else (or with `--ec2`)
+/// DescribeInstanceTypes'.
+fn max_pods(instance_type: &str, ec2: bool) -> anyhow::Result<agent::max_pods::TypeInfo> {
+    if !ec2 && let Some(info) = agent::max_pods::builtin(instance_type) {
+        return Ok(info);
+    }
+    let rt = agent::runtime().context("starting the tokio runtime")?;
+    let info = rt
+        .block_on(async {
+            let ec2 = cloud::Ec2::from_env().await?;
+            ec2.describe_instance_type_info(instance_type).await
+        })
+        .with_context(|| {
+            format!("{instance_type}: not in the built-in table, and DescribeInstanceTypes failed")
+        })?;
+    agent::max_pods::from_ec2(&info).with_context(|| {
+        format!("{instance_type}: DescribeInstanceTypes lists no vCPUs (VCpuInfo.DefaultVCpus)")
+    })
+}
+
 /// Reports a fatal error once per destination: through the log (in its format) when logging
 /// is set up, and on stderr unless the log is stderr.
 fn report_fatal(e: &anyhow::Error, sink: Option<LogSink>) {
@@ -179,21 +204,19 @@ fn main() -> ExitCode {
     if let Some(Cmd::MaxPods {
         instance_type,
         max_eni,
+        ec2,
     }) = &cli.cmd
     {
-        return match agent::max_pods::builtin(instance_type) {
-            Some(info) => {
+        return match max_pods(instance_type, *ec2) {
+            Ok(info) => {
                 print!(
                     "{}",
                     agent::max_pods::report(instance_type, &info, *max_eni)
                 );
                 ExitCode::SUCCESS
             }
-            None => {
-                eprintln!(
-                    "vpc-cni-agent: instance type {instance_type:?} is not in the built-in table ({}); its limits come from DescribeInstanceTypes, which this command does not call yet",
-                    agent::max_pods::builtin_types().join(", ")
-                );
+            Err(e) => {
+                eprintln!("vpc-cni-agent: {e:#}");
                 ExitCode::FAILURE
             }
         };

@@ -10,7 +10,7 @@
 //!
 //! The built-in table holds the common types (ENIs and addresses from EC2's published limits
 //! as the reference's generated table lists them, vCPUs from EC2's instance specifications);
-//! any other type comes from `DescribeInstanceTypes`.
+//! any other type comes from `DescribeInstanceTypes` ([`from_ec2`]).
 
 use cloud::InstanceTypeLimits;
 
@@ -89,6 +89,15 @@ pub fn builtin(instance_type: &str) -> Option<TypeInfo> {
             prefix_capable,
         },
     )
+}
+
+/// What `DescribeInstanceTypes` said of a type, for max pods; `None` when it lists no vCPUs.
+pub fn from_ec2(info: &cloud::InstanceTypeInfo) -> Option<TypeInfo> {
+    Some(TypeInfo {
+        limits: info.limits,
+        vcpus: info.vcpus?,
+        prefix_capable: info.is_nitro(),
+    })
 }
 
 /// The types of the built-in table.

@@ -137,3 +137,51 @@ fn a_configuration_error_is_reported_once_on_stderr() {
         "{stderr}"
     );
 }
+
+/// `max-pods`: the built-in table without any configuration, and DescribeInstanceTypes (moto,
+/// on loopback) for a type the table lacks or with `--ec2`; the values agree.
+#[test]
+fn max_pods_from_the_table_and_from_ec2() {
+    let out = agent(&["max-pods", "m5.large"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    let table = text(&out.stdout);
+    assert!(
+        table.starts_with("m5.large: 3 ENIs × 10 IPv4 addresses, 2 vCPUs"),
+        "{table}"
+    );
+    let pd: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("prefix delegation "))
+        .map(|l| l.split_whitespace().skip(2).collect())
+        .unwrap_or_default();
+    assert_eq!(pd, ["434", "110"], "{table}");
+
+    let moto = testkit::moto::Moto::for_test();
+    let env = [
+        ("AWS_ENDPOINT_URL_EC2", moto.endpoint()),
+        ("AWS_REGION", "us-east-1".to_string()),
+        ("AWS_ACCESS_KEY_ID", "testing".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".to_string()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = agent(&["max-pods", "m5.large", "--ec2"], &env);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        text(&out.stdout),
+        table,
+        "EC2 and the table agree on m5.large"
+    );
+    // Not in the table: EC2 answers (moto knows every type).
+    let out = agent(&["max-pods", "m5d.large"], &env);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text(&out.stdout).contains("secondary IPs"), "{out:?}");
+    // Neither: the error names the type and both sources.
+    let out = agent(&["max-pods", "x9.nonsense"], &env);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("x9.nonsense: not in the built-in table, and DescribeInstanceTypes failed"),
+        "{err}"
+    );
+}

@@ -72,6 +72,8 @@ pub struct InstanceTypeInfo {
     pub limits: InstanceTypeLimits,
     /// EC2's `Hypervisor`: `nitro` or `xen`; `None` for bare metal (EC2 lists none there).
     pub hypervisor: Option<String>,
+    /// `VCpuInfo.DefaultVCpus`, when EC2 lists it.
+    pub vcpus: Option<u32>,
 }
 
 impl InstanceTypeInfo {
@@ -275,6 +277,10 @@ impl Ec2 {
         Ok(InstanceTypeInfo {
             limits,
             hypervisor: info.hypervisor().map(|h| h.as_str().to_owned()),
+            vcpus: info
+                .v_cpu_info()
+                .and_then(|v| v.default_v_cpus())
+                .and_then(|n| u32::try_from(n).ok()),
         })
     }
 
@@ -807,6 +813,7 @@ mod tests {
                 ipv4_per_eni: 10,
             },
             hypervisor: h.map(str::to_owned),
+            vcpus: Some(2),
         };
         assert!(info(Some("nitro")).is_nitro());
         assert!(!info(Some("xen")).is_nitro());

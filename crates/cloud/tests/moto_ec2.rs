@@ -119,6 +119,7 @@ async fn provisioning_flow_against_moto() {
     let info = ec2.describe_instance_type_info("m5.large").await.unwrap();
     assert_eq!(info.limits, limits);
     assert!(info.is_nitro(), "{info:?}");
+    assert_eq!(info.vcpus, Some(2), "{info:?}");
     let xen = ec2.describe_instance_type_info("t2.micro").await.unwrap();
     assert_eq!(xen.hypervisor.as_deref(), Some("xen"));
     assert!(!xen.is_nitro());
