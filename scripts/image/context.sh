@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares the build context of the node image (Containerfile at the repository root):
 #   <out>/vpc-cni-agent, <out>/vpc-cni     the workspace's binaries (debug info stripped)
+#   <out>/vpcctl                            the operator's CLI (reads the agent's introspection)
 #   <out>/cni/portmap, <out>/cni/bandwidth  the plugins the conflist chains, from Debian's
 #                                           containernetworking-plugins (/usr/lib/cni)
 #   <out>/SOURCES                           where each file came from, with its sha256
@@ -39,14 +40,14 @@ case $PROFILE in
 esac
 
 if ((BUILD)); then
-  echo "context: cargo build${cargo_profile[*]:+ ${cargo_profile[*]}} -p agent -p plugin --bins"
-  "${CARGO:-cargo}" build "${cargo_profile[@]}" -p agent -p plugin --bins
+  echo "context: cargo build${cargo_profile[*]:+ ${cargo_profile[*]}} -p agent -p plugin -p vpcctl --bins"
+  "${CARGO:-cargo}" build "${cargo_profile[@]}" -p agent -p plugin -p vpcctl --bins
 fi
 
 BIN=$REPO/target/$PROFILE
-for b in vpc-cni-agent vpc-cni; do
+for b in vpc-cni-agent vpc-cni vpcctl; do
   if ! [[ -x $BIN/$b ]]; then
-    echo "context: $BIN/$b is missing; build it (cargo build ${cargo_profile[*]} -p agent -p plugin) or drop --no-build" >&2
+    echo "context: $BIN/$b is missing; build it (cargo build ${cargo_profile[*]} -p agent -p plugin -p vpcctl) or drop --no-build" >&2
     exit 1
   fi
 done
@@ -61,13 +62,13 @@ done
 rm -rf "$OUT"
 mkdir -p "$OUT/cni"
 # --strip-debug keeps the symbol table, so a panic's backtrace still names functions.
-for b in vpc-cni-agent vpc-cni; do
+for b in vpc-cni-agent vpc-cni vpcctl; do
   strip --strip-debug -o "$OUT/$b" "$BIN/$b"
 done
 for p in "${CHAINED[@]}"; do
   cp "$CHAINED_SRC/$p" "$OUT/cni/$p"
 done
-chmod 0755 "$OUT"/vpc-cni-agent "$OUT"/vpc-cni "$OUT"/cni/*
+chmod 0755 "$OUT"/vpc-cni-agent "$OUT"/vpc-cni "$OUT"/vpcctl "$OUT"/cni/*
 
 {
   echo "# vpc-cni image build context, written by scripts/image/context.sh"
@@ -80,7 +81,7 @@ chmod 0755 "$OUT"/vpc-cni-agent "$OUT"/vpc-cni "$OUT"/cni/*
   else
     echo "chained plugins: $CHAINED_SRC"
   fi
-  (cd "$OUT" && sha256sum vpc-cni-agent vpc-cni cni/*)
+  (cd "$OUT" && sha256sum vpc-cni-agent vpc-cni vpcctl cni/*)
 } >"$OUT/SOURCES"
 
-echo "context: $OUT ($(du -sh "$OUT" | cut -f1)): vpc-cni-agent, vpc-cni ($PROFILE), cni/{$(IFS=,; echo "${CHAINED[*]}")}"
+echo "context: $OUT ($(du -sh "$OUT" | cut -f1)): vpc-cni-agent, vpc-cni, vpcctl ($PROFILE), cni/{$(IFS=,; echo "${CHAINED[*]}")}"

@@ -389,7 +389,28 @@ pub fn render_build_info() -> String {
     out.0
 }
 
-/// The introspection document (`/v1/state`).
+/// What `/v1/state`'s `lost[].why` says of an allocation restored from the checkpoint onto no
+/// ENI of the node (`reason` "on no ENI at start").
+pub const LOST_AT_START: &str = "restored from the checkpoint at start, but the address is on \
+    no ENI of this node";
+
+/// Milliseconds left of a cooldown that began at `released_ms` (0 once over).
+pub fn cooldown_left_ms(released_ms: u64, cooldown_ms: u64, now_ms: u64) -> u64 {
+    released_ms
+        .saturating_add(cooldown_ms)
+        .saturating_sub(now_ms)
+}
+
+/// The pool's document (`/v1/state` has it, with [`state_document`]'s additions): every
+/// count, pod and fact the pool holds. Beside the counts (`stats`, per-ENI `enis`), the pods
+/// (`pods`: key, `namespace`, `pod`, `ip`, `eni`, `sinceMs`), the `lost` addresses (`reason`,
+/// `why` in words, `lostMs`), `drift`, `pending`, `blocker`, `intents` and `ec2` call counts:
+/// - `nowMs`: the agent's clock now (every `…Ms` time is on it);
+/// - `cooldownMs` (`IP_COOLDOWN_PERIOD`) and `cooling`: each address in cooldown with its ENI,
+///   `releasedMs` and `leftMs`;
+/// - `limits` (with provisioning, else null): `maxENIs`, `ipsPerENI`, `maxPods`, `maxIPs`
+///   (`maxENIs` × `ipsPerENI`), whether the pool holds that many (`atLimit`) or max pods
+///   (`atMaxPods`), and the `message` an ADD refused at the limit carries.
 pub fn introspection(s: &Shared) -> serde_json::Value {
     let st = s.state.lock().unwrap_or_else(|p| p.into_inner());
     let now = st.now();
@@ -398,9 +419,11 @@ pub fn introspection(s: &Shared) -> serde_json::Value {
         .assignments()
         .into_iter()
         .map(|(k, a)| {
+            let pod = st.pod(&k).cloned().unwrap_or_default();
             json!({
                 "network": k.network, "containerID": k.container_id, "ifName": k.ifname,
                 "ip": a.ip, "eni": a.eni.id, "deviceNumber": a.eni.device_number,
+                "namespace": pod.namespace, "pod": pod.name, "sinceMs": a.since_ms,
             })
         })
         .collect();
@@ -414,15 +437,57 @@ pub fn introspection(s: &Shared) -> serde_json::Value {
                 "namespace": pod.namespace, "pod": pod.name, "ip": ip,
                 "eni": l.as_ref().map(|l| l.assignment.eni.id.clone()),
                 "reason": l.as_ref().map_or("on no ENI at start", |l| l.reason.label()),
+                "why": l.as_ref().map_or_else(
+                    || LOST_AT_START.to_string(),
+                    |l| l.reason.to_string(),
+                ),
                 "lostMs": l.as_ref().map(|l| l.lost_ms),
                 "parkedOn": l.as_ref().and_then(|l| l.parked_on.clone()),
             })
         })
         .collect();
+    let stats = st.pool().stats(now);
+    let cooldown_ms = st.pool().cooldown_ms();
+    let eni_of: std::collections::BTreeMap<std::net::Ipv4Addr, String> = st
+        .pool()
+        .enis()
+        .into_iter()
+        .flat_map(|e| {
+            st.pool()
+                .ips_of(&e.id)
+                .into_iter()
+                .map(move |ip| (ip, e.id.clone()))
+        })
+        .collect();
+    let cooling: Vec<serde_json::Value> = st
+        .pool()
+        .cooldowns(now)
+        .into_iter()
+        .map(|(ip, released)| {
+            json!({
+                "address": ip, "eni": eni_of.get(&ip), "releasedMs": released,
+                "leftMs": cooldown_left_ms(released, cooldown_ms, now),
+            })
+        })
+        .collect();
+    let limits = s.limits.map(|l| {
+        let max_ips = l.max_enis * l.ips_per_eni;
+        json!({
+            "maxENIs": l.max_enis, "ipsPerENI": l.ips_per_eni, "maxPods": l.max_pods,
+            "maxIPs": max_ips,
+            "atLimit": stats.total as u64 >= u64::from(max_ips),
+            "atMaxPods": stats.total as u64 >= u64::from(l.max_pods),
+            "message": st.capacity.as_ref().map(|(_, m)| m.clone()),
+        })
+    });
     json!({
+        "nowMs": now,
+        "cooldownMs": cooldown_ms,
+        "cooling": cooling,
+        "limits": limits,
         "checkpointRebuiltFrom": st.recovered_from,
         "checkpointWriteFailures": st.write_failures(),
-        "stats": st.pool().stats(now),
+        "stats": stats,
         "enis": st.pool().usage(now),
         "pods": pods,
         "lost": lost,
@@ -445,7 +510,8 @@ pub fn introspection(s: &Shared) -> serde_json::Value {
 ///              {"address": "172.31.13.130", "state": "assigned", "sinceMs": 1718000000000,
 ///               "pod": {"namespace": "default", "name": "web-0", "containerID": "8f…",
 ///                       "ifName": "eth0", "network": "vpc-cni"}},
-///              {"address": "172.31.13.131", "state": "cooling", "releasedMs": 1718000001000},
+///              {"address": "172.31.13.131", "state": "cooling", "releasedMs": 1718000001000,
+///               "leftMs": 21000},
 ///              {"address": "172.31.13.132", "state": "available"},
 ///              {"address": "172.31.13.133", "state": "parked", "pod": {…}}]}]}
 /// ```
@@ -453,7 +519,8 @@ pub fn introspection(s: &Shared) -> serde_json::Value {
 /// `state` is `assigned` (a pod's), `cooling` (released less than `IP_COOLDOWN_PERIOD` ago),
 /// `available`, or `parked` (a lost address of the pod named, which EC2 lists on this ENI
 /// again: taken, but not the pod's working address). Times are the agent's clock in
-/// milliseconds. Addresses on no ENI of the pool are in `/v1/state`'s `lost`.
+/// milliseconds; `leftMs` is what is left of a cooldown. Addresses on no ENI of the pool are
+/// in `/v1/state`'s `lost`.
 pub fn enis(s: &Shared) -> serde_json::Value {
     use std::collections::BTreeMap;
     let st = s.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -482,7 +549,8 @@ pub fn enis(s: &Shared) -> serde_json::Value {
                     if let Some((k, since)) = assigned.get(&ip) {
                         json!({"address": ip, "state": "assigned", "sinceMs": since, "pod": pod(k)})
                     } else if let Some(released) = cooling.get(&ip) {
-                        json!({"address": ip, "state": "cooling", "releasedMs": released})
+                        json!({"address": ip, "state": "cooling", "releasedMs": released,
+                               "leftMs": cooldown_left_ms(*released, pool.cooldown_ms(), now)})
                     } else if u.available.contains(&ip) {
                         json!({"address": ip, "state": "available"})
                     } else if let Some((k, _)) = pool.lost_holder(ip) {
@@ -519,6 +587,8 @@ pub struct Endpoints {
     pub health: Arc<Health>,
     shared: OnceLock<Shared>,
     provisioning: bool,
+    /// The warm-pool targets in effect (`/v1/state`'s `targets`).
+    targets: ipam::planner::Targets,
     /// `/v1/ipamd-env-settings`.
     ipamd_env: serde_json::Value,
     /// `/v1/networkutils-env-settings`.
@@ -555,6 +625,11 @@ impl Endpoints {
             health,
             shared: OnceLock::new(),
             provisioning: cfg.provisioning,
+            targets: ipam::planner::Targets {
+                warm_eni: cfg.warm_eni_target,
+                warm_ip: cfg.warm_ip_target,
+                min_ip: cfg.minimum_ip_target,
+            },
             ipamd_env: object(ipamd),
             network_env: object(network),
         }
@@ -590,6 +665,38 @@ impl Endpoints {
     }
 }
 
+/// `/v1/state`: the pool's [`introspection`] document, plus what the endpoints know beside the
+/// pool:
+/// - `provisioning`: whether the agent adds addresses through EC2;
+/// - `targets`: `warmENI`, `warmIP`, `minimumIP` (`WARM_ENI_TARGET`, `WARM_IP_TARGET`,
+///   `MINIMUM_IP_TARGET`; null when unset);
+/// - `probes`: `live` and `ready`, each with the reason when false (`liveness`, `readiness`:
+///   what `/livez` and `/readyz` answer);
+/// - `ec2Refused`: why EC2 last refused to add addresses, until a later call adding them
+///   succeeded ([`Health::refused`]).
+pub fn state_document(e: &Endpoints, s: &Shared) -> serde_json::Value {
+    let mut doc = introspection(s);
+    let live = e.liveness();
+    let ready = e.readiness();
+    let t = e.targets;
+    if let Some(m) = doc.as_object_mut() {
+        m.insert("provisioning".into(), json!(e.provisioning));
+        m.insert(
+            "targets".into(),
+            json!({"warmENI": t.warm_eni, "warmIP": t.warm_ip, "minimumIP": t.min_ip}),
+        );
+        m.insert(
+            "probes".into(),
+            json!({
+                "live": live.is_ok(), "liveness": live.err().map(|w| health::one_line(&w)),
+                "ready": ready.is_ok(), "readiness": ready.err().map(|w| health::one_line(&w)),
+            }),
+        );
+        m.insert("ec2Refused".into(), json!(e.health.refused()));
+    }
+    doc
+}
+
 /// A probe's answer: 200 `ok`, or 503 with the reason (one line).
 fn probe(result: Result<(), String>) -> Response {
     match result {
@@ -612,9 +719,9 @@ fn json_response(status: StatusCode, v: &serde_json::Value) -> Response {
 }
 
 /// An introspection document from the pool, or 503 while the agent has none yet.
-fn from_pool(e: &Endpoints, doc: fn(&Shared) -> serde_json::Value) -> Response {
+fn from_pool(e: &Endpoints, doc: fn(&Endpoints, &Shared) -> serde_json::Value) -> Response {
     match e.shared() {
-        Some(s) => json_response(StatusCode::OK, &doc(s)),
+        Some(s) => json_response(StatusCode::OK, &doc(e, s)),
         None => json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({"error": e.readiness().err().unwrap_or_else(|| "starting".into())}),
@@ -666,11 +773,11 @@ pub fn introspection_router(endpoints: Arc<Endpoints>) -> Router {
             )
             .route(
                 "/v1/state",
-                get(|AxState(e): Ep| async move { from_pool(&e, introspection) }),
+                get(|AxState(e): Ep| async move { from_pool(&e, state_document) }),
             )
             .route(
                 "/v1/enis",
-                get(|AxState(e): Ep| async move { from_pool(&e, enis) }),
+                get(|AxState(e): Ep| async move { from_pool(&e, |_, s| enis(s)) }),
             )
             .route(
                 "/v1/eni-configs",
@@ -827,6 +934,184 @@ mod tests {
             limits: None,
         };
         (shared, dir)
+    }
+
+    fn add(st: &mut State, container: &str, ns: &str, name: &str) -> proto::Response {
+        st.handle(proto::Request::Add {
+            key: proto::AttachmentKey {
+                network: "vpc-cni".into(),
+                container_id: container.into(),
+                ifname: "eth0".into(),
+            },
+            pod: proto::PodRef {
+                namespace: ns.into(),
+                name: name.into(),
+                infra_container_id: None,
+            },
+            netns: String::new(),
+        })
+    }
+
+    #[test]
+    fn the_state_names_pods_cooldowns_limits_targets_and_probes() {
+        use crate::clock::fake::FakeTime;
+        let time = FakeTime::new(1_700_000_000_000, 5_000, "boot");
+        let mut pool = Pool::new(30_000);
+        pool.add_eni(
+            EniInfo {
+                id: "eni-1".into(),
+                device_number: 1,
+                subnet: "10.0.0.0/16".parse().unwrap(),
+                primary_ip: "10.0.0.10".parse().unwrap(),
+            },
+            &["10.0.0.11".parse().unwrap(), "10.0.0.12".parse().unwrap()],
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = State::new(pool, vec![], dir.path().join("c.json"), String::new())
+            .with_clock(time.clock());
+        st.capacity = Some((
+            2,
+            "node at its limit of 2 pod IPs: 1 ENIs × 2 secondary IPs for t".into(),
+        ));
+        add(&mut st, "c1", "default", "web-0");
+        add(&mut st, "c2", "default", "web-1");
+        let shared = Shared {
+            state: Arc::new(Mutex::new(st)),
+            counters: Arc::new(Counters::default()),
+            ec2: None,
+            limits: Some(ipam::planner::Limits {
+                max_enis: 1,
+                ips_per_eni: 2,
+                max_pods: 29,
+            }),
+        };
+        let mut vars = std::collections::HashMap::new();
+        vars.insert("WARM_IP_TARGET".to_string(), "3".to_string());
+        vars.insert(
+            "DISABLE_NETWORK_RESOURCE_PROVISIONING".to_string(),
+            "false".to_string(),
+        );
+        let cfg = crate::config::from_env(&vars).unwrap();
+        let health = Arc::new(Health::new());
+        let e = Endpoints::new(&cfg, health.clone());
+        e.set_shared(shared.clone());
+        health.serving();
+
+        // Full: both addresses held, at the limit.
+        let v = state_document(&e, &shared);
+        let now = v["nowMs"].as_u64().unwrap();
+        assert_eq!(now, 1_700_000_000_000);
+        assert_eq!(v["pods"][0]["namespace"], "default");
+        assert_eq!(v["pods"][0]["pod"], "web-0");
+        assert_eq!(v["pods"][0]["ip"], "10.0.0.11");
+        assert_eq!(v["pods"][0]["sinceMs"], now);
+        assert_eq!(v["pods"][1]["pod"], "web-1");
+        assert_eq!(
+            v["limits"],
+            json!({"maxENIs": 1, "ipsPerENI": 2, "maxPods": 29, "maxIPs": 2, "atLimit": true,
+                   "atMaxPods": false,
+                   "message": "node at its limit of 2 pod IPs: 1 ENIs × 2 secondary IPs for t"})
+        );
+        assert_eq!(v["cooldownMs"], 30_000);
+        assert_eq!(v["cooling"], json!([]));
+        assert_eq!(v["provisioning"], true);
+        assert_eq!(
+            v["targets"],
+            json!({"warmENI": 1, "warmIP": 3, "minimumIP": null})
+        );
+        assert_eq!(
+            v["probes"],
+            json!({"live": true, "liveness": null, "ready": true, "readiness": null}),
+            "a full node at its limit is ready"
+        );
+        assert_eq!(v["ec2Refused"], json!(null));
+        // Existing fields stay as they were.
+        assert_eq!(v["stats"]["assigned"], 2);
+        assert_eq!(v["enis"][0]["info"]["id"], "eni-1");
+
+        // web-0 goes: its address cools down, 21 s of 30 left after 9 s.
+        shared.state.lock().unwrap().handle(proto::Request::Del {
+            key: proto::AttachmentKey {
+                network: "vpc-cni".into(),
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+            },
+        });
+        time.advance(9_000);
+        let v = state_document(&e, &shared);
+        assert_eq!(
+            v["cooling"],
+            json!([{"address": "10.0.0.11", "eni": "eni-1", "releasedMs": now,
+                    "leftMs": 21_000}])
+        );
+        assert_eq!(
+            v["limits"]["atLimit"], true,
+            "a cooling address is the node's"
+        );
+        let enis = enis(&shared);
+        assert_eq!(
+            enis["enis"][0]["addresses"][0],
+            json!({"address": "10.0.0.11", "state": "cooling", "releasedMs": now,
+                   "leftMs": 21_000})
+        );
+
+        // EC2 refused more, and nothing is free: the probes and the state say so.
+        time.advance(21_000);
+        let r = add(&mut shared.state.lock().unwrap(), "c3", "default", "web-2");
+        assert!(matches!(r, proto::Response::Added { .. }), "{r:?}");
+        assert_eq!(state_document(&e, &shared)["cooling"], json!([]));
+        health.record_growth(Err(&cloud::CloudError::Ec2 {
+            call: "AssignPrivateIpAddresses",
+            code: Some("UnauthorizedOperation".into()),
+            message: "no".into(),
+        }));
+        let v = state_document(&e, &shared);
+        assert_eq!(
+            v["ec2Refused"],
+            "EC2 refused AssignPrivateIpAddresses: UnauthorizedOperation: no"
+        );
+        assert_eq!(
+            v["probes"]["ready"], true,
+            "full at the limit: ready all the same"
+        );
+        // Below the limit (6 addresses now), the refusal makes the node unready.
+        shared.state.lock().unwrap().capacity = Some((6, "node at its limit of 6".into()));
+        let below = Shared {
+            limits: Some(ipam::planner::Limits {
+                max_enis: 3,
+                ips_per_eni: 2,
+                max_pods: 29,
+            }),
+            ..shared.clone()
+        };
+        let v = state_document(&e, &below);
+        assert_eq!(v["limits"]["atLimit"], false);
+        assert_eq!(v["limits"]["maxIPs"], 6);
+        assert_eq!(v["probes"]["ready"], false);
+        assert_eq!(
+            v["probes"]["readiness"],
+            "no address available: EC2 refused AssignPrivateIpAddresses: UnauthorizedOperation: no"
+        );
+    }
+
+    #[test]
+    fn a_lost_address_says_why_in_words() {
+        let (shared, _dir) = shared_with_pod(&["10.0.0.11", "10.0.0.12"]);
+        {
+            let mut st = shared.state.lock().unwrap();
+            let now = st.now();
+            st.pool_mut().detach_eni("eni-1", now).unwrap();
+        }
+        let v = introspection(&shared);
+        let lost = &v["lost"][0];
+        assert_eq!(lost["namespace"], "default");
+        assert_eq!(lost["pod"], "web-0");
+        assert_eq!(lost["reason"], "eni_detached");
+        assert_eq!(lost["why"], ipam::LostReason::EniDetached.to_string());
+        assert_eq!(v["pods"], json!([]));
+        assert_eq!(cooldown_left_ms(1_000, 30_000, 40_000), 0);
+        assert_eq!(cooldown_left_ms(1_000, 30_000, 2_000), 29_000);
     }
 
     /// Serves `router` on 127.0.0.1 (a free port); returns the address.
