@@ -4,11 +4,11 @@ dependencies, from the Cargo.toml files), then, crate by crate, which of its top
 each module uses (`crate::x` / `super::x` in code, tests excluded).
 
 Run from the repository root:  python3 scripts/import-graph.py [--crates-only]
-Exit 1 when a crate cycle exists or a shipped binary's crate (agent, plugin) reaches dev tooling
+Exit 1 when a crate cycle exists or a shipped binary's crate (agent, plugin, vpcctl) reaches dev tooling
 (testkit, lab*, conformance) through its normal dependencies."""
 import glob, os, re, sys, tomllib
 
-SHIPPED = {"agent", "plugin"}
+SHIPPED = {"agent", "plugin", "vpcctl"}
 TOOLING = re.compile(r"^(testkit|lab.*|vpc-lab|conformance)$")
 
 
