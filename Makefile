@@ -1,6 +1,8 @@
 # vpc-cni: the two commands a user needs.
 #   make demo   set up, build, bring up the local VPC lab, run the seed's experiment, tear down
-#               (KEEP=1 leaves the lab running; `target/debug/vpc-lab down` removes it)
+#               (KEEP=1 leaves the lab running; `target/debug/vpc-lab down` removes it;
+#               DEPLOY=daemonset runs the agents as the DaemonSet's pods through the lab's
+#               kubelet, from the node image built from the debug binaries)
 #   make test   set up, then lints, unit tests, namespace tests and lab tests (as root), and the
 #               crate-graph check (scripts/import-graph.py)
 SHELL := /bin/bash
@@ -17,7 +19,8 @@ build: setup
 
 demo: build
 	@set -e; trap '[ -n "$(KEEP)" ] || $(LAB) down' EXIT; \
-	$(LAB) up; \
+	$(if $(filter daemonset,$(DEPLOY)),bash scripts/image/build.sh --no-build --profile debug;) \
+	$(LAB) up $(if $(DEPLOY),--deploy $(DEPLOY)); \
 	$(LAB) demo; \
 	if [ -n "$(KEEP)" ]; then echo "KEEP=1: the lab is still up; '$(LAB) down' removes it"; fi
 

@@ -379,7 +379,8 @@ pub async fn start(opts: &StartOptions) -> Result<Started> {
     let ready = t0.elapsed();
 
     let t1 = Instant::now();
-    import_image(&ctr, &socket, &opts.pause_tar)?;
+    import_image(&ctr, &socket, &opts.pause_tar, PAUSE_IMAGE)
+        .context("the pause image (scripts/setup-clients.sh builds .cache/pause-oci.tar)")?;
     let import = t1.elapsed();
     Ok(Started {
         pid: record.pid,
@@ -415,7 +416,13 @@ pub fn merge_bin_dirs(dirs: &[PathBuf], merged: &Path) -> Result<PathBuf> {
     Ok(merged.to_path_buf())
 }
 
-fn import_image(ctr: &Path, socket: &Path, tar: &Path) -> Result<()> {
+/// Imports an OCI or Docker archive into the containerd at `socket` (`ctr -n k8s.io images
+/// import`, the namespace the CRI plugin uses) and checks that it then has the image named
+/// `expect` (as `ctr images ls` lists it, e.g. `docker.io/library/vpc-cni:latest`).
+/// `ctr` is a path or a name looked up in `PATH`.
+pub fn import_image(ctr: &Path, socket: &Path, tar: &Path, expect: &str) -> Result<()> {
+    let ctr = find_in_path(ctr)?;
+    let ctr = ctr.as_path();
     let out = Command::new(ctr)
         .arg("--address")
         .arg(socket)
@@ -439,9 +446,9 @@ fn import_image(ctr: &Path, socket: &Path, tar: &Path) -> Result<()> {
         .output()
         .with_context(|| format!("cannot run {}", ctr.display()))?;
     let names = String::from_utf8_lossy(&ls.stdout);
-    if !names.lines().any(|l| l.trim() == PAUSE_IMAGE) {
+    if !names.lines().any(|l| l.trim() == expect) {
         bail!(
-            "after importing {} containerd has no image {PAUSE_IMAGE} (it has: {}); rebuild the tar with scripts/setup-clients.sh",
+            "after importing {} containerd has no image {expect} (it has: {}); rebuild the archive",
             tar.display(),
             names.trim().replace('\n', ", ")
         );

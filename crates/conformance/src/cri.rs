@@ -1,6 +1,9 @@
 //! A CRI (Kubernetes Container Runtime Interface, `runtime.v1`) client over a unix socket, with
 //! the calls a kubelet makes to give a pod its network: RunPodSandbox, PodSandboxStatus,
 //! StopPodSandbox, RemovePodSandbox, ListPodSandbox; plus a concurrent burst of sandboxes.
+//! The calls it makes to run a pod's containers (CreateContainer, StartContainer,
+//! ContainerStatus, StopContainer, RemoveContainer, ListContainers, and ImageStatus of the
+//! image service) serve the lab's kubelet (`lab::kubelet`), which builds the configurations.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -8,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use hyper_util::rt::TokioIo;
-use k8s_cri::v1 as api;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use serde::Serialize;
 use testkit::stats::ms;
@@ -17,11 +20,16 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::util::Stats;
 
+/// The CRI `runtime.v1` types, for callers that build their own sandbox and container
+/// configurations (the lab's kubelet).
+pub use k8s_cri::v1 as api;
+
 /// A connected CRI runtime service client. Cheap to clone: clones share one HTTP/2 connection
 /// and their calls run concurrently.
 #[derive(Debug, Clone)]
 pub struct Cri {
     client: RuntimeServiceClient<Channel>,
+    images: ImageServiceClient<Channel>,
     socket: PathBuf,
 }
 
@@ -118,6 +126,47 @@ pub struct RuntimeStatus {
     pub not_ready: Vec<String>,
 }
 
+/// A container as ContainerStatus reports it (times in nanoseconds since the epoch, 0 when not
+/// yet).
+#[derive(Debug, Clone, Serialize)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub name: String,
+    pub attempt: u32,
+    /// `CONTAINER_CREATED`, `CONTAINER_RUNNING`, `CONTAINER_EXITED` or `CONTAINER_UNKNOWN`.
+    pub state: String,
+    pub created_at_ns: i64,
+    pub started_at_ns: i64,
+    pub finished_at_ns: i64,
+    pub exit_code: i32,
+    pub reason: String,
+    pub message: String,
+    pub log_path: String,
+}
+
+/// One line of ListContainers.
+#[derive(Debug, Clone, Serialize)]
+pub struct ContainerSummary {
+    pub id: String,
+    pub name: String,
+    pub attempt: u32,
+    pub state: String,
+}
+
+/// An image as ImageStatus reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageInfo {
+    pub id: String,
+    pub repo_tags: Vec<String>,
+    pub size: u64,
+}
+
+fn container_state_name(state: i32) -> String {
+    api::ContainerState::try_from(state)
+        .map(|s| s.as_str_name().to_string())
+        .unwrap_or_else(|_| format!("UNKNOWN({state})"))
+}
+
 fn state_name(state: i32) -> String {
     api::PodSandboxState::try_from(state)
         .map(|s| s.as_str_name().to_string())
@@ -173,7 +222,8 @@ impl Cri {
                     format!("cannot connect to the CRI socket {}", socket.display())
                 })?;
         Ok(Cri {
-            client: RuntimeServiceClient::new(channel),
+            client: RuntimeServiceClient::new(channel.clone()),
+            images: ImageServiceClient::new(channel),
             socket: socket.to_path_buf(),
         })
     }
@@ -214,17 +264,23 @@ impl Cri {
 
     /// RunPodSandbox; returns the sandbox id.
     pub async fn run_sandbox(&self, spec: &SandboxSpec) -> Result<String> {
+        self.run_sandbox_config(spec.to_config()).await
+    }
+
+    /// RunPodSandbox with a configuration the caller built; returns the sandbox id.
+    pub async fn run_sandbox_config(&self, config: api::PodSandboxConfig) -> Result<String> {
+        let md = config.metadata.clone().unwrap_or_default();
         let mut c = self.client.clone();
         let r = c
             .run_pod_sandbox(api::RunPodSandboxRequest {
-                config: Some(spec.to_config()),
+                config: Some(config),
                 runtime_handler: String::new(),
             })
             .await
             .map_err(|e| {
                 status_err(
                     "RunPodSandbox",
-                    &format!("for {}/{}", spec.namespace, spec.name),
+                    &format!("for {}/{}", md.namespace, md.name),
                     e,
                 )
             })?;
@@ -307,6 +363,148 @@ impl Cri {
                 }
             })
             .collect())
+    }
+
+    /// CreateContainer in sandbox `sandbox_id` (whose configuration is passed again, as the
+    /// CRI asks); returns the container id.
+    pub async fn create_container(
+        &self,
+        sandbox_id: &str,
+        config: api::ContainerConfig,
+        sandbox_config: api::PodSandboxConfig,
+    ) -> Result<String> {
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        let mut c = self.client.clone();
+        let r = c
+            .create_container(api::CreateContainerRequest {
+                pod_sandbox_id: sandbox_id.to_string(),
+                config: Some(config),
+                sandbox_config: Some(sandbox_config),
+            })
+            .await
+            .map_err(|e| {
+                status_err(
+                    "CreateContainer",
+                    &format!("{name} in sandbox {sandbox_id}"),
+                    e,
+                )
+            })?;
+        Ok(r.into_inner().container_id)
+    }
+
+    pub async fn start_container(&self, id: &str) -> Result<()> {
+        let mut c = self.client.clone();
+        c.start_container(api::StartContainerRequest {
+            container_id: id.to_string(),
+        })
+        .await
+        .map_err(|e| status_err("StartContainer", id, e))?;
+        Ok(())
+    }
+
+    /// ContainerStatus.
+    pub async fn container_status(&self, id: &str) -> Result<ContainerInfo> {
+        let mut c = self.client.clone();
+        let r = c
+            .container_status(api::ContainerStatusRequest {
+                container_id: id.to_string(),
+                verbose: false,
+            })
+            .await
+            .map_err(|e| status_err("ContainerStatus", id, e))?
+            .into_inner();
+        let s = r
+            .status
+            .ok_or_else(|| anyhow!("CRI ContainerStatus of {id} returned no status"))?;
+        let md = s.metadata.unwrap_or_default();
+        Ok(ContainerInfo {
+            id: s.id,
+            name: md.name,
+            attempt: md.attempt,
+            state: container_state_name(s.state),
+            created_at_ns: s.created_at,
+            started_at_ns: s.started_at,
+            finished_at_ns: s.finished_at,
+            exit_code: s.exit_code,
+            reason: s.reason,
+            message: s.message,
+            log_path: s.log_path,
+        })
+    }
+
+    /// StopContainer: the stop signal, then SIGKILL after `timeout` (seconds; 0: at once).
+    pub async fn stop_container(&self, id: &str, timeout: i64) -> Result<()> {
+        let mut c = self.client.clone();
+        c.stop_container(api::StopContainerRequest {
+            container_id: id.to_string(),
+            timeout,
+        })
+        .await
+        .map_err(|e| status_err("StopContainer", id, e))?;
+        Ok(())
+    }
+
+    pub async fn remove_container(&self, id: &str) -> Result<()> {
+        let mut c = self.client.clone();
+        c.remove_container(api::RemoveContainerRequest {
+            container_id: id.to_string(),
+        })
+        .await
+        .map_err(|e| status_err("RemoveContainer", id, e))?;
+        Ok(())
+    }
+
+    /// ListContainers of one sandbox (every state): (id, name, attempt, state).
+    pub async fn list_containers(&self, sandbox_id: &str) -> Result<Vec<ContainerSummary>> {
+        let mut c = self.client.clone();
+        let r = c
+            .list_containers(api::ListContainersRequest {
+                filter: Some(api::ContainerFilter {
+                    pod_sandbox_id: sandbox_id.to_string(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(|e| status_err("ListContainers", &format!("of sandbox {sandbox_id}"), e))?
+            .into_inner();
+        Ok(r.containers
+            .into_iter()
+            .map(|x| {
+                let md = x.metadata.unwrap_or_default();
+                ContainerSummary {
+                    id: x.id,
+                    name: md.name,
+                    attempt: md.attempt,
+                    state: container_state_name(x.state),
+                }
+            })
+            .collect())
+    }
+
+    /// ImageStatus (image service): the image's id and size when the runtime has `image`
+    /// (a reference as a pod spec writes it; the runtime normalizes it), `None` when not.
+    pub async fn image_status(&self, image: &str) -> Result<Option<ImageInfo>> {
+        let mut c = self.images.clone();
+        let r = c
+            .image_status(api::ImageStatusRequest {
+                image: Some(api::ImageSpec {
+                    image: image.to_string(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await
+            .map_err(|e| status_err("ImageStatus", image, e))?
+            .into_inner();
+        Ok(r.image.map(|i| ImageInfo {
+            id: i.id,
+            repo_tags: i.repo_tags,
+            size: i.size,
+        }))
     }
 
     /// Finds the sandbox id of `namespace/name` (the newest attempt when there are several).

@@ -1,4 +1,6 @@
-//! `vpc-lab up`, `down`, `status` and `agent …`: the lab's life cycle.
+//! `vpc-lab up`, `down`, `status` and `agent …`: the lab's life cycle. The agents run as
+//! processes in the instances' namespaces, or (`up --deploy daemonset`) as the DaemonSet's pod
+//! through the lab's kubelet (`crate::kubelet`).
 
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
@@ -13,7 +15,7 @@ use lab_net::{fabric, ns};
 use testkit::procs;
 
 use crate::store::{self, LabState};
-use crate::{daemon, paths, pods};
+use crate::{daemon, kubelet, paths, pods};
 
 fn make_node_dirs(instance: &str) -> Result<()> {
     for d in [
@@ -29,12 +31,30 @@ fn make_node_dirs(instance: &str) -> Result<()> {
     Ok(())
 }
 
+/// How the agents run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Deploy {
+    /// A process per instance, in its namespace, with the lab's node paths (`vpc-lab agent …`).
+    #[default]
+    Process,
+    /// The DaemonSet's pod per node instance, run by the lab's kubelet through containerd's CRI
+    /// from the node image (`crate::kubelet`; `vpc-lab kubelet …`).
+    DaemonSet,
+}
+
+/// The lab's default for its agents, over the agent's own (and the DaemonSet's): they use the
+/// addresses the seed's world gives the instances and provision nothing, unless `up
+/// --provisioning` says so.
+const LAB_AGENT_DEFAULTS: &[(&str, &str)] = &[("DISABLE_NETWORK_RESOURCE_PROVISIONING", "true")];
+
 /// How `up` builds the lab.
 #[derive(Debug, Clone)]
 pub struct UpOptions {
     /// Extra environment for every agent.
     pub agent_env: Vec<(String, String)>,
     pub agents: bool,
+    /// How the agents run.
+    pub deploy: Deploy,
     /// Node instances whose agents provision through EC2 (`None`: none; empty: all).
     pub provisioning: Option<Vec<String>>,
     /// Instance type of the node instances.
@@ -50,6 +70,7 @@ impl Default for UpOptions {
         UpOptions {
             agent_env: Vec::new(),
             agents: true,
+            deploy: Deploy::Process,
             provisioning: None,
             instance_type: seed::INSTANCE_TYPE.to_string(),
             fresh_nodes: false,
@@ -124,7 +145,7 @@ async fn up_in_runtime(mut state: LabState, opts: &UpOptions, t0: Instant) -> Re
         );
     }
     if opts.agents {
-        for n in &nodes {
+        let env_of = |n: &String| {
             let mut env = Vec::new();
             if opts
                 .provisioning
@@ -137,12 +158,44 @@ async fn up_in_runtime(mut state: LabState, opts: &UpOptions, t0: Instant) -> Re
                 ));
             }
             env.extend(opts.agent_env.iter().cloned());
-            agent_start(n, &env, &world.region)?;
+            env
+        };
+        match opts.deploy {
+            Deploy::Process => {
+                for n in &nodes {
+                    agent_start(n, &env_of(n), &world.region)?;
+                }
+                for n in &nodes {
+                    wait_agent_ready(n, Duration::from_secs(30))?;
+                }
+            }
+            Deploy::DaemonSet => {
+                for n in &nodes {
+                    let mut extra: Vec<(String, String)> = LAB_AGENT_DEFAULTS
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect();
+                    extra.extend(env_of(n));
+                    let env = kubelet::spec::LabEnv {
+                        node: daemon::node_env(&world.region),
+                        extra,
+                    };
+                    kubelet::start(n, env)?;
+                }
+                for n in &nodes {
+                    let s = kubelet::wait_ready(n, Duration::from_secs(180))?;
+                    if let Some(p) = &s.pod {
+                        println!(
+                            "{n}: pod {}/{} Ready; {}",
+                            p.namespace,
+                            p.name,
+                            p.timeline.summary()
+                        );
+                    }
+                }
+            }
         }
-        for n in &nodes {
-            wait_agent_ready(n, Duration::from_secs(30))?;
-        }
-        tracing::info!(elapsed = ?t0.elapsed(), "agents ready");
+        tracing::info!(elapsed = ?t0.elapsed(), deploy = ?opts.deploy, "agents ready");
     }
     println!(
         "vpc-lab is up in {:.2} s: VPC {} ({} instances), EC2 at http://{}",
@@ -158,7 +211,15 @@ async fn up_in_runtime(mut state: LabState, opts: &UpOptions, t0: Instant) -> Re
 pub fn down() -> Result<()> {
     let rd = paths::run_dir();
     let mut errors = Vec::new();
-    // Agents first (they talk to the daemon), then the daemon, then moto.
+    // Agents first (they talk to the daemon): the kubelets and their containerd with the
+    // DaemonSet's pods, the agent processes; then the daemon, then moto.
+    if let Ok(entries) = std::fs::read_dir(&rd) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                errors.extend(kubelet::stop(&e.file_name().to_string_lossy()));
+            }
+        }
+    }
     if let Ok(entries) = std::fs::read_dir(&rd) {
         for e in entries.flatten() {
             let pf = e.path().join("agent.pid");
@@ -248,6 +309,9 @@ pub fn status() -> Result<()> {
         let agent = if inst.node {
             match procs::read_pid(&paths::agent_pid(&inst.name)) {
                 Some(p) if procs::is_ours(p, paths::AGENT_MARKER) => format!("agent pid {p}"),
+                _ if kubelet::running(&inst.name).is_some() => {
+                    "agent in the DaemonSet's pod: vpc-lab kubelet status".to_string()
+                }
                 _ => "agent not running".to_string(),
             }
         } else {
@@ -314,6 +378,11 @@ pub fn agent_start(instance: &str, extra: &[(String, String)], region: &str) -> 
             "the agent of {instance} is already running (pid {p}); use `vpc-lab agent restart {instance}`"
         );
     }
+    if let Some(p) = kubelet::running(instance) {
+        bail!(
+            "the lab's kubelet (pid {p}) runs the agent of {instance} as the DaemonSet's pod; use `vpc-lab kubelet delete|deploy {instance}`"
+        );
+    }
     make_node_dirs(instance)?;
     // The conflist of an earlier run would make this run look ready before it has installed
     // the plugin: readiness (`wait_agent_ready`) is this agent's own conflist.
@@ -363,16 +432,8 @@ fn agent_command(
         &ns::instance_ns(instance),
         agent.to_str().context("agent path is not UTF-8")?,
     )?;
-    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    let mut env: BTreeMap<String, String> = daemon::node_env(region).into_iter().collect();
     for (k, v) in [
-        (
-            "AWS_EC2_METADATA_SERVICE_ENDPOINT",
-            "http://127.0.0.1:1338".to_string(),
-        ),
-        ("AWS_ENDPOINT_URL_EC2", "http://127.0.0.1:1339".to_string()),
-        ("AWS_REGION", region.to_string()),
-        ("AWS_ACCESS_KEY_ID", "testing".to_string()),
-        ("AWS_SECRET_ACCESS_KEY", "testing".to_string()),
         (
             "HOST_CNI_BIN_PATH",
             paths::cni_bin_dir(instance).display().to_string(),
@@ -398,10 +459,12 @@ fn agent_command(
             "VPC_CNI_CHAINED_PLUGINS_DIR",
             DEBIAN_CNI_PLUGINS.to_string(),
         ),
-        ("DISABLE_NETWORK_RESOURCE_PROVISIONING", "true".to_string()),
         ("RUST_LOG", "info".to_string()),
     ] {
         env.insert(k.to_string(), v);
+    }
+    for (k, v) in LAB_AGENT_DEFAULTS {
+        env.insert(k.to_string(), v.to_string());
     }
     for (k, v) in extra {
         env.insert(k.clone(), v.clone());

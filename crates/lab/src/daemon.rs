@@ -23,6 +23,25 @@ pub const IMDS_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 1338);
 pub const EC2_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 1339);
 pub const WHOAMI_PORT: u16 = 8080;
 
+/// What a process inside an instance's namespace needs to use the lab's AWS as an EC2
+/// instance's own software would: the IMDS and EC2 endpoints this daemon serves there, the
+/// region, and the test credentials moto accepts (on EC2: the default IMDS address, the
+/// region from IMDS, the instance profile's credentials).
+pub fn node_env(region: &str) -> Vec<(String, String)> {
+    let url =
+        |(ip, port): ([u8; 4], u16)| format!("http://{}:{port}", std::net::Ipv4Addr::from(ip));
+    [
+        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", url(IMDS_ADDR)),
+        ("AWS_ENDPOINT_URL_EC2", url(EC2_ADDR)),
+        ("AWS_REGION", region.to_string()),
+        ("AWS_ACCESS_KEY_ID", "testing".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
 /// The marker checked in /proc/<pid>/cmdline before signalling the daemon.
 pub const MARKER: &[&str] = &["vpc-lab", "daemon"];
 
@@ -331,6 +350,18 @@ async fn run() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_env_points_at_the_endpoints_served_in_the_instance() {
+        let env: HashMap<String, String> = node_env("eu-west-1").into_iter().collect();
+        assert_eq!(
+            env["AWS_EC2_METADATA_SERVICE_ENDPOINT"],
+            "http://127.0.0.1:1338"
+        );
+        assert_eq!(env["AWS_ENDPOINT_URL_EC2"], "http://127.0.0.1:1339");
+        assert_eq!(env["AWS_REGION"], "eu-west-1");
+        assert_eq!(env.len(), 5);
+    }
 
     #[test]
     fn hot_plug_hides_fresh_attachments_until_due() {

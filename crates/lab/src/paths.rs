@@ -88,6 +88,18 @@ pub fn agent_checkpoint(instance: &str) -> PathBuf {
     inst_dir(instance).join("var/run/aws-node/ipam.json")
 }
 
+/// The containerd of an instance (`lab::kubelet`'s runtime; also the conformance tests'): its
+/// config, root, state, sockets and log, all under this directory.
+pub fn containerd_dir(instance: &str) -> PathBuf {
+    inst_dir(instance).join("containerd")
+}
+
+/// The lab kubelet's files for an instance: its configuration, the pod it must run, the status
+/// it reports, its pid file and log, and the containers' logs (`logs/`).
+pub fn kubelet_dir(instance: &str) -> PathBuf {
+    inst_dir(instance).join("kubelet")
+}
+
 /// The directory of the built binaries (`vpc-lab`, `vpc-cni-agent`, `vpc-cni`): the one of
 /// this executable, or its parent when this is a test binary in `target/<profile>/deps`.
 pub fn exe_dir() -> Result<PathBuf> {

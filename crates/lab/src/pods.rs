@@ -282,7 +282,8 @@ fn echo(o: &Outcome) {
     );
 }
 
-fn random_id() -> Result<String> {
+/// 64 random hex digits (a container ID; the lab's kubelet's pod UIDs and probe delays).
+pub(crate) fn random_id() -> Result<String> {
     let mut b = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use lab::control::{self, UpOptions};
+use lab::control::{self, Deploy, UpOptions};
 use lab::store::LabState;
-use lab::{aws_node, daemon, matrix, paths, pods};
+use lab::{aws_node, daemon, kubelet, matrix, paths, pods};
 use lab_aws::{fidelity, seed};
 use lab_bench::{bench, perf, soak};
 use lab_net::ns;
@@ -40,6 +40,12 @@ enum Cmd {
         /// Do not start the agents (bring up EC2, fabric, IMDS only).
         #[arg(long)]
         no_agents: bool,
+        /// How the agents run: `process` (a process per instance), or `daemonset` (the
+        /// DaemonSet's pod of deploy/base/daemonset.yaml from the node image
+        /// target/image/vpc-cni.oci.tar, run by the lab's kubelet through containerd's CRI;
+        /// `up` returns when every node's pod is Ready). See `vpc-lab kubelet`.
+        #[arg(long, value_enum, default_value = "process")]
+        deploy: DeployArg,
         /// Agents provision ENIs and IPs through EC2 (DISABLE_NETWORK_RESOURCE_PROVISIONING=false):
         /// all node instances, or only those listed (comma-separated).
         #[arg(long, value_name = "INSTANCES", num_args = 0..=1, default_missing_value = "")]
@@ -115,6 +121,11 @@ enum Cmd {
         #[arg(long = "agent-env", value_name = "K=V", value_parser = parse_kv)]
         agent_env: Vec<(String, String)>,
     },
+    /// The lab's kubelet (with `up --deploy daemonset`): the DaemonSet's pod on each node.
+    Kubelet {
+        #[command(subcommand)]
+        cmd: KubeletCmd,
+    },
     /// Run a command inside an instance, the internet host, or a pod (<ns>/<name>).
     Exec {
         target: String,
@@ -153,12 +164,45 @@ enum AwsNodeCmd {
     Check { instance: String },
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DeployArg {
+    Process,
+    Daemonset,
+}
+
+#[derive(Debug, Subcommand)]
+enum KubeletCmd {
+    /// Each node's pod: containers, restarts, readiness, the last probes, and its start's
+    /// timeline.
+    Status {
+        /// The status files as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete the node's pod, as `kubectl delete pod` (its containers stopped with the grace
+    /// period, its sandbox removed); with no DaemonSet controller, no new one comes until
+    /// `deploy`. The node's pods keep their network (the data path is in the kernel).
+    Delete { instance: String },
+    /// Create the node's pod again and wait until it is Ready.
+    Deploy {
+        instance: String,
+        /// Seconds to wait for Ready.
+        #[arg(long, default_value_t = 180)]
+        timeout: u64,
+    },
+    /// (internal) the kubelet process of an instance, started by `up --deploy daemonset`.
+    #[command(hide = true)]
+    Run { instance: String },
+}
+
 #[derive(Debug, Subcommand)]
 enum FidelityCmd {
     /// Print the knobs in effect (JSON).
     Show,
     /// Change knobs: ec2-error-rate, ec2-latency-ms, ec2-throttle, imds-delay-ms,
-    /// attach-delay-ms, subnet-free.
+    /// attach-delay-ms, subnet-free, subnet-fragmented (`SUBNET|all[=true|false]` or `none`:
+    /// no free aligned /28 there, so IPv4 prefix requests get InsufficientCidrBlocks while
+    /// single addresses are still handed out).
     Set {
         #[arg(value_name = "KEY=VALUE", value_parser = parse_kv, required = true)]
         settings: Vec<(String, String)>,
@@ -202,14 +246,25 @@ fn require_root() -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.cmd, Cmd::Status | Cmd::Ec2Stats | Cmd::Fidelity { .. }) {
+    if matches!(
+        cli.cmd,
+        Cmd::Status
+            | Cmd::Ec2Stats
+            | Cmd::Fidelity { .. }
+            | Cmd::Kubelet {
+                cmd: KubeletCmd::Status { .. }
+            }
+    ) {
         // Commands that only print: `vpc-lab status | head` ends quietly when `head` is done
         // (Rust ignores SIGPIPE, and a print to a closed pipe would panic).
         // SAFETY: restoring the default disposition of a signal, before any thread exists.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     let default_level = match cli.cmd {
-        Cmd::Daemon => "info",
+        Cmd::Daemon
+        | Cmd::Kubelet {
+            cmd: KubeletCmd::Run { .. },
+        } => "info",
         Cmd::Up { .. } | Cmd::Down => "vpc_lab=info,lab=info,lab_aws=info,lab_net=info,warn",
         _ => "warn",
     };
@@ -240,6 +295,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Up {
             agent_env,
             no_agents,
+            deploy,
             provisioning,
             instance_type,
             fresh_nodes,
@@ -264,6 +320,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let opts = UpOptions {
                 agent_env,
                 agents: !no_agents,
+                deploy: match deploy {
+                    DeployArg::Process => Deploy::Process,
+                    DeployArg::Daemonset => Deploy::DaemonSet,
+                },
                 provisioning: provisioning.map(|p| {
                     p.split(',')
                         .map(str::trim)
@@ -332,6 +392,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
             AgentAction::Uninstall => {
                 print!("{}", control::agent_uninstall_to_aws_node(&instance)?);
             }
+        },
+        Cmd::Kubelet { cmd } => match cmd {
+            KubeletCmd::Status { json } => {
+                let all = kubelet::status_all()?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&all)?);
+                } else if all.is_empty() {
+                    println!("no kubelet runs in the lab (vpc-lab up --deploy daemonset)");
+                } else {
+                    for s in &all {
+                        print!("{}", kubelet::render(s));
+                    }
+                }
+            }
+            KubeletCmd::Delete { instance } => {
+                let took = kubelet::delete(&instance)?;
+                println!("{instance}: pod deleted in {:.2} s", took.as_secs_f64());
+            }
+            KubeletCmd::Deploy { instance, timeout } => {
+                let s = kubelet::deploy(&instance, std::time::Duration::from_secs(timeout))?;
+                print!("{}", kubelet::render(&s));
+            }
+            KubeletCmd::Run { instance } => kubelet::main(&instance)?,
         },
         Cmd::Exec { target, cmd } => {
             let ns_name = pods::exec_target(&target)?;
