@@ -801,17 +801,32 @@ fn the_env_names_variables_the_agent_implements() {
     assert!(problems.is_empty(), "{name}:\n{}", problems.join("\n"));
 }
 
+/// Deliberate changes from the agent's defaults, in every container: the sysctls go through
+/// the host's /proc/sys/net, as the containers are not privileged.
+const CHANGED: &[(&str, &str)] = &[("VPC_CNI_PROC_SYS", "/host/proc/sys")];
+
 /// The env spells out the agent's defaults: a value here that differs is a deliberate change
-/// (then say so here), never a default that moved in config.rs and not in the manifest.
+/// (then say so in [`CHANGED`]), never a default that moved in config.rs and not in the
+/// manifest.
 #[test]
 fn the_env_values_are_the_agents_defaults() {
     let (_, ds) = the::<DaemonSet>();
-    let defaults = config::from_env(&HashMap::new()).expect("the defaults");
+    let changed: HashMap<String, String> = CHANGED
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let defaults = config::from_env(&changed).expect("the defaults");
     let mut problems = Vec::new();
     for c in all_containers(pod_spec(&ds)) {
         let env = env_of(c);
+        for (k, v) in CHANGED {
+            if env.get(*k).map(String::as_str) != Some(*v) {
+                problems.push(format!("{}: {k} should be {v:?}", c.name));
+            }
+        }
         for (name, value) in &env {
-            let one = HashMap::from([(name.clone(), value.clone())]);
+            let mut one = changed.clone();
+            one.insert(name.clone(), value.clone());
             if config::from_env(&one).as_ref() != Ok(&defaults) {
                 problems.push(format!("{}: {name}={value:?}", c.name));
             }
@@ -1217,4 +1232,24 @@ fn the_daemonset_runs_on_every_node_in_the_host_network() {
         BTreeSet::from(["NET_ADMIN", "NET_RAW"]),
         "{file}: the agent's capabilities"
     );
+    // Capabilities rather than privileged: the sysctls go through the host's /proc/sys/net,
+    // mounted where VPC_CNI_PROC_SYS says, in every container.
+    for c in all_containers(spec) {
+        let sc = c.security_context.as_ref();
+        assert!(
+            !sc.and_then(|s| s.privileged).unwrap_or(false),
+            "{file}: {} is privileged",
+            c.name
+        );
+        let mounted = c.volume_mounts.iter().flatten().find_map(|m| {
+            let v = spec.volumes.iter().flatten().find(|v| v.name == m.name)?;
+            (v.host_path.as_ref()?.path == "/proc/sys/net").then_some(m.mount_path.clone())
+        });
+        assert_eq!(
+            mounted.as_deref(),
+            Some("/host/proc/sys/net"),
+            "{file}: {}: the host's /proc/sys/net at VPC_CNI_PROC_SYS/net",
+            c.name
+        );
+    }
 }

@@ -67,6 +67,9 @@ pub fn load_daemonset(path: &Path) -> Result<DaemonSet> {
     parse_daemonset(&text).with_context(|| format!("in {}", path.display()))
 }
 
+/// The host's net sysctls, which the DaemonSet mounts for `VPC_CNI_PROC_SYS`.
+pub const PROC_SYS_NET: &str = "/proc/sys/net";
+
 /// Where the lab keeps a node's `hostPath` `path`: under the node's root, so `/opt/cni/bin` on
 /// instance1 is `/run/vpc-lab/instance1/opt/cni/bin`. The path must be absolute without `..`,
 /// so it cannot leave the root.
@@ -74,6 +77,12 @@ pub fn host_path(root: &Path, path: &str) -> Result<PathBuf> {
     let p = Path::new(path);
     if !p.is_absolute() {
         bail!("hostPath {path:?} is not an absolute path");
+    }
+    // The kernel's net sysctls: each file belongs to the network namespace of the process that
+    // opens it, so the machine's own /proc/sys/net is the node's for a container in the
+    // node's namespace (host network) — the one path the lab does not move under the root.
+    if p.starts_with(PROC_SYS_NET) && !path.contains("/..") {
+        return Ok(p.to_path_buf());
     }
     let mut out = root.to_path_buf();
     for c in p.components() {
@@ -916,9 +925,22 @@ mod tests {
         );
         // `.` components are dropped, as the kernel resolves them.
         assert_eq!(host_path(root, "/./x").unwrap(), root.join("x"));
-        for bad in ["opt/cni/bin", "/opt/../etc", "/..", "/", ""] {
+        for bad in [
+            "opt/cni/bin",
+            "/opt/../etc",
+            "/..",
+            "/",
+            "",
+            "/proc/sys/net/../../x",
+        ] {
             assert!(host_path(root, bad).is_err(), "{bad:?} must be refused");
         }
+        // The kernel's net sysctls are the machine's own path (per network namespace).
+        assert_eq!(
+            host_path(root, "/proc/sys/net").unwrap(),
+            PathBuf::from("/proc/sys/net")
+        );
+        assert_eq!(host_path(root, "/proc/sys").unwrap(), root.join("proc/sys"));
     }
 
     /// The repository's DaemonSet on instance1: every hostPath under the node's root, the
@@ -949,7 +971,12 @@ mod tests {
             Path::new("/run/vpc-lab/instance1/run/xtables.lock")
         );
         assert_eq!(vols["xtables-lock"].2, HostPathType::FileOrCreate);
-        assert!(p.volumes.iter().all(|v| v.host.starts_with(&node().root)));
+        assert!(
+            p.volumes
+                .iter()
+                .all(|v| v.host.starts_with(&node().root) || v.host == Path::new(PROC_SYS_NET))
+        );
+        assert_eq!(vols["proc-sys-net"].1, Path::new("/proc/sys/net"));
 
         assert_eq!(p.init.len(), 1);
         assert_eq!(p.containers.len(), 1);
@@ -957,10 +984,16 @@ mod tests {
         assert_eq!(init.config.args, vec!["init"]);
         assert_eq!(
             mounts_of(init),
-            BTreeMap::from([(
-                "/host/opt/cni/bin".to_string(),
-                "/run/vpc-lab/instance1/opt/cni/bin".to_string()
-            )])
+            BTreeMap::from([
+                (
+                    "/host/opt/cni/bin".to_string(),
+                    "/run/vpc-lab/instance1/opt/cni/bin".to_string()
+                ),
+                (
+                    "/host/proc/sys/net".to_string(),
+                    "/proc/sys/net".to_string()
+                )
+            ])
         );
         let main = &p.containers[0];
         let m = mounts_of(main);
@@ -982,7 +1015,8 @@ mod tests {
             m["/run/vpc-lab/instance1/var/log/aws-routed-eni"],
             "/run/vpc-lab/instance1/var/log/aws-routed-eni"
         );
-        assert_eq!(m.len(), 8);
+        assert_eq!(m["/host/proc/sys/net"], "/proc/sys/net");
+        assert_eq!(m.len(), 9);
         assert!(main.config.mounts.iter().all(|x| !x.readonly));
     }
 
@@ -1059,7 +1093,7 @@ mod tests {
     }
 
     #[test]
-    fn the_sandbox_is_host_network_privileged_with_the_nodes_dns() {
+    fn the_sandbox_is_host_network_unprivileged_with_the_nodes_dns() {
         let p = plan(&manifest(), &node(), &id()).unwrap();
         let ctx = p
             .sandbox
@@ -1073,8 +1107,8 @@ mod tests {
         assert_eq!(ns.network, api::NamespaceMode::Node as i32);
         assert_eq!(ns.pid, api::NamespaceMode::Pod as i32);
         assert!(
-            ctx.privileged,
-            "a privileged container needs a privileged sandbox"
+            !ctx.privileged,
+            "no privileged container: the sandbox is not privileged either"
         );
         let dns = p.sandbox.dns_config.as_ref().unwrap();
         assert_eq!(dns.servers, vec!["10.0.0.2"]);
@@ -1094,7 +1128,7 @@ mod tests {
         assert_eq!(p.grace, Duration::from_secs(10));
         let main = &p.containers[0].config;
         let sc = security(main).unwrap();
-        assert!(sc.privileged);
+        assert!(!sc.privileged, "capabilities, not privileged");
         assert_eq!(
             sc.capabilities.as_ref().unwrap().add_capabilities,
             vec!["NET_ADMIN", "NET_RAW"]
