@@ -44,7 +44,8 @@ if ((BUILD)); then
   "${CARGO:-cargo}" build "${cargo_profile[@]}" -p agent -p plugin -p vpcctl --bins
 fi
 
-BIN=$REPO/target/$PROFILE
+# Where cargo put them: CARGO_TARGET_DIR when set, as cargo itself reads it.
+BIN=${CARGO_TARGET_DIR:-$REPO/target}/$PROFILE
 for b in vpc-cni-agent vpc-cni vpcctl; do
   if ! [[ -x $BIN/$b ]]; then
     echo "context: $BIN/$b is missing; build it (cargo build ${cargo_profile[*]} -p agent -p plugin -p vpcctl) or drop --no-build" >&2
