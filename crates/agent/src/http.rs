@@ -831,17 +831,7 @@ mod tests {
 
     #[test]
     fn metrics_use_the_reference_names_and_values() {
-        let mut pool = Pool::new(30_000);
-        pool.add_eni(
-            EniInfo {
-                id: "eni-1".into(),
-                device_number: 0,
-                subnet: "10.0.0.0/16".parse().unwrap(),
-                primary_ip: "10.0.0.10".parse().unwrap(),
-            },
-            &["10.0.0.11".parse().unwrap(), "10.0.0.12".parse().unwrap()],
-        )
-        .unwrap();
+        let pool = pool_on_eni1(0, &["10.0.0.11", "10.0.0.12"]);
         let dir = tempfile::tempdir().unwrap();
         let mut st = State::new(pool, vec![], dir.path().join("c.json"), String::new());
         st.handle(proto::Request::Add {
@@ -898,35 +888,29 @@ mod tests {
         assert_eq!(j["pods"][0]["ip"], "10.0.0.11");
     }
 
-    /// A pool of `ips` on eni-1 (device 1), with a pod on the first.
-    fn shared_with_pod(ips: &[&str]) -> (Shared, tempfile::TempDir) {
+    /// A pool of `ips` on eni-1 (10.0.0.0/16, primary 10.0.0.10) at `device`.
+    fn pool_on_eni1(device: u32, ips: &[&str]) -> Pool<proto::AttachmentKey> {
         let mut pool = Pool::new(30_000);
         let ips: Vec<std::net::Ipv4Addr> = ips.iter().map(|i| i.parse().unwrap()).collect();
         pool.add_eni(
             EniInfo {
                 id: "eni-1".into(),
-                device_number: 1,
+                device_number: device,
                 subnet: "10.0.0.0/16".parse().unwrap(),
                 primary_ip: "10.0.0.10".parse().unwrap(),
             },
             &ips,
         )
         .unwrap();
+        pool
+    }
+
+    /// A pool of `ips` on eni-1 (device 1), with a pod on the first.
+    fn shared_with_pod(ips: &[&str]) -> (Shared, tempfile::TempDir) {
+        let pool = pool_on_eni1(1, ips);
         let dir = tempfile::tempdir().unwrap();
         let mut st = State::new(pool, vec![], dir.path().join("c.json"), String::new());
-        st.handle(proto::Request::Add {
-            key: proto::AttachmentKey {
-                network: "vpc-cni".into(),
-                container_id: "c1".into(),
-                ifname: "eth0".into(),
-            },
-            pod: proto::PodRef {
-                namespace: "default".into(),
-                name: "web-0".into(),
-                infra_container_id: None,
-            },
-            netns: String::new(),
-        });
+        add(&mut st, "c1", "default", "web-0");
         let shared = Shared {
             state: Arc::new(Mutex::new(st)),
             counters: Arc::new(Counters::default()),
@@ -956,17 +940,7 @@ mod tests {
     fn the_state_names_pods_cooldowns_limits_targets_and_probes() {
         use crate::clock::fake::FakeTime;
         let time = FakeTime::new(1_700_000_000_000, 5_000, "boot");
-        let mut pool = Pool::new(30_000);
-        pool.add_eni(
-            EniInfo {
-                id: "eni-1".into(),
-                device_number: 1,
-                subnet: "10.0.0.0/16".parse().unwrap(),
-                primary_ip: "10.0.0.10".parse().unwrap(),
-            },
-            &["10.0.0.11".parse().unwrap(), "10.0.0.12".parse().unwrap()],
-        )
-        .unwrap();
+        let pool = pool_on_eni1(1, &["10.0.0.11", "10.0.0.12"]);
         let dir = tempfile::tempdir().unwrap();
         let mut st = State::new(pool, vec![], dir.path().join("c.json"), String::new())
             .with_clock(time.clock());
