@@ -86,8 +86,8 @@ pub struct EniSetup {
 /// `<gw>/32 dev ethN scope link` and `default via <gw> dev ethN`, deletes the kernel's
 /// main-table subnet route for ethN, sets its `rp_filter` to 2 (loose: replies to the ENI's
 /// pods are routed by packet mark, which the reverse-path check does not see), and ensures
-/// `from <primary_ip>/32 lookup <table> pref 32765` (other tables' rules for that source at
-/// 32765 are removed) and the ENI's pod rule ([`eni_rule`]). Idempotent. Returns the
+/// `from <primary_ip>/32 lookup <table> pref 32765` (other tables' rules for that source, and
+/// other sources' rules for that table, at 32765 are removed) and the ENI's pod rule ([`eni_rule`]). Idempotent. Returns the
 /// interface name. A missing link is an error (the caller retries: hot-plug may lag).
 pub fn setup_eni(e: &EniSetup) -> Result<String, DataplaneError> {
     let mut n = Netlink::new()?;
@@ -161,7 +161,12 @@ pub fn setup_eni_with<N: NetOps>(n: &mut N, e: &EniSetup) -> Result<String, Data
     let src = Ipv4Net::new(e.primary_ip, 32).expect("/32");
     let rule = Rule::new(ENI_PRIMARY_RULE_PRIORITY, table).from(src);
     for r in n.rules()? {
-        if r.priority == ENI_PRIMARY_RULE_PRIORITY && r.src == Some(src) && r != rule {
+        // This source to another table, or another source (an earlier ENI at this device
+        // index, detached while the agent was down) to this table.
+        if r.priority == ENI_PRIMARY_RULE_PRIORITY
+            && (r.src == Some(src) || r.table == table)
+            && r != rule
+        {
             tolerate_missing(n.del_rule(&r))?;
         }
     }

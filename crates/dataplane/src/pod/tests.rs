@@ -513,7 +513,15 @@ fn eni_setup_builds_table_and_rule_idempotently() {
         subnet: "172.31.0.0/20".parse().unwrap(),
         mtu: 9001,
     };
+    // An earlier ENI at device 2 (detached while the agent was down) left its primary's rule.
+    let stale =
+        Rule::new(crate::ENI_PRIMARY_RULE_PRIORITY, 3).from("172.31.4.24/32".parse().unwrap());
+    n.add_rule(&stale).unwrap();
     assert_eq!(setup_eni_with(&mut n, &e).unwrap(), "eth1");
+    assert!(
+        !w.borrow().ns("node").rules.contains(&stale),
+        "the earlier ENI's rule for this table is gone"
+    );
     let snapshot = w.borrow().ns("node").clone();
     assert_eq!(setup_eni_with(&mut n, &e).unwrap(), "eth1");
     let wb = w.borrow();
