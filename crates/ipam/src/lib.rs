@@ -1,4 +1,11 @@
-//! The node's address pool: ENIs, their secondary IPv4 addresses, and who holds which.
+//! The node's address pool: ENIs, their secondary IPv4 addresses and IPv4 prefixes, and who
+//! holds which.
+//!
+//! An ENI slot holds one secondary address or one prefix (a /28 with prefix delegation: 16
+//! addresses, each of them given to a pod as a /32 like a secondary address). Both kinds
+//! coexist on an ENI, as on EC2; the pool hands out addresses of the preferred kind first
+//! ([`Pool::set_prefer_prefixes`]), and a prefix leaves the pool only when none of its
+//! addresses is held or cooling down ([`Pool::remove_prefixes`]).
 //!
 //! Pure logic, no I/O and no clock: every time-dependent call takes `now` (milliseconds since
 //! the Unix epoch), so the behaviour is reproducible in tests.
@@ -13,7 +20,7 @@
 //!   to another pod, not on any ENI of the pool — until its pod's DEL drops it (the reference
 //!   force-removes it and may hand it out again once EC2 re-assigns it).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -21,6 +28,12 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 pub mod planner;
+
+/// Every address of a prefix, the network and broadcast addresses included (EC2 gives a pod
+/// any address of a delegated prefix).
+pub fn prefix_addresses(prefix: Ipv4Net) -> Vec<Ipv4Addr> {
+    ipnet::Ipv4AddrRange::new(prefix.network(), prefix.broadcast()).collect()
+}
 
 /// One ENI as the pool sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,10 +64,27 @@ enum Slot<K> {
 #[derive(Debug, Clone)]
 struct Eni<K> {
     info: EniInfo,
+    /// Every address of the ENI the pool holds: secondary addresses and the addresses of its
+    /// prefixes.
     ips: BTreeMap<Ipv4Addr, Slot<K>>,
+    prefixes: BTreeSet<Ipv4Net>,
 }
 
 impl<K> Eni<K> {
+    /// The prefix of this ENI that `ip` belongs to (`None`: a secondary address).
+    fn prefix_of(&self, ip: Ipv4Addr) -> Option<Ipv4Net> {
+        self.prefixes.iter().find(|p| p.contains(&ip)).copied()
+    }
+
+    /// Slots taken: secondary addresses plus prefixes.
+    fn slots(&self) -> usize {
+        self.ips
+            .keys()
+            .filter(|ip| self.prefix_of(**ip).is_none())
+            .count()
+            + self.prefixes.len()
+    }
+
     /// Slots pods hold (assigned, and parked lost addresses).
     fn assigned(&self) -> usize {
         self.ips
@@ -76,11 +106,20 @@ pub struct Assignment {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EniUsage {
     pub info: EniInfo,
+    /// Addresses: secondary ones and those of prefixes.
     pub total: usize,
     pub assigned: usize,
     pub cooling: usize,
     /// Free and out of cooldown.
     pub available: Vec<Ipv4Addr>,
+    /// Slots taken (secondary addresses plus prefixes): what the instance type limits.
+    pub slots: usize,
+    /// The ENI's prefixes.
+    pub prefixes: Vec<Ipv4Net>,
+    /// Prefixes none of whose addresses is held or cooling down: they can go back to EC2.
+    pub free_prefixes: Vec<Ipv4Net>,
+    /// Available secondary addresses (not of a prefix): they can go back to EC2.
+    pub available_secondary: Vec<Ipv4Addr>,
 }
 
 /// Counts at one instant.
@@ -97,6 +136,8 @@ pub struct Stats {
     /// Addresses pods hold that EC2 took away ([`Lost`]); in `total` (and `assigned`) only
     /// when EC2 lists them on another ENI of the pool again.
     pub lost: usize,
+    /// Prefixes on the pool's ENIs (their addresses are in `total`).
+    pub prefixes: usize,
 }
 
 /// Why a pod's address was lost.
@@ -198,6 +239,18 @@ pub enum PoolError {
     Busy { what: String },
     #[error("address {ip} is already in the pool on ENI {eni}")]
     DuplicateIp { ip: Ipv4Addr, eni: String },
+    #[error("prefix {prefix} overlaps {existing} already in the pool on ENI {eni}")]
+    OverlappingPrefix {
+        prefix: Ipv4Net,
+        existing: String,
+        eni: String,
+    },
+    #[error("prefix {prefix} is not on ENI {eni} in the pool")]
+    UnknownPrefix { prefix: Ipv4Net, eni: String },
+    #[error(
+        "address {ip} belongs to prefix {prefix}: it goes back to EC2 with its prefix, not alone"
+    )]
+    InPrefix { ip: Ipv4Addr, prefix: Ipv4Net },
     #[error(
         "address {ip} of {holder} is lost ({reason}); it stays blocked until that pod is deleted"
     )]
@@ -217,6 +270,8 @@ pub struct Pool<K> {
     /// a key is in at most one of `by_key` and `lost`.
     lost: BTreeMap<K, Lost>,
     cooldown_ms: u64,
+    /// Hand out addresses of prefixes before secondary addresses (prefix delegation).
+    prefer_prefixes: bool,
 }
 
 impl<K: Ord + Clone + fmt::Display> Pool<K> {
@@ -226,7 +281,14 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
             by_key: BTreeMap::new(),
             lost: BTreeMap::new(),
             cooldown_ms,
+            prefer_prefixes: false,
         }
+    }
+
+    /// Which kind of address new pods get first: addresses of prefixes (prefix delegation) or
+    /// secondary addresses. Either way a pod gets the other kind when its kind is used up.
+    pub fn set_prefer_prefixes(&mut self, prefer: bool) {
+        self.prefer_prefixes = prefer;
     }
 
     pub fn cooldown_ms(&self) -> u64 {
@@ -246,6 +308,7 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
             Eni {
                 info,
                 ips: BTreeMap::new(),
+                prefixes: BTreeSet::new(),
             },
         );
         self.add_ips(&id, ips)
@@ -262,6 +325,119 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
             eni.ips.insert(*ip, Slot::Free);
         }
         Ok(())
+    }
+
+    /// Adds a prefix to a known ENI, with `ips` (addresses of the prefix) free. The caller
+    /// leaves out addresses pods hold off the pool (lost ones, checkpoint records on no ENI),
+    /// which it places itself. All or nothing.
+    pub fn add_prefix(
+        &mut self,
+        eni_id: &str,
+        prefix: Ipv4Net,
+        ips: &[Ipv4Addr],
+    ) -> Result<(), PoolError> {
+        let prefix = prefix.trunc();
+        if !self.enis.contains_key(eni_id) {
+            return Err(PoolError::UnknownEni(eni_id.to_string()));
+        }
+        for eni in self.enis.values() {
+            if let Some(p) = eni
+                .prefixes
+                .iter()
+                .find(|p| p.contains(&prefix) || prefix.contains(*p))
+            {
+                return Err(PoolError::OverlappingPrefix {
+                    prefix,
+                    existing: p.to_string(),
+                    eni: eni.info.id.clone(),
+                });
+            }
+            if let Some(ip) = eni.ips.keys().find(|ip| prefix.contains(*ip)) {
+                return Err(PoolError::OverlappingPrefix {
+                    prefix,
+                    existing: ip.to_string(),
+                    eni: eni.info.id.clone(),
+                });
+            }
+        }
+        if let Some(ip) = ips.iter().find(|ip| !prefix.contains(*ip)) {
+            return Err(PoolError::UnknownIp { ip: *ip });
+        }
+        self.check_new_ips(ips)?;
+        let eni = self.enis.get_mut(eni_id).expect("checked above");
+        eni.prefixes.insert(prefix);
+        for ip in ips {
+            eni.ips.insert(*ip, Slot::Free);
+        }
+        Ok(())
+    }
+
+    /// Removes prefixes none of whose addresses is held or cooling down (given back to
+    /// EC2). Refuses, and changes nothing, otherwise.
+    pub fn remove_prefixes(
+        &mut self,
+        eni_id: &str,
+        prefixes: &[Ipv4Net],
+        now_ms: u64,
+    ) -> Result<(), PoolError> {
+        let eni = self
+            .enis
+            .get(eni_id)
+            .ok_or_else(|| PoolError::UnknownEni(eni_id.to_string()))?;
+        for prefix in prefixes {
+            if !eni.prefixes.contains(prefix) {
+                return Err(PoolError::UnknownPrefix {
+                    prefix: *prefix,
+                    eni: eni_id.to_string(),
+                });
+            }
+            let busy = eni
+                .ips
+                .iter()
+                .filter(|(ip, s)| prefix.contains(*ip) && !self.is_available(s, now_ms))
+                .count();
+            if busy > 0 {
+                return Err(PoolError::Busy {
+                    what: format!("prefix {prefix} ({busy} addresses held or cooling down)"),
+                });
+            }
+        }
+        let eni = self.enis.get_mut(eni_id).expect("checked above");
+        for prefix in prefixes {
+            eni.prefixes.remove(prefix);
+            eni.ips.retain(|ip, _| !prefix.contains(ip));
+        }
+        Ok(())
+    }
+
+    /// Forgets a prefix EC2 no longer lists on its ENI: its free and cooling addresses leave
+    /// the pool, its held ones become lost (as [`Pool::forget_ip`] does for each).
+    pub fn forget_prefix(
+        &mut self,
+        eni_id: &str,
+        prefix: Ipv4Net,
+        now_ms: u64,
+    ) -> Result<Vec<(Ipv4Addr, Forgotten<K>)>, PoolError> {
+        let eni = self
+            .enis
+            .get_mut(eni_id)
+            .ok_or_else(|| PoolError::UnknownEni(eni_id.to_string()))?;
+        if !eni.prefixes.remove(&prefix) {
+            return Err(PoolError::UnknownPrefix {
+                prefix,
+                eni: eni_id.to_string(),
+            });
+        }
+        let ips: Vec<Ipv4Addr> = eni
+            .ips
+            .keys()
+            .filter(|ip| prefix.contains(*ip))
+            .copied()
+            .collect();
+        Ok(ips
+            .into_iter()
+            .map(|ip| (ip, self.forget_ip(ip, now_ms)))
+            .collect())
     }
 
     /// Refuses addresses already in the pool, lost (held by a pod), or listed twice.
@@ -350,20 +526,19 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
             .enis
             .values()
             .filter_map(|eni| {
-                let ip = eni
-                    .ips
-                    .iter()
-                    .find(|(_, s)| self.is_available(s, now_ms))
-                    .map(|(ip, _)| *ip)?;
+                let (preferred, ip) = self.pick(eni, now_ms)?;
                 Some((
-                    eni.assigned(),
-                    eni.info.device_number,
+                    (
+                        preferred,
+                        eni.assigned(),
+                        std::cmp::Reverse(eni.info.device_number),
+                    ),
                     eni.info.id.clone(),
                     ip,
                 ))
             })
-            .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-        let Some((_, _, eni_id, ip)) = choice else {
+            .max_by(|a, b| a.0.cmp(&b.0));
+        let Some((_, eni_id, ip)) = choice else {
             let s = self.stats(now_ms);
             return Err(PoolError::Exhausted {
                 enis: s.enis,
@@ -374,6 +549,29 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
             });
         };
         self.place(key, ip, &eni_id, now_ms)
+    }
+
+    /// The address of `eni` a new pod gets, and whether it is of the preferred kind: the
+    /// preferred kind first; among addresses of prefixes, one of the prefix with the fewest
+    /// available addresses (pods concentrate, so whole prefixes come free); then the lowest.
+    fn pick(&self, eni: &Eni<K>, now_ms: u64) -> Option<(bool, Ipv4Addr)> {
+        let available: Vec<Ipv4Addr> = eni
+            .ips
+            .iter()
+            .filter(|(_, s)| self.is_available(s, now_ms))
+            .map(|(ip, _)| *ip)
+            .collect();
+        let free_in = |p: Ipv4Net| available.iter().filter(|ip| p.contains(*ip)).count();
+        available
+            .iter()
+            .map(|ip| {
+                let prefix = eni.prefix_of(*ip);
+                let preferred = prefix.is_some() == self.prefer_prefixes;
+                let crowd = prefix.map(|p| std::cmp::Reverse(free_in(p)));
+                ((preferred, crowd, std::cmp::Reverse(*ip)), *ip)
+            })
+            .max_by(|a, b| a.0.cmp(&b.0))
+            .map(|((preferred, _, _), ip)| (preferred, ip))
     }
 
     fn place(
@@ -520,14 +718,33 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
                     assigned: 0,
                     cooling: 0,
                     available: Vec::new(),
+                    slots: e.slots(),
+                    prefixes: e.prefixes.iter().copied().collect(),
+                    free_prefixes: Vec::new(),
+                    available_secondary: Vec::new(),
                 };
+                let mut busy_prefixes = BTreeSet::new();
                 for (ip, slot) in &e.ips {
+                    let prefix = e.prefix_of(*ip);
                     match slot {
                         Slot::Assigned { .. } | Slot::Parked { .. } => u.assigned += 1,
-                        _ if self.is_available(slot, now_ms) => u.available.push(*ip),
+                        _ if self.is_available(slot, now_ms) => {
+                            u.available.push(*ip);
+                            if prefix.is_none() {
+                                u.available_secondary.push(*ip);
+                            }
+                            continue;
+                        }
                         _ => u.cooling += 1,
                     }
+                    busy_prefixes.extend(prefix);
                 }
+                u.free_prefixes = e
+                    .prefixes
+                    .iter()
+                    .filter(|p| !busy_prefixes.contains(*p))
+                    .copied()
+                    .collect();
                 u
             })
             .collect();
@@ -548,6 +765,9 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
             .get(eni_id)
             .ok_or_else(|| PoolError::UnknownEni(eni_id.to_string()))?;
         for ip in ips {
+            if let Some(prefix) = eni.prefix_of(*ip) {
+                return Err(PoolError::InPrefix { ip: *ip, prefix });
+            }
             match eni.ips.get(ip) {
                 None => return Err(PoolError::UnknownIp { ip: *ip }),
                 Some(slot) if !self.is_available(slot, now_ms) => {
@@ -749,7 +969,8 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
         self.enis.contains_key(eni_id)
     }
 
-    /// The secondary addresses the pool holds on `eni_id` (any state).
+    /// The addresses the pool holds on `eni_id` (any state): secondary ones and those of its
+    /// prefixes.
     pub fn ips_of(&self, eni_id: &str) -> Vec<Ipv4Addr> {
         self.enis
             .get(eni_id)
@@ -757,10 +978,38 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
             .unwrap_or_default()
     }
 
+    /// The secondary addresses (not of a prefix) the pool holds on `eni_id` (any state).
+    pub fn secondary_ips_of(&self, eni_id: &str) -> Vec<Ipv4Addr> {
+        self.enis
+            .get(eni_id)
+            .map(|e| {
+                e.ips
+                    .keys()
+                    .filter(|ip| e.prefix_of(**ip).is_none())
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The prefixes of `eni_id`.
+    pub fn prefixes_of(&self, eni_id: &str) -> Vec<Ipv4Net> {
+        self.enis
+            .get(eni_id)
+            .map(|e| e.prefixes.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Pods holding an address: assigned ones and lost ones.
+    pub fn holders(&self) -> usize {
+        self.by_key.len() + self.lost.len()
+    }
+
     pub fn stats(&self, now_ms: u64) -> Stats {
         let mut s = Stats {
             enis: self.enis.len(),
             lost: self.lost.len(),
+            prefixes: self.enis.values().map(|e| e.prefixes.len()).sum(),
             ..Stats::default()
         };
         for slot in self.enis.values().flat_map(|e| e.ips.values()) {
@@ -1034,6 +1283,105 @@ mod tests {
         assert!(p.usage(100_000)[1].available.contains(&b.ip));
     }
 
+    fn prefix(third: u8) -> Ipv4Net {
+        Ipv4Net::new(Ipv4Addr::new(172, 31, third, 16), 28).unwrap()
+    }
+
+    fn all_of(p: Ipv4Net) -> Vec<Ipv4Addr> {
+        let all = prefix_addresses(p);
+        assert_eq!(all.len(), 16);
+        all
+    }
+
+    #[test]
+    fn a_prefix_gives_sixteen_addresses_preferred_when_asked_and_goes_only_when_all_are_free() {
+        let mut p = seed_pool();
+        let pre = prefix(2);
+        p.add_prefix("eni-1", pre, &all_of(pre)).unwrap();
+        let s = p.stats(0);
+        assert_eq!((s.total, s.prefixes, s.available), (19, 1, 19));
+        let u = &p.usage(0)[1];
+        assert_eq!(
+            (u.slots, u.prefixes.clone(), u.free_prefixes.clone()),
+            (3, vec![pre], vec![pre])
+        );
+        assert_eq!(u.available_secondary, vec![ip(11), ip(12)]);
+        assert_eq!(p.secondary_ips_of("eni-1"), vec![ip(11), ip(12)]);
+        assert_eq!(p.prefixes_of("eni-1"), vec![pre]);
+
+        // Secondary addresses first unless prefixes are preferred; then the network address
+        // of the prefix is a pod's address like any other.
+        assert_eq!(p.assign("a".into(), 0).unwrap().ip, ip(1));
+        p.set_prefer_prefixes(true);
+        let b = p.assign("b".into(), 0).unwrap();
+        assert_eq!((b.ip, b.eni.id.as_str()), (pre.network(), "eni-1"));
+        assert_eq!(p.usage(0)[1].free_prefixes, Vec::<Ipv4Net>::new());
+
+        // Held, then cooling: the prefix stays; its addresses never go alone.
+        let busy = p.remove_prefixes("eni-1", &[pre], 0).unwrap_err();
+        assert!(
+            busy.to_string()
+                .contains("1 addresses held or cooling down"),
+            "{busy}"
+        );
+        let alone = p.remove_ips("eni-1", &[pre.network()], 0).unwrap_err();
+        assert!(matches!(alone, PoolError::InPrefix { .. }), "{alone}");
+        p.release(&"b".to_string(), 1_000);
+        assert!(p.remove_prefixes("eni-1", &[pre], 30_999).is_err());
+        p.remove_prefixes("eni-1", &[pre], 31_000).unwrap();
+        assert_eq!(p.stats(31_000).prefixes, 0);
+        assert_eq!(p.ips_of("eni-1"), vec![ip(11), ip(12)]);
+    }
+
+    #[test]
+    fn overlapping_prefixes_and_foreign_addresses_are_refused() {
+        let mut p = seed_pool();
+        p.add_prefix("eni-1", prefix(2), &all_of(prefix(2)))
+            .unwrap();
+        let again = p.add_prefix("eni-0", prefix(2), &[]).unwrap_err();
+        assert!(
+            again.to_string().contains("overlaps 172.31.2.16/28"),
+            "{again}"
+        );
+        let wide = Ipv4Net::new(Ipv4Addr::new(172, 31, 2, 0), 24).unwrap();
+        assert!(p.add_prefix("eni-0", wide, &[]).is_err());
+        // A prefix over an address the pool has as a secondary one.
+        let over = Ipv4Net::new(ip(0), 28).unwrap();
+        assert!(p.add_prefix("eni-0", over, &[]).is_err());
+        let outside = p.add_prefix("eni-0", prefix(3), &[ip(1)]).unwrap_err();
+        assert!(matches!(outside, PoolError::UnknownIp { .. }), "{outside}");
+        assert!(p.remove_prefixes("eni-0", &[prefix(2)], 0).is_err());
+        assert_eq!(p.stats(0).prefixes, 1);
+    }
+
+    #[test]
+    fn a_prefix_ec2_no_longer_lists_takes_its_pods_addresses_as_lost() {
+        let mut p = seed_pool();
+        p.set_prefer_prefixes(true);
+        p.add_prefix("eni-1", prefix(2), &all_of(prefix(2)))
+            .unwrap();
+        let a = p.assign("a".into(), 0).unwrap();
+        let out = p.forget_prefix("eni-1", prefix(2), 5).unwrap();
+        assert_eq!(out.len(), 16);
+        assert!(out.contains(&(a.ip, Forgotten::Lost("a".to_string()))));
+        assert_eq!(
+            p.lost_of(&"a".to_string()).unwrap().reason,
+            LostReason::Unassigned
+        );
+        assert_eq!(p.ips_of("eni-1"), vec![ip(11), ip(12)]);
+        // The lost address stays blocked if EC2 gives the prefix back.
+        let back: Vec<Ipv4Addr> = all_of(prefix(2))
+            .into_iter()
+            .filter(|i| *i != a.ip)
+            .collect();
+        p.add_prefix("eni-1", prefix(2), &back).unwrap();
+        assert!(matches!(
+            p.relist_lost("eni-1", a.ip),
+            Ok(Relisted::Revived(_))
+        ));
+        assert_eq!(p.lookup(&"a".to_string()).unwrap().ip, a.ip);
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Assign(u8),
@@ -1046,6 +1394,9 @@ mod tests {
         /// EC2 lists an address (again) on an ENI (re-attached if it had gone); it comes back
         /// cooling down, or — lost — goes to [`Pool::relist_lost`].
         Relist(u8, u8),
+        /// A prefix comes to an ENI (free, or its addresses pods hold placed as the agent
+        /// does), or goes back to EC2 if it is on one.
+        Prefix(u8),
     }
 
     const ADDRS: [u8; 7] = [1, 2, 3, 11, 12, 13, 14];
@@ -1058,6 +1409,7 @@ mod tests {
             1 => (0u8..7).prop_map(Op::Forget),
             1 => (0u8..2).prop_map(Op::Detach),
             1 => ((0u8..2), (0u8..7)).prop_map(|(e, i)| Op::Relist(e, i)),
+            1 => (0u8..2).prop_map(Op::Prefix),
         ]
     }
 
@@ -1161,6 +1513,32 @@ mod tests {
                         // (the pool forgot any it had when the address left).
                         if r.is_ok() {
                             p.restore_cooldown(addr, now);
+                        }
+                    }
+                    Op::Prefix(e) => {
+                        let pre = prefix(2);
+                        let id = format!("eni-{e}");
+                        match p.enis().into_iter().find(|x| p.prefixes_of(&x.id).contains(&pre)) {
+                            Some(on) => {
+                                let busy = p.usage(now).iter().any(|u| u.info.id == on.id && !u.free_prefixes.contains(&pre));
+                                prop_assert_eq!(p.remove_prefixes(&on.id, &[pre], now).is_err(), busy);
+                            }
+                            None if p.has_eni(&id) => {
+                                let (held, free): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) = all_of(pre)
+                                    .into_iter()
+                                    .partition(|a| p.lost_holder(*a).is_some());
+                                p.add_prefix(&id, pre, &free).unwrap();
+                                for a in held {
+                                    if let Ok(Relisted::Revived(k)) = p.relist_lost(&id, a) {
+                                        lost.remove(&k);
+                                    }
+                                }
+                                // As the agent does with what EC2 gives: a cooldown first.
+                                for a in free {
+                                    p.restore_cooldown(a, now);
+                                }
+                            }
+                            None => {}
                         }
                     }
                 }
