@@ -64,6 +64,13 @@ pub struct InstanceLimitsRecord {
     pub instance_type: String,
     pub max_enis: u32,
     pub ipv4_per_eni: u32,
+    /// Nitro (prefixes possible); `None` in records of earlier versions (asked again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_capable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
 }
 
 impl Default for Checkpoint {
@@ -389,6 +396,9 @@ mod tests {
                 instance_type: "m5.large".into(),
                 max_enis: 3,
                 ipv4_per_eni: 10,
+                prefix_capable: Some(true),
+                hypervisor: Some("nitro".into()),
+                vcpus: Some(2),
             }),
             clock: Some(ClockRecord {
                 agent_ms: 1_700_000_000_500,
@@ -614,13 +624,28 @@ mod fuzz {
                 (".{0,21}", any::<u64>()).prop_map(|(id, created_ms)| EniRecord { id, created_ms }),
                 0..3,
             ),
-            prop::option::of((".{0,12}", any::<u32>(), any::<u32>()).prop_map(
-                |(instance_type, max_enis, ipv4_per_eni)| InstanceLimitsRecord {
-                    instance_type,
-                    max_enis,
-                    ipv4_per_eni,
-                },
-            )),
+            prop::option::of(
+                (
+                    ".{0,12}",
+                    any::<u32>(),
+                    any::<u32>(),
+                    any::<Option<bool>>(),
+                    any::<Option<u32>>(),
+                )
+                    .prop_map(
+                        |(instance_type, max_enis, ipv4_per_eni, prefix_capable, vcpus)| {
+                            InstanceLimitsRecord {
+                                instance_type,
+                                max_enis,
+                                ipv4_per_eni,
+                                prefix_capable,
+                                hypervisor: prefix_capable
+                                    .map(|n| if n { "nitro" } else { "xen" }.into()),
+                                vcpus,
+                            }
+                        },
+                    ),
+            ),
             prop::option::of(
                 (any::<u64>(), any::<u64>(), prop::option::of(".{0,36}")).prop_map(
                     |(agent_ms, boot_ms, boot_id)| ClockRecord {

@@ -5,7 +5,8 @@
 use std::future::Future;
 use std::net::Ipv4Addr;
 
-use cloud::{CloudError, Ec2, Filter, InstanceTypeLimits, IpRequest, NetworkInterface, NewEni};
+use cloud::{CloudError, Ec2, Filter, InstanceTypeInfo, IpRequest, NetworkInterface, NewEni};
+use ipnet::Ipv4Net;
 use tracing::warn;
 
 /// Neither EC2 nor the built-in table knows the instance type's limits.
@@ -21,9 +22,12 @@ pub struct LimitsError {
 
 /// The EC2 calls the agent makes.
 pub trait Cloud: Send + Sync + 'static {
+    /// Creates an ENI with `spec.secondary_ip_count` secondary addresses or `prefixes` /28
+    /// prefixes (EC2 takes one or the other).
     fn create_eni(
         &self,
         spec: &NewEni,
+        prefixes: u32,
     ) -> impl Future<Output = Result<NetworkInterface, CloudError>> + Send;
     fn attach(
         &self,
@@ -48,19 +52,39 @@ pub trait Cloud: Send + Sync + 'static {
         eni_id: &str,
         ips: &[Ipv4Addr],
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// Assigns `count` /28 prefixes chosen by EC2; returns the new ones.
+    fn assign_prefixes(
+        &self,
+        eni_id: &str,
+        count: u32,
+    ) -> impl Future<Output = Result<Vec<Ipv4Net>, CloudError>> + Send;
+    fn unassign_prefixes(
+        &self,
+        eni_id: &str,
+        prefixes: &[Ipv4Net],
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
     fn describe_enis(
         &self,
         filters: &[Filter],
     ) -> impl Future<Output = Result<Vec<NetworkInterface>, CloudError>> + Send;
-    fn instance_limits(
+    fn instance_type_info(
         &self,
         instance_type: &str,
-    ) -> impl Future<Output = Result<InstanceTypeLimits, CloudError>> + Send;
+    ) -> impl Future<Output = Result<InstanceTypeInfo, CloudError>> + Send;
 }
 
 impl Cloud for Ec2 {
-    async fn create_eni(&self, spec: &NewEni) -> Result<NetworkInterface, CloudError> {
-        self.create_network_interface(spec).await
+    async fn create_eni(
+        &self,
+        spec: &NewEni,
+        prefixes: u32,
+    ) -> Result<NetworkInterface, CloudError> {
+        if prefixes > 0 {
+            self.create_network_interface_with_prefixes(spec, prefixes)
+                .await
+        } else {
+            self.create_network_interface(spec).await
+        }
     }
     async fn attach(
         &self,
@@ -91,11 +115,24 @@ impl Cloud for Ec2 {
     async fn unassign_ips(&self, eni_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
         self.unassign_private_ip_addresses(eni_id, ips).await
     }
+    async fn assign_prefixes(&self, eni_id: &str, count: u32) -> Result<Vec<Ipv4Net>, CloudError> {
+        self.assign_ipv4_prefixes(eni_id, count).await
+    }
+    async fn unassign_prefixes(
+        &self,
+        eni_id: &str,
+        prefixes: &[Ipv4Net],
+    ) -> Result<(), CloudError> {
+        self.unassign_ipv4_prefixes(eni_id, prefixes).await
+    }
     async fn describe_enis(&self, filters: &[Filter]) -> Result<Vec<NetworkInterface>, CloudError> {
         self.describe_network_interfaces(&[], filters).await
     }
-    async fn instance_limits(&self, instance_type: &str) -> Result<InstanceTypeLimits, CloudError> {
-        self.describe_instance_types(instance_type).await
+    async fn instance_type_info(
+        &self,
+        instance_type: &str,
+    ) -> Result<InstanceTypeInfo, CloudError> {
+        self.describe_instance_type_info(instance_type).await
     }
 }
 
@@ -116,18 +153,22 @@ pub fn unmanaged_reason(e: &NetworkInterface) -> Option<String> {
     }
 }
 
-/// Limits of common instance types (ENIs, IPv4 addresses per ENI), used when
-/// DescribeInstanceTypes cannot be reached ([`crate::max_pods`]'s built-in table).
-pub fn builtin_limits(instance_type: &str) -> Option<InstanceTypeLimits> {
-    crate::max_pods::builtin(instance_type).map(|i| i.limits)
+/// What the built-in table ([`crate::max_pods`]) knows of common instance types (ENIs, IPv4
+/// addresses per ENI, vCPUs, Nitro or not), used when DescribeInstanceTypes cannot be reached.
+pub fn builtin_limits(instance_type: &str) -> Option<InstanceTypeInfo> {
+    crate::max_pods::builtin(instance_type).map(|i| InstanceTypeInfo {
+        limits: i.limits,
+        hypervisor: Some(if i.prefix_capable { "nitro" } else { "xen" }.into()),
+        vcpus: Some(i.vcpus),
+    })
 }
 
 /// DescribeInstanceTypes, or the built-in table when EC2 cannot answer.
 pub async fn limits_or_builtin<C: Cloud>(
     cloud: &C,
     instance_type: &str,
-) -> Result<InstanceTypeLimits, LimitsError> {
-    match cloud.instance_limits(instance_type).await {
+) -> Result<InstanceTypeInfo, LimitsError> {
+    match cloud.instance_type_info(instance_type).await {
         Ok(l) => Ok(l),
         Err(e) => match builtin_limits(instance_type) {
             Some(l) => {

@@ -24,12 +24,20 @@ pub struct Config {
     pub warm_eni_target: u32,
     pub warm_ip_target: Option<u32>,
     pub minimum_ip_target: Option<u32>,
+    /// ENABLE_PREFIX_DELEGATION: ENI slots take /28 prefixes (Nitro instance types only).
+    pub prefix_delegation: bool,
+    /// WARM_PREFIX_TARGET (default 1; read with prefix delegation, unless WARM_IP_TARGET or
+    /// MINIMUM_IP_TARGET is set).
+    pub warm_prefix_target: u32,
     pub max_eni: Option<u32>,
     pub ip_cooldown_s: u64,
     pub cluster_name: Option<String>,
     pub additional_eni_tags: std::collections::BTreeMap<String, String>,
     /// vpc-cni extension: ENIs younger than this are not deleted (the reference's fixed 60 s).
     pub min_eni_age_s: u64,
+    /// `VPC_CNI_PREFIX_RETRY`: seconds an ENI EC2 could give no /28 prefix uses secondary IPs
+    /// before prefixes are tried again.
+    pub prefix_retry_s: u64,
     pub external_snat: bool,
     pub exclude_snat_cidrs: Vec<Ipv4Net>,
     pub randomize_snat: Randomize,
@@ -341,17 +349,8 @@ pub const REFERENCE_README: &[Var] = &[
                   same when no subnet carries the tag)",
         },
     },
-    refused_hint(
-        "ENABLE_PREFIX_DELEGATION",
-        Keep::Bool(false),
-        "prefix delegation",
-        "pods then get secondary IPs",
-    ),
-    no_effect(
-        "WARM_PREFIX_TARGET",
-        false,
-        "read only with prefix delegation (ENABLE_PREFIX_DELEGATION=true), which vpc-cni refuses",
-    ),
+    implemented("ENABLE_PREFIX_DELEGATION"),
+    implemented("WARM_PREFIX_TARGET"),
     implemented("DISABLE_NETWORK_RESOURCE_PROVISIONING"),
     implemented("ENABLE_BANDWIDTH_PLUGIN"),
     refused(
@@ -456,6 +455,7 @@ pub const OTHERS: &[Var] = &[
     implemented("VPC_CNI_PLUGIN_BINARY"),
     implemented("VPC_CNI_CHAINED_PLUGINS_DIR"),
     implemented("VPC_CNI_MIN_ENI_AGE"),
+    implemented("VPC_CNI_PREFIX_RETRY"),
     implemented("VPC_CNI_LOG_FORMAT"),
     implemented("VPC_CNI_PROC_SYS"),
 ];
@@ -647,6 +647,19 @@ fn parse_mtu(var: &'static str, v: &str) -> Result<u32, ConfigError> {
     }
 }
 
+impl Config {
+    /// The warm-pool targets these settings ask for.
+    pub fn targets(&self) -> ipam::planner::Targets {
+        ipam::planner::Targets {
+            warm_eni: self.warm_eni_target,
+            warm_ip: self.warm_ip_target,
+            min_ip: self.minimum_ip_target,
+            prefixes: self.prefix_delegation,
+            warm_prefix: self.warm_prefix_target,
+        }
+    }
+}
+
 /// Parses the agent configuration from environment variables. A variable set to a value
 /// vpc-cni does not implement is refused here, before the agent touches the node.
 pub fn from_env(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
@@ -661,6 +674,8 @@ fn parse(env: &Env, notices: Vec<Notice>) -> Result<Config, ConfigError> {
     let warm_eni_target = env.number::<u32>("WARM_ENI_TARGET")?.unwrap_or(1);
     let warm_ip_target = env.target("WARM_IP_TARGET")?;
     let minimum_ip_target = env.target("MINIMUM_IP_TARGET")?;
+    let prefix_delegation = env.boolean("ENABLE_PREFIX_DELEGATION", false)?;
+    let warm_prefix_target = env.number::<u32>("WARM_PREFIX_TARGET")?.unwrap_or(1);
     let max_eni = match env.get("MAX_ENI") {
         None => None,
         Some(v) => match v.parse::<i64>() {
@@ -699,6 +714,7 @@ fn parse(env: &Env, notices: Vec<Notice>) -> Result<Config, ConfigError> {
         }
     };
     let min_eni_age_s = env.number::<u64>("VPC_CNI_MIN_ENI_AGE")?.unwrap_or(60);
+    let prefix_retry_s = env.number::<u64>("VPC_CNI_PREFIX_RETRY")?.unwrap_or(120);
 
     let external_snat = env.boolean("AWS_VPC_K8S_CNI_EXTERNALSNAT", false)?;
     let mut exclude_snat_cidrs = Vec::new();
@@ -827,11 +843,14 @@ fn parse(env: &Env, notices: Vec<Notice>) -> Result<Config, ConfigError> {
         warm_eni_target,
         warm_ip_target,
         minimum_ip_target,
+        prefix_delegation,
+        warm_prefix_target,
         max_eni,
         ip_cooldown_s,
         cluster_name,
         additional_eni_tags,
         min_eni_age_s,
+        prefix_retry_s,
         external_snat,
         exclude_snat_cidrs,
         randomize_snat,
@@ -905,6 +924,11 @@ impl Config {
             ("WARM_ENI_TARGET", self.warm_eni_target.to_string()),
             ("WARM_IP_TARGET", opt(&self.warm_ip_target)),
             ("MINIMUM_IP_TARGET", opt(&self.minimum_ip_target)),
+            (
+                "ENABLE_PREFIX_DELEGATION",
+                self.prefix_delegation.to_string(),
+            ),
+            ("WARM_PREFIX_TARGET", self.warm_prefix_target.to_string()),
             ("MAX_ENI", opt(&self.max_eni)),
             ("AWS_VPC_K8S_CNI_LOGLEVEL", self.log_level.clone()),
             ("AWS_VPC_K8S_CNI_LOG_FILE", self.log_file.clone()),
@@ -958,6 +982,7 @@ impl Config {
                     .unwrap_or_default(),
             ),
             ("VPC_CNI_MIN_ENI_AGE", self.min_eni_age_s.to_string()),
+            ("VPC_CNI_PREFIX_RETRY", self.prefix_retry_s.to_string()),
             ("VPC_CNI_LOG_FORMAT", self.log_format.as_str().to_string()),
             ("VPC_CNI_PROC_SYS", path(&self.proc_sys)),
         ]
@@ -1042,7 +1067,8 @@ mod tests {
             ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "maybe"),
             ("AWS_VPC_K8S_CNI_BACKING_STORE", "relative/ipam.json"),
             ("AWS_VPC_K8S_PLUGIN_LOG_FILE", "stdout"),
-            ("ENABLE_PREFIX_DELEGATION", "true"),
+            ("ENABLE_PREFIX_DELEGATION", "maybe"),
+            ("WARM_PREFIX_TARGET", "-1"),
             ("ENABLE_IPv6", "true"),
             ("MAX_ENI", "1000"),
             ("INTROSPECTION_BIND_ADDRESS", "localhost"),

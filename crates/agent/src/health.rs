@@ -16,7 +16,8 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cloud::{CloudError, Filter, InstanceTypeLimits, NetworkInterface, NewEni};
+use cloud::{CloudError, Filter, InstanceTypeInfo, NetworkInterface, NewEni};
+use ipnet::Ipv4Net;
 
 use crate::cloud_api::Cloud;
 
@@ -262,8 +263,12 @@ impl<C> Watched<C> {
 }
 
 impl<C: Cloud> Cloud for Watched<C> {
-    async fn create_eni(&self, spec: &NewEni) -> Result<NetworkInterface, CloudError> {
-        let r = self.inner.create_eni(spec).await;
+    async fn create_eni(
+        &self,
+        spec: &NewEni,
+        prefixes: u32,
+    ) -> Result<NetworkInterface, CloudError> {
+        let r = self.inner.create_eni(spec, prefixes).await;
         // A created ENI adds nothing until attached: only a failure is news.
         if let Err(e) = &r {
             self.health.record_growth(Err(e));
@@ -301,11 +306,25 @@ impl<C: Cloud> Cloud for Watched<C> {
     async fn unassign_ips(&self, eni_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
         self.inner.unassign_ips(eni_id, ips).await
     }
+    async fn assign_prefixes(&self, eni_id: &str, count: u32) -> Result<Vec<Ipv4Net>, CloudError> {
+        let r = self.inner.assign_prefixes(eni_id, count).await;
+        self.note(r)
+    }
+    async fn unassign_prefixes(
+        &self,
+        eni_id: &str,
+        prefixes: &[Ipv4Net],
+    ) -> Result<(), CloudError> {
+        self.inner.unassign_prefixes(eni_id, prefixes).await
+    }
     async fn describe_enis(&self, filters: &[Filter]) -> Result<Vec<NetworkInterface>, CloudError> {
         self.inner.describe_enis(filters).await
     }
-    async fn instance_limits(&self, instance_type: &str) -> Result<InstanceTypeLimits, CloudError> {
-        self.inner.instance_limits(instance_type).await
+    async fn instance_type_info(
+        &self,
+        instance_type: &str,
+    ) -> Result<InstanceTypeInfo, CloudError> {
+        self.inner.instance_type_info(instance_type).await
     }
 }
 
@@ -321,6 +340,7 @@ mod tests {
             cooling,
             available: total - assigned - cooling,
             lost: 0,
+            prefixes: 0,
         }
     }
 
@@ -431,7 +451,7 @@ mod tests {
     }
 
     impl Cloud for FakeEc2 {
-        async fn create_eni(&self, _: &NewEni) -> Result<NetworkInterface, CloudError> {
+        async fn create_eni(&self, _: &NewEni, _: u32) -> Result<NetworkInterface, CloudError> {
             Err(CloudError::NoRegion)
         }
         async fn attach(&self, _: &str, _: &str, _: u32) -> Result<String, CloudError> {
@@ -455,15 +475,28 @@ mod tests {
         async fn unassign_ips(&self, _: &str, _: &[Ipv4Addr]) -> Result<(), CloudError> {
             self.answer("UnassignPrivateIpAddresses", ())
         }
+        async fn assign_prefixes(&self, _: &str, n: u32) -> Result<Vec<Ipv4Net>, CloudError> {
+            self.answer(
+                "AssignPrivateIpAddresses",
+                vec!["10.0.1.0/28".parse().expect("a prefix"); n as usize],
+            )
+        }
+        async fn unassign_prefixes(&self, _: &str, _: &[Ipv4Net]) -> Result<(), CloudError> {
+            self.answer("UnassignPrivateIpAddresses", ())
+        }
         async fn describe_enis(&self, _: &[Filter]) -> Result<Vec<NetworkInterface>, CloudError> {
             self.answer("DescribeNetworkInterfaces", Vec::new())
         }
-        async fn instance_limits(&self, _: &str) -> Result<InstanceTypeLimits, CloudError> {
+        async fn instance_type_info(&self, _: &str) -> Result<InstanceTypeInfo, CloudError> {
             self.answer(
                 "DescribeInstanceTypes",
-                InstanceTypeLimits {
-                    max_enis: 3,
-                    ipv4_per_eni: 10,
+                InstanceTypeInfo {
+                    limits: cloud::InstanceTypeLimits {
+                        max_enis: 3,
+                        ipv4_per_eni: 10,
+                    },
+                    hypervisor: Some("nitro".into()),
+                    vcpus: Some(2),
                 },
             )
         }
@@ -488,7 +521,10 @@ mod tests {
             )
         );
         // A failure without an EC2 code is shown as it is.
-        refusing.create_eni(&NewEni::default()).await.unwrap_err();
+        refusing
+            .create_eni(&NewEni::default(), 0)
+            .await
+            .unwrap_err();
         assert_eq!(
             health.refused(),
             Some(CloudError::NoRegion.to_string()),

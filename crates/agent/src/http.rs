@@ -164,6 +164,14 @@ pub fn render_metrics(s: &Shared) -> String {
             st.drift.clone(),
         )
     };
+    let (capacity, prefix_fallbacks, prefix_fallback_active) = {
+        let st = s.state.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            st.capacity.as_ref().map(|c| c.0),
+            st.prefix_fallbacks,
+            st.prefix_fallback_active,
+        )
+    };
     out.single(
         "awscni_eni_allocated",
         "gauge",
@@ -181,6 +189,24 @@ pub fn render_metrics(s: &Shared) -> String {
         "gauge",
         "The number of IP addresses assigned to pods",
         stats.assigned as f64,
+    );
+    out.single(
+        "awscni_total_ipv4_prefixes",
+        "gauge",
+        "The total number of IPv4 prefixes",
+        stats.prefixes as f64,
+    );
+    out.single(
+        "vpccni_prefix_fallbacks_total",
+        "counter",
+        "Prefix delegation: times EC2 had no free /28 for an ENI (InsufficientCidrBlocks) and the agent fell back to secondary IPs there",
+        prefix_fallbacks as f64,
+    );
+    out.single(
+        "vpccni_prefix_fallback_enis",
+        "gauge",
+        "Prefix delegation: ENIs (new ENIs counting as one) on secondary IPs now because EC2 had no free /28",
+        prefix_fallback_active as f64,
     );
     out.single(
         "vpccni_cooling_ip_addresses",
@@ -214,7 +240,7 @@ pub fn render_metrics(s: &Shared) -> String {
             "awscni_ip_max",
             "gauge",
             "The maximum number of IP addresses that can be allocated to the instance",
-            f64::from(l.max_enis * l.ips_per_eni),
+            f64::from(capacity.unwrap_or(l.max_enis * l.ips_per_eni)),
         );
     }
     let c = &s.counters;
@@ -625,11 +651,7 @@ impl Endpoints {
             health,
             shared: OnceLock::new(),
             provisioning: cfg.provisioning,
-            targets: ipam::planner::Targets {
-                warm_eni: cfg.warm_eni_target,
-                warm_ip: cfg.warm_ip_target,
-                min_ip: cfg.minimum_ip_target,
-            },
+            targets: cfg.targets(),
             ipamd_env: object(ipamd),
             network_env: object(network),
         }

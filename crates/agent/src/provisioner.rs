@@ -1,6 +1,12 @@
 //! The warm-pool provisioner: keeps the pool at its targets through EC2 (assigns and releases
-//! secondary IPs; creates, attaches, detaches and deletes ENIs) as the planner
+//! secondary IPs and /28 prefixes; creates, attaches, detaches and deletes ENIs) as the planner
 //! (`ipam::planner`) decides.
+//!
+//! Prefix delegation: when EC2 has no free /28 for an ENI (`InsufficientCidrBlocks`, a
+//! fragmented subnet), that ENI (or new ENIs, when creating one failed so) falls back to
+//! secondary addresses for [`Settings::prefix_retry`]; the agent says so once in its log and
+//! in `vpccni_prefix_fallbacks_total`, then tries prefixes again. Prefixes live in EC2: after a
+//! kill -9 the start-up takes whatever EC2 lists, so an interrupted assignment leaks nothing.
 //!
 //! Crash safety: every ENI operation is recorded as an intent in the checkpoint *before* its
 //! first EC2 call, and the ENI carries the intent's id as a tag. A restart finds every intent
@@ -82,6 +88,9 @@ pub struct Settings {
     /// of a reconcile: EC2's answers are eventually consistent (the reference's 60 s
     /// reconcile cooldown).
     pub reconcile_grace: Duration,
+    /// How long an ENI EC2 could give no prefix (`InsufficientCidrBlocks`) gets secondary
+    /// addresses before prefixes are tried again.
+    pub prefix_retry: Duration,
 }
 
 /// How long a failed reconcile waits before the next try (at most the reconcile interval).
@@ -124,11 +133,32 @@ struct Drift {
     missing: BTreeMap<String, BTreeSet<Ipv4Addr>>,
     /// Addresses EC2 lists on a pool ENI that the pool lacks.
     extra: BTreeMap<String, BTreeSet<Ipv4Addr>>,
+    /// Prefixes the pool has that EC2 does not list on their ENI.
+    missing_prefixes: BTreeMap<String, BTreeSet<Ipv4Net>>,
+    /// Prefixes EC2 lists on a pool ENI that the pool lacks.
+    extra_prefixes: BTreeMap<String, BTreeSet<Ipv4Net>>,
+}
+
+/// What both maps hold, ENI by ENI.
+fn both<T: Ord + Copy>(
+    a: &BTreeMap<String, BTreeSet<T>>,
+    b: &BTreeMap<String, BTreeSet<T>>,
+) -> BTreeMap<String, BTreeSet<T>> {
+    a.iter()
+        .filter_map(|(eni, xs)| {
+            let common: BTreeSet<T> = xs.intersection(b.get(eni)?).copied().collect();
+            (!common.is_empty()).then(|| (eni.clone(), common))
+        })
+        .collect()
+}
+
+fn count<T>(m: &BTreeMap<String, BTreeSet<T>>) -> usize {
+    m.values().map(BTreeSet::len).sum()
 }
 
 impl Drift {
     fn is_empty(&self) -> bool {
-        self.gone.is_empty() && self.missing.is_empty() && self.extra.is_empty()
+        self.count() == 0
     }
 
     fn enis(&self) -> BTreeSet<String> {
@@ -136,42 +166,41 @@ impl Drift {
             .iter()
             .chain(self.missing.keys())
             .chain(self.extra.keys())
+            .chain(self.missing_prefixes.keys())
+            .chain(self.extra_prefixes.keys())
             .cloned()
             .collect()
     }
 
     fn count(&self) -> usize {
         self.gone.len()
-            + self.missing.values().map(BTreeSet::len).sum::<usize>()
-            + self.extra.values().map(BTreeSet::len).sum::<usize>()
+            + count(&self.missing)
+            + count(&self.extra)
+            + count(&self.missing_prefixes)
+            + count(&self.extra_prefixes)
     }
 
     /// What both answers agree on.
     fn confirmed_by(&self, again: &Drift) -> Drift {
-        let both = |a: &BTreeMap<String, BTreeSet<Ipv4Addr>>,
-                    b: &BTreeMap<String, BTreeSet<Ipv4Addr>>| {
-            a.iter()
-                .filter_map(|(eni, ips)| {
-                    let common: BTreeSet<Ipv4Addr> =
-                        ips.intersection(b.get(eni)?).copied().collect();
-                    (!common.is_empty()).then(|| (eni.clone(), common))
-                })
-                .collect()
-        };
         Drift {
             gone: self.gone.intersection(&again.gone).cloned().collect(),
             missing: both(&self.missing, &again.missing),
             extra: both(&self.extra, &again.extra),
+            missing_prefixes: both(&self.missing_prefixes, &again.missing_prefixes),
+            extra_prefixes: both(&self.extra_prefixes, &again.extra_prefixes),
         }
     }
 }
 
-/// EC2's attached ENIs of `instance`: id → (device index, secondary addresses). ENIs being
-/// detached count as gone.
-fn attached_view(
-    listed: &[NetworkInterface],
-    instance: &str,
-) -> BTreeMap<String, (u32, BTreeSet<Ipv4Addr>)> {
+/// One attached ENI as EC2 lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Listed {
+    ips: BTreeSet<Ipv4Addr>,
+    prefixes: BTreeSet<Ipv4Net>,
+}
+
+/// EC2's attached ENIs of `instance` by id. ENIs being detached count as gone.
+fn attached_view(listed: &[NetworkInterface], instance: &str) -> BTreeMap<String, Listed> {
     listed
         .iter()
         .filter_map(|e| {
@@ -180,11 +209,31 @@ fn attached_view(
                 .then(|| {
                     (
                         e.id.clone(),
-                        (a.device_index, e.secondary_ips.iter().copied().collect()),
+                        Listed {
+                            ips: e.secondary_ips.iter().copied().collect(),
+                            prefixes: e.prefixes.iter().copied().collect(),
+                        },
                     )
                 })
         })
         .collect()
+}
+
+/// A prefix taken into the pool ([`take_prefix`]).
+struct Taken {
+    /// Its addresses that are free.
+    free: Vec<Ipv4Addr>,
+    /// Its addresses pods hold off the pool, placed again ([`place_held`]).
+    placed: Vec<(AttachmentKey, Ipv4Addr)>,
+}
+
+/// Takes a prefix EC2 gives this node into the pool on `eni`: its addresses free, but those
+/// pods hold off the pool ([`held_off_pool`]), which go to [`place_held`].
+fn take_prefix(st: &mut State, eni: &str, prefix: Ipv4Net) -> Result<Taken, ipam::PoolError> {
+    let (free, held) = split_held(st, &ipam::prefix_addresses(prefix));
+    st.pool_mut().add_prefix(eni, prefix, &free)?;
+    let placed = place_held(st, eni, &held);
+    Ok(Taken { free, placed })
 }
 
 /// Addresses pods hold that EC2 took away (lost, or on no ENI at start): when EC2 gives one
@@ -321,6 +370,9 @@ pub struct Provisioner<C: Cloud, N: NodeNet> {
     /// ENIs of the pool detached behind the agent's back, and since when: deleted once EC2
     /// shows them detached (see [`ORPHAN_WATCH`]).
     orphans: Mutex<BTreeMap<String, tokio::time::Instant>>,
+    /// Prefix delegation: where EC2 had no free /28 (an ENI, or `None` for new ENIs), and
+    /// until when secondary addresses are used there instead.
+    fallback: Mutex<BTreeMap<Option<String>, tokio::time::Instant>>,
 }
 
 /// How long a reconcile keeps looking for an ENI detached behind the agent's back to delete
@@ -332,6 +384,7 @@ pub const ORPHAN_WATCH: Duration = Duration::from_secs(600);
 struct Recent {
     ips: BTreeMap<Ipv4Addr, tokio::time::Instant>,
     enis: BTreeMap<String, tokio::time::Instant>,
+    prefixes: BTreeMap<Ipv4Net, tokio::time::Instant>,
 }
 
 impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
@@ -358,14 +411,46 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             reconcile_now: AtomicBool::new(false),
             recent: Mutex::new(Recent::default()),
             foreign_devices: Mutex::new(Vec::new()),
+            fallback: Mutex::default(),
         };
         {
             let mut st = p.lock();
             st.wake = Some(p.wake.clone());
-            let l = &p.settings.limits;
-            st.capacity = Some((l.max_enis * l.ips_per_eni, p.limit_message()));
+            st.capacity = Some((p.capacity(), p.limit_message()));
+            st.max_pods = Some((p.settings.limits.max_pods, p.max_pods_message()));
+            st.pool_mut()
+                .set_prefer_prefixes(p.settings.targets.prefixes);
         }
         p
+    }
+
+    /// The most addresses the node's ENIs can hold in its mode.
+    fn capacity(&self) -> u32 {
+        let l = &self.settings.limits;
+        let per_slot = if self.settings.targets.prefixes {
+            planner::PREFIX_ADDRS
+        } else {
+            1
+        };
+        l.max_enis * l.ips_per_eni * per_slot
+    }
+
+    /// "max pods 110 (m5.large with prefix delegation)"
+    fn max_pods_message(&self) -> String {
+        format!(
+            "the node's max pods is {} ({} {})",
+            self.settings.limits.max_pods,
+            self.node.instance_type,
+            self.mode()
+        )
+    }
+
+    fn mode(&self) -> &'static str {
+        if self.settings.targets.prefixes {
+            "with prefix delegation"
+        } else {
+            "with secondary IPs"
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -378,6 +463,11 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
 
     /// Notes addresses (and an ENI) this agent just changed in EC2.
     fn touch(&self, eni: Option<&str>, ips: &[Ipv4Addr]) {
+        self.touch_prefixes(eni, ips, &[]);
+    }
+
+    /// Notes addresses, prefixes (and an ENI) this agent just changed in EC2.
+    fn touch_prefixes(&self, eni: Option<&str>, ips: &[Ipv4Addr], prefixes: &[Ipv4Net]) {
         let now = tokio::time::Instant::now();
         let mut r = self.recent();
         if let Some(eni) = eni {
@@ -385,6 +475,9 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         }
         for ip in ips {
             r.ips.insert(*ip, now);
+        }
+        for p in prefixes {
+            r.prefixes.insert(*p, now);
         }
     }
 
@@ -506,19 +599,22 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
 
     /// The pool against `attached`, leaving out what this agent changed within the grace
     /// period; returns also how many differences were left out.
-    fn drift(&self, attached: &BTreeMap<String, (u32, BTreeSet<Ipv4Addr>)>) -> (Drift, usize) {
+    fn drift(&self, attached: &BTreeMap<String, Listed>) -> (Drift, usize) {
         let now = tokio::time::Instant::now();
         let grace = self.settings.reconcile_grace;
         let mut recent = self.recent();
         recent.ips.retain(|_, at| now.duration_since(*at) < grace);
         recent.enis.retain(|_, at| now.duration_since(*at) < grace);
+        recent
+            .prefixes
+            .retain(|_, at| now.duration_since(*at) < grace);
         let st = self.lock();
         let pool = st.pool();
         let mut d = Drift::default();
         let mut deferred = 0;
         for eni in pool.enis() {
             let young = recent.enis.contains_key(&eni.id);
-            let Some((_, listed)) = attached.get(&eni.id) else {
+            let Some(listed) = attached.get(&eni.id) else {
                 if young {
                     deferred += 1;
                 } else {
@@ -526,7 +622,29 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                 }
                 continue;
             };
-            let have: BTreeSet<Ipv4Addr> = pool.ips_of(&eni.id).into_iter().collect();
+            let have: BTreeSet<Ipv4Net> = pool.prefixes_of(&eni.id).into_iter().collect();
+            for p in have.difference(&listed.prefixes) {
+                if young || recent.prefixes.contains_key(p) {
+                    deferred += 1;
+                } else {
+                    d.missing_prefixes
+                        .entry(eni.id.clone())
+                        .or_default()
+                        .insert(*p);
+                }
+            }
+            for p in listed.prefixes.difference(&have) {
+                if young || recent.prefixes.contains_key(p) {
+                    deferred += 1;
+                } else {
+                    d.extra_prefixes
+                        .entry(eni.id.clone())
+                        .or_default()
+                        .insert(*p);
+                }
+            }
+            let listed = &listed.ips;
+            let have: BTreeSet<Ipv4Addr> = pool.secondary_ips_of(&eni.id).into_iter().collect();
             for ip in have.difference(listed) {
                 if young || recent.ips.contains_key(ip) {
                     deferred += 1;
@@ -581,6 +699,45 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                             out.removed.push(*ip);
                         }
                         Forgotten::NotInPool => {}
+                    }
+                }
+            }
+            for (eni, prefixes) in &d.missing_prefixes {
+                for prefix in prefixes {
+                    let forgotten = match st.pool_mut().forget_prefix(eni, *prefix, now) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            warn!(%eni, %prefix, "removing a prefix EC2 no longer lists: {e}");
+                            continue;
+                        }
+                    };
+                    warn!(%eni, %prefix, "EC2 no longer lists this prefix on its ENI (unassigned outside the agent): removed from the pool");
+                    for (ip, f) in forgotten {
+                        match f {
+                            Forgotten::Lost(key) => {
+                                out.lost.push((key, ip, LostReason::Unassigned))
+                            }
+                            Forgotten::Removed => out.removed.push(ip),
+                            Forgotten::NotInPool => {}
+                        }
+                    }
+                }
+            }
+            for (eni, prefixes) in &d.extra_prefixes {
+                for prefix in prefixes {
+                    match take_prefix(&mut st, eni, *prefix) {
+                        Ok(Taken { free, placed }) => {
+                            // Someone assigned it; its addresses may have served pods.
+                            for ip in &free {
+                                st.pool_mut().restore_cooldown(*ip, now);
+                            }
+                            warn!(%eni, %prefix, "EC2 lists a prefix on this ENI that the pool lacked (assigned outside the agent): taken into the pool after a cooldown");
+                            out.adopted.extend(free);
+                            out.relisted.extend(placed);
+                        }
+                        Err(e) => {
+                            warn!(%eni, %prefix, "not taking a prefix EC2 lists into the pool: {e}")
+                        }
                     }
                 }
             }
@@ -801,12 +958,14 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             let demand = Demand {
                 pending: st.pending,
             };
+            let fallback = self.fallback_now(&mut st);
             let action = planner::plan(
                 &usage,
                 &self.settings.targets,
                 &self.settings.limits,
                 demand,
                 &ages,
+                &fallback,
             );
             if action.is_none() {
                 st.blocker = self.blocker(&usage, st.pending);
@@ -817,17 +976,21 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         let Some(action) = action else {
             return Ok(None);
         };
-        if matches!(action, Action::Assign { .. } | Action::CreateEni { .. })
-            && let Some(until) = *self
-                .subnet_full_until
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+        if matches!(
+            action,
+            Action::Assign { .. } | Action::AssignPrefixes { .. } | Action::CreateEni { .. }
+        ) && let Some(until) = *self
+            .subnet_full_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             && Instant::now() < until
         {
             return Ok(None);
         }
-        if matches!(action, Action::Unassign { .. })
-            && let Some(last) = *self.last_decrease.lock().unwrap_or_else(|p| p.into_inner())
+        if matches!(
+            action,
+            Action::Unassign { .. } | Action::UnassignPrefixes { .. }
+        ) && let Some(last) = *self.last_decrease.lock().unwrap_or_else(|p| p.into_inner())
             && last.elapsed() < self.settings.decrease_interval
         {
             return Ok(None);
@@ -835,8 +998,12 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         debug!(?action, "pool action");
         let result = match &action {
             Action::Assign { eni_id, count } => self.assign(eni_id, *count).await,
-            Action::CreateEni { ips } => self.create_eni(*ips).await,
+            Action::AssignPrefixes { eni_id, count } => self.assign_prefixes(eni_id, *count).await,
+            Action::CreateEni { ips, prefixes } => self.create_eni(*ips, *prefixes).await,
             Action::Unassign { eni_id, ips } => self.unassign(eni_id, ips).await,
+            Action::UnassignPrefixes { eni_id, prefixes } => {
+                self.unassign_prefixes(eni_id, prefixes).await
+            }
             Action::DeleteEni { eni_id } => self.delete_eni(eni_id).await,
         };
         if let Err(ProvisionError::Cloud(e)) = &result
@@ -847,6 +1014,20 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                 "EC2 does not know what the pool names ({e}); reconciling the pool with EC2"
             );
             self.request_reconcile();
+        }
+        if let Err(ProvisionError::Cloud(e)) = &result
+            && e.is_insufficient_cidr_blocks()
+        {
+            let at = match &action {
+                Action::AssignPrefixes { eni_id, .. } => Some(Some(eni_id.clone())),
+                Action::CreateEni { prefixes, .. } if *prefixes > 0 => Some(None),
+                _ => None,
+            };
+            if let Some(at) = at {
+                self.fall_back(at, e);
+                // Not a failure of the pool: the next step asks for secondary addresses.
+                return Ok(Some(action));
+            }
         }
         if let Err(ProvisionError::Cloud(e)) = &result
             && matches!(
@@ -865,7 +1046,61 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                 e.code().unwrap_or_default()
             ));
         }
+        if result.is_ok()
+            && matches!(
+                action,
+                Action::Assign { .. } | Action::AssignPrefixes { .. } | Action::CreateEni { .. }
+            )
+        {
+            // What was just added is not surplus: the ADDs that asked for it come back (the
+            // runtime retries them), so nothing is released for a decrease interval.
+            *self.last_decrease.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
         result.map(|()| Some(action))
+    }
+
+    /// The ENIs (and new ENIs) in prefix fallback now; ends the fallbacks whose time is up.
+    fn fallback_now(&self, st: &mut State) -> planner::Fallback {
+        let now = tokio::time::Instant::now();
+        let mut f = self.fallback.lock().unwrap_or_else(|p| p.into_inner());
+        f.retain(|at, until| {
+            let keep = now < *until && at.as_ref().is_none_or(|id| st.pool().has_eni(id));
+            if !keep && now >= *until {
+                info!(
+                    eni = at.as_deref().unwrap_or("(new ENIs)"),
+                    "trying /28 prefixes again after the fallback to secondary IPs"
+                );
+            }
+            keep
+        });
+        st.prefix_fallback_active = f.keys().flatten().count();
+        planner::Fallback {
+            enis: f.keys().flatten().cloned().collect(),
+            new_eni: f.contains_key(&None),
+        }
+    }
+
+    /// EC2 had no free /28 for `at` (an ENI, or `None`: a new ENI): secondary addresses
+    /// there for [`Settings::prefix_retry`]. Said once per fallback, in the log and a metric.
+    fn fall_back(&self, at: Option<String>, e: &CloudError) {
+        let until = tokio::time::Instant::now() + self.settings.prefix_retry;
+        let fresh = self
+            .fallback
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(at.clone(), until)
+            .is_none();
+        let mut st = self.lock();
+        if fresh {
+            st.prefix_fallbacks += 1;
+            warn!(eni = at.as_deref().unwrap_or("(new ENIs)"), subnet = %self.node.subnet_id, retry_s = self.settings.prefix_retry.as_secs(),
+                "EC2 has no free /28 prefix in the subnet ({}): falling back to secondary IPs there, and trying prefixes again later", e.code().unwrap_or_default());
+        }
+        st.blocker = Some(format!(
+            "prefix delegation: EC2 has no free /28 prefix in subnet {} ({}), so secondary IPs are tried instead",
+            self.node.subnet_id,
+            e.code().unwrap_or_default()
+        ));
     }
 
     /// Why no action helps the pending ADDs (None when nothing is pending).
@@ -875,14 +1110,18 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         }
         let t = planner::totals(usage);
         let l = &self.settings.limits;
-        if t.total >= l.max_enis * l.ips_per_eni {
-            return Some(self.limit_message());
-        }
         if t.total >= l.max_pods {
             return Some(format!(
-                "node at its max-pods ceiling of {} addresses ({} ENIs × {} secondary IPs for {}, capped at max pods)",
-                l.max_pods, l.max_enis, l.ips_per_eni, self.node.instance_type
+                "node at its max-pods ceiling of {} addresses ({}; {} ENIs × {} slots)",
+                l.max_pods,
+                self.max_pods_message(),
+                l.max_enis,
+                l.ips_per_eni
             ));
+        }
+        if usage.len() as u32 >= l.max_enis && usage.iter().all(|u| u.slots as u32 >= l.ips_per_eni)
+        {
+            return Some(self.limit_message());
         }
         None
     }
@@ -890,9 +1129,14 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
     /// "node at its limit of 27 pod IPs: 3 ENIs × 9 secondary IPs for m5.large"
     pub fn limit_message(&self) -> String {
         let l = &self.settings.limits;
+        let per_slot = if self.settings.targets.prefixes {
+            "/28 prefixes"
+        } else {
+            "secondary IPs"
+        };
         format!(
-            "node at its limit of {} pod IPs: {} ENIs × {} secondary IPs for {}",
-            l.max_enis * l.ips_per_eni,
+            "node at its limit of {} pod IPs: {} ENIs × {} {per_slot} for {}",
+            self.capacity(),
             l.max_enis,
             l.ips_per_eni,
             self.node.instance_type
@@ -925,7 +1169,65 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         Ok(())
     }
 
-    /// Adds to the pool the secondary addresses EC2 lists for `eni_id` that the pool lacks.
+    async fn assign_prefixes(&self, eni_id: &str, count: u32) -> Result<(), ProvisionError> {
+        let prefixes = match self.cloud.assign_prefixes(eni_id, count).await {
+            Ok(p) => p,
+            Err(e) if e.code() == Some("PrivateIpAddressLimitExceeded") => {
+                self.sync_eni_from_ec2(eni_id).await?;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.touch_prefixes(None, &[], &prefixes);
+        let mut st = self.lock();
+        let known = st.pool().prefixes_of(eni_id);
+        let mut added = 0;
+        for prefix in prefixes.iter().filter(|p| !known.contains(p)) {
+            let taken = take_prefix(&mut st, eni_id, *prefix)
+                .map_err(pool(format!("adding prefix {prefix} to ENI {eni_id}")))?;
+            added += taken.free.len() as u32;
+        }
+        st.pending = st.pending.saturating_sub(added);
+        st.blocker = None;
+        if let Err(e) = self.save(&st) {
+            warn!("writing the checkpoint after assigning prefixes: {e}");
+        }
+        info!(eni = %eni_id, ?prefixes, "assigned /28 prefixes");
+        Ok(())
+    }
+
+    async fn unassign_prefixes(
+        &self,
+        eni_id: &str,
+        prefixes: &[Ipv4Net],
+    ) -> Result<(), ProvisionError> {
+        {
+            // Out of the pool first, so no ADD can take their addresses meanwhile.
+            let mut st = self.lock();
+            let now = st.now();
+            st.pool_mut()
+                .remove_prefixes(eni_id, prefixes, now)
+                .map_err(pool(format!("releasing prefixes of ENI {eni_id}")))?;
+        }
+        *self.last_decrease.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.touch_prefixes(None, &[], prefixes);
+        if let Err(e) = self.cloud.unassign_prefixes(eni_id, prefixes).await {
+            // As for addresses: refused, they are still assigned; no answer, the reconcile
+            // takes back what EC2 still lists.
+            if e.code().is_some() {
+                let mut st = self.lock();
+                for prefix in prefixes {
+                    let _ = take_prefix(&mut st, eni_id, *prefix);
+                }
+            }
+            return Err(e.into());
+        }
+        info!(eni = %eni_id, ?prefixes, "released free /28 prefixes");
+        Ok(())
+    }
+
+    /// Adds to the pool the secondary addresses and prefixes EC2 lists for `eni_id` that the
+    /// pool lacks.
     async fn sync_eni_from_ec2(&self, eni_id: &str) -> Result<(), ProvisionError> {
         let enis = self
             .cloud
@@ -935,6 +1237,12 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             return Ok(());
         };
         let mut st = self.lock();
+        let known = st.pool().prefixes_of(eni_id);
+        for prefix in eni.prefixes.iter().filter(|p| !known.contains(p)) {
+            warn!(eni = %eni_id, %prefix, "EC2 lists a prefix the pool did not know; adding it");
+            take_prefix(&mut st, eni_id, *prefix)
+                .map_err(pool(format!("syncing ENI {eni_id} with EC2")))?;
+        }
         let known = st.pool().ips_of(eni_id);
         let missing: Vec<Ipv4Addr> = eni
             .secondary_ips
@@ -968,7 +1276,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             .expect("a free device index")
     }
 
-    async fn create_eni(&self, ips: u32) -> Result<(), ProvisionError> {
+    async fn create_eni(&self, ips: u32, prefixes: u32) -> Result<(), ProvisionError> {
         let intent = {
             let mut st = self.lock();
             let intent = IntentRecord {
@@ -983,7 +1291,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             self.save(&st)?;
             intent
         };
-        match self.create_eni_steps(&intent, ips).await {
+        match self.create_eni_steps(&intent, ips, prefixes).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 warn!(intent = %intent.id, "creating an ENI failed: {e}; undoing");
@@ -1010,6 +1318,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         &self,
         intent: &IntentRecord,
         ips: u32,
+        prefixes: u32,
     ) -> Result<(), ProvisionError> {
         let device_index = intent
             .device_index
@@ -1027,16 +1336,19 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         }
         let eni = self
             .cloud
-            .create_eni(&NewEni {
-                subnet_id: self.node.subnet_id.clone(),
-                private_ip: None,
-                security_groups: self.node.security_groups.clone(),
-                description: format!("aws-K8S-{}", self.node.instance_id),
-                tags,
-                secondary_ip_count: ips,
-            })
+            .create_eni(
+                &NewEni {
+                    subnet_id: self.node.subnet_id.clone(),
+                    private_ip: None,
+                    security_groups: self.node.security_groups.clone(),
+                    description: format!("aws-K8S-{}", self.node.instance_id),
+                    tags,
+                    secondary_ip_count: ips,
+                },
+                prefixes,
+            )
             .await?;
-        self.touch(Some(&eni.id), &eni.secondary_ips);
+        self.touch_prefixes(Some(&eni.id), &eni.secondary_ips, &eni.prefixes);
         self.record(intent, |i| i.eni_id = Some(eni.id.clone()))?;
         let attachment = self
             .cloud
@@ -1078,12 +1390,25 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             )
             .map_err(pool(format!("adding ENI {} to the pool", eni.id)))?;
         place_held(&mut st, &eni.id, &held);
+        let mut added = ips.len() as u32;
+        for prefix in &eni.prefixes {
+            let taken = take_prefix(&mut st, &eni.id, *prefix)
+                .map_err(pool(format!("adding prefix {prefix} of ENI {}", eni.id)))?;
+            added += taken.free.len() as u32;
+        }
+        if self.settings.targets.prefixes && prefixes == 0 {
+            // Created with secondary IPs because new ENIs are in fallback: so is this one.
+            let mut f = self.fallback.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(until) = f.get(&None).copied() {
+                f.insert(Some(eni.id.clone()), until);
+            }
+        }
         st.eni_created.insert(eni.id.clone(), now);
         st.intents.remove(&intent.id);
-        st.pending = st.pending.saturating_sub(eni.secondary_ips.len() as u32);
+        st.pending = st.pending.saturating_sub(added);
         st.blocker = None;
         self.save(&st)?;
-        info!(eni = %eni.id, %ifname, device = device_index, ips = eni.secondary_ips.len(), "ENI created and attached");
+        info!(eni = %eni.id, %ifname, device = device_index, ips = eni.secondary_ips.len(), prefixes = ?eni.prefixes, "ENI created and attached");
         Ok(())
     }
 

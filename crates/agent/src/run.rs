@@ -46,6 +46,13 @@ pub enum AgentError {
     Limits(#[from] LimitsError),
     #[error("IMDS lists no primary ENI (device number 0)")]
     NoPrimaryEni,
+    #[error(
+        "ENABLE_PREFIX_DELEGATION=true, but {instance_type} is not a Nitro instance type (hypervisor {hypervisor}): EC2 assigns /28 prefixes only to Nitro-based instances; set ENABLE_PREFIX_DELEGATION=false on this node, or run it on a Nitro type"
+    )]
+    PrefixesNeedNitro {
+        instance_type: String,
+        hypervisor: String,
+    },
     #[error(transparent)]
     Server(#[from] ServerError),
     #[error(transparent)]
@@ -252,21 +259,35 @@ async fn provisioner(
         .instance_limits
         .clone()
         .filter(|c| c.instance_type == md.instance_type);
-    let limits = match cached {
-        Some(c) => cloud::InstanceTypeLimits {
-            max_enis: c.max_enis,
-            ipv4_per_eni: c.ipv4_per_eni,
+    let info = match cached {
+        Some(c) if c.prefix_capable.is_some() => cloud::InstanceTypeInfo {
+            limits: cloud::InstanceTypeLimits {
+                max_enis: c.max_enis,
+                ipv4_per_eni: c.ipv4_per_eni,
+            },
+            hypervisor: c.hypervisor.clone(),
+            vcpus: c.vcpus,
         },
-        None => cloud_api::limits_or_builtin(ec2.as_ref(), &md.instance_type).await?,
+        _ => cloud_api::limits_or_builtin(ec2.as_ref(), &md.instance_type).await?,
     };
+    let limits = info.limits;
     {
         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
         st.instance_limits = Some(checkpoint::InstanceLimitsRecord {
             instance_type: md.instance_type.clone(),
             max_enis: limits.max_enis,
             ipv4_per_eni: limits.ipv4_per_eni,
+            prefix_capable: Some(info.is_nitro()),
+            hypervisor: info.hypervisor.clone(),
+            vcpus: info.vcpus,
         });
         st.save()?;
+    }
+    if cfg.prefix_delegation && !info.is_nitro() {
+        return Err(AgentError::PrefixesNeedNitro {
+            instance_type: md.instance_type.clone(),
+            hypervisor: info.hypervisor.clone().unwrap_or_default(),
+        });
     }
     let mut max_enis = cfg
         .max_eni
@@ -284,18 +305,29 @@ async fn provisioner(
     max_enis = max_enis.saturating_sub(reserved_devices.len() as u32);
     let ips_per_eni = limits.ipv4_per_eni.saturating_sub(1);
     let primary = md.primary_eni().ok_or(AgentError::NoPrimaryEni)?;
+    let per_slot = if cfg.prefix_delegation {
+        ipam::planner::PREFIX_ADDRS
+    } else {
+        1
+    };
+    // The reference's max pods (ENIs × slots × addresses per slot + 2, capped at 110 below 30
+    // vCPUs and 250 above): the two host-network pods need no address, so the ceiling is the
+    // ENIs' capacity, capped by the kubelet's.
+    let mut max_pods = max_enis * ips_per_eni * per_slot;
+    if let Some(t) = crate::max_pods::from_ec2(&info) {
+        let mode = crate::max_pods::Mode {
+            prefix_delegation: cfg.prefix_delegation,
+            custom_networking: false,
+            max_eni: Some(max_enis),
+        };
+        max_pods = max_pods.min(crate::max_pods::compute(&t, mode).recommended);
+    }
     let settings = Settings {
-        targets: ipam::planner::Targets {
-            warm_eni: cfg.warm_eni_target,
-            warm_ip: cfg.warm_ip_target,
-            min_ip: cfg.minimum_ip_target,
-        },
+        targets: cfg.targets(),
         limits: ipam::planner::Limits {
             max_enis,
             ips_per_eni,
-            // The reference's max pods (ENIs × (IPs − 1) + 2) counts two host-network pods
-            // that need no address: the address ceiling is the ENI capacity.
-            max_pods: max_enis * ips_per_eni,
+            max_pods,
         },
         min_eni_age: Duration::from_secs(cfg.min_eni_age_s),
         decrease_interval: Duration::from_secs(30),
@@ -304,8 +336,9 @@ async fn provisioner(
         reserved_devices,
         reconcile_interval: Duration::from_secs(60),
         reconcile_grace: Duration::from_secs(30),
+        prefix_retry: Duration::from_secs(cfg.prefix_retry_s),
     };
-    info!(r#type = %md.instance_type, max_enis, ips_per_eni, targets = ?settings.targets, "provisioning through EC2");
+    info!(r#type = %md.instance_type, max_enis, ips_per_eni, max_pods, targets = ?settings.targets, "provisioning through EC2");
     let node = NodeIdentity {
         instance_id: md.instance_id.clone(),
         instance_type: md.instance_type.clone(),

@@ -78,6 +78,8 @@ pub struct EniView {
     pub subnet: Ipv4Net,
     pub primary_ip: std::net::Ipv4Addr,
     pub secondary_ips: Vec<std::net::Ipv4Addr>,
+    /// Its /28 prefixes (prefix delegation).
+    pub prefixes: Vec<Ipv4Net>,
     /// Why the ENI is left alone ([`crate::cloud_api::unmanaged_reason`]); `None` for ours.
     pub unmanaged: Option<String>,
 }
@@ -93,6 +95,7 @@ pub fn enis_from_imds(md: &InstanceMetadata) -> Vec<EniView> {
             subnet: e.subnet_cidr,
             primary_ip: e.primary_ip,
             secondary_ips: e.secondary_ips.clone(),
+            prefixes: e.prefixes.clone(),
             unmanaged: None,
         })
         .collect()
@@ -136,6 +139,7 @@ pub async fn enis_from_ec2<C: Cloud>(
             subnet,
             primary_ip: e.primary_ip,
             secondary_ips: e.secondary_ips.clone(),
+            prefixes: e.prefixes.clone(),
             unmanaged,
         });
     }
@@ -228,6 +232,7 @@ pub fn setup(
     dataplane::apply_snat(&snat).map_err(dp("the egress table ip vpc-cni"))?;
 
     let mut pool = Pool::new(cfg.ip_cooldown_s * 1000);
+    pool.set_prefer_prefixes(cfg.prefix_delegation);
     for eni in enis.iter().filter(|e| e.unmanaged.is_none()) {
         pool.add_eni(
             EniInfo {
@@ -238,6 +243,9 @@ pub fn setup(
             },
             &eni.secondary_ips,
         )?;
+        for prefix in &eni.prefixes {
+            pool.add_prefix(&eni.id, *prefix, &ipam::prefix_addresses(*prefix))?;
+        }
     }
     Ok(StartedNode {
         primary_ifname,

@@ -119,6 +119,13 @@ pub struct State {
     /// The most addresses the node can hold, and the message that says so (set when the
     /// agent provisions through EC2).
     pub capacity: Option<(u32, String)>,
+    /// The node's max pods and the message that says so: an ADD beyond it is refused, however
+    /// many addresses the pool holds (prefixes come 16 at a time).
+    pub max_pods: Option<(u32, String)>,
+    /// Prefix delegation: fallbacks to secondary IPs since start (EC2 had no free /28), and
+    /// how many ENIs (or new ENIs) are in one now.
+    pub prefix_fallbacks: u64,
+    pub prefix_fallback_active: usize,
     /// Cached instance-type limits (persisted).
     pub instance_limits: Option<crate::checkpoint::InstanceLimitsRecord>,
     /// Changes outside the agent that the provisioner's reconciles found.
@@ -151,6 +158,9 @@ impl State {
             blocker: None,
             wake: None,
             capacity: None,
+            max_pods: None,
+            prefix_fallbacks: 0,
+            prefix_fallback_active: 0,
             instance_limits: None,
             drift: Drift::default(),
         }
@@ -661,6 +671,17 @@ impl State {
                 ),
             };
         }
+        if let Some((max, why)) = &self.max_pods
+            && self.pool.holders() >= *max as usize
+        {
+            return Response::Error {
+                code: code::TRY_AGAIN_LATER,
+                message: format!(
+                    "no address for {key}: {} pods hold addresses on this node, and {why}; the kubelet should not run more pods here (is its --max-pods above {max}?)",
+                    self.pool.holders()
+                ),
+            };
+        }
         let now = self.clock.now();
         let a = match self.pool.assign(key.clone(), now) {
             Ok(a) => a,
@@ -929,6 +950,9 @@ mod tests {
             instance_type: "m5.large".into(),
             max_enis: 3,
             ipv4_per_eni: 10,
+            prefix_capable: Some(true),
+            hypervisor: Some("nitro".into()),
+            vcpus: Some(2),
         });
         s.save().unwrap();
         let mut again = state(&dir);

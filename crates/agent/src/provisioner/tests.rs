@@ -9,9 +9,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cloud::{CloudError, EniAttachment, Filter, InstanceTypeLimits, NetworkInterface, NewEni};
+use cloud::{
+    CloudError, EniAttachment, Filter, InstanceTypeInfo, InstanceTypeLimits, NetworkInterface,
+    NewEni,
+};
 use ipam::planner::{Action, Limits, Targets};
 use ipam::{EniInfo, Pool};
+use ipnet::Ipv4Net;
 
 use super::*;
 use crate::checkpoint;
@@ -37,6 +41,9 @@ struct FakeEc2 {
     hide_once: Mutex<Vec<String>>,
     /// Addresses EC2 hands out next (free in the subnet again), before new ones.
     reuse: Mutex<Vec<Ipv4Addr>>,
+    /// The subnet has no free /28: prefix requests fail with InsufficientCidrBlocks.
+    fragmented: std::sync::atomic::AtomicBool,
+    next_prefix: AtomicUsize,
 }
 
 /// How EC2 fails every call, as the SDK client reports it after its timeouts and retries.
@@ -169,6 +176,11 @@ impl FakeEc2 {
         Ipv4Addr::from(0x0a00_1000 + n)
     }
 
+    fn new_prefix(&self) -> Ipv4Net {
+        let n = self.next_prefix.fetch_add(1, Ordering::SeqCst) as u32;
+        Ipv4Net::new(Ipv4Addr::from(0x0a00_8000 + 16 * n), 28).expect("a /28")
+    }
+
     fn err(call: &'static str, code: &str) -> CloudError {
         CloudError::Ec2 {
             call,
@@ -203,8 +215,18 @@ fn matches(e: &NetworkInterface, f: &Filter) -> bool {
 }
 
 impl Cloud for FakeEc2 {
-    async fn create_eni(&self, spec: &NewEni) -> Result<NetworkInterface, CloudError> {
+    async fn create_eni(
+        &self,
+        spec: &NewEni,
+        prefixes: u32,
+    ) -> Result<NetworkInterface, CloudError> {
         self.gate().await?;
+        if prefixes > 0 && self.fragmented.load(Ordering::SeqCst) {
+            return Err(Self::err(
+                "CreateNetworkInterface",
+                "InsufficientCidrBlocks",
+            ));
+        }
         let n = self.next.fetch_add(1, Ordering::SeqCst);
         let eni = NetworkInterface {
             interface_type: "interface".into(),
@@ -218,7 +240,7 @@ impl Cloud for FakeEc2 {
             secondary_ips: (0..spec.secondary_ip_count)
                 .map(|_| self.new_ip())
                 .collect(),
-            prefixes: vec![],
+            prefixes: (0..prefixes).map(|_| self.new_prefix()).collect(),
             security_groups: spec.security_groups.clone(),
             tags: spec.tags.clone(),
             attachment: None,
@@ -327,7 +349,7 @@ impl Cloud for FakeEc2 {
                 "InvalidNetworkInterfaceID.NotFound",
             )
         })?;
-        if e.secondary_ips.len() as u32 + count > self.ips_per_eni {
+        if (e.secondary_ips.len() + e.prefixes.len()) as u32 + count > self.ips_per_eni {
             return Err(Self::err(
                 "AssignPrivateIpAddresses",
                 "PrivateIpAddressLimitExceeded",
@@ -371,10 +393,61 @@ impl Cloud for FakeEc2 {
             .cloned()
             .collect())
     }
-    async fn instance_limits(&self, _t: &str) -> Result<InstanceTypeLimits, CloudError> {
-        Ok(InstanceTypeLimits {
-            max_enis: 3,
-            ipv4_per_eni: self.ips_per_eni + 1,
+    async fn assign_prefixes(&self, eni_id: &str, count: u32) -> Result<Vec<Ipv4Net>, CloudError> {
+        self.gate().await?;
+        if self.fragmented.load(Ordering::SeqCst) {
+            return Err(Self::err(
+                "AssignPrivateIpAddresses",
+                "InsufficientCidrBlocks",
+            ));
+        }
+        let mut enis = self.enis.lock().unwrap();
+        let e = enis.get_mut(eni_id).ok_or_else(|| {
+            Self::err(
+                "AssignPrivateIpAddresses",
+                "InvalidNetworkInterfaceID.NotFound",
+            )
+        })?;
+        if (e.secondary_ips.len() + e.prefixes.len()) as u32 + count > self.ips_per_eni {
+            return Err(Self::err(
+                "AssignPrivateIpAddresses",
+                "PrivateIpAddressLimitExceeded",
+            ));
+        }
+        let new: Vec<_> = (0..count).map(|_| self.new_prefix()).collect();
+        e.prefixes.extend(&new);
+        Ok(new)
+    }
+    async fn unassign_prefixes(
+        &self,
+        eni_id: &str,
+        prefixes: &[Ipv4Net],
+    ) -> Result<(), CloudError> {
+        self.gate().await?;
+        let mut enis = self.enis.lock().unwrap();
+        let e = enis.get_mut(eni_id).ok_or_else(|| {
+            Self::err(
+                "UnassignPrivateIpAddresses",
+                "InvalidNetworkInterfaceID.NotFound",
+            )
+        })?;
+        if prefixes.iter().any(|p| !e.prefixes.contains(p)) {
+            return Err(Self::err(
+                "UnassignPrivateIpAddresses",
+                "InvalidParameterValue",
+            ));
+        }
+        e.prefixes.retain(|p| !prefixes.contains(p));
+        Ok(())
+    }
+    async fn instance_type_info(&self, _t: &str) -> Result<InstanceTypeInfo, CloudError> {
+        Ok(InstanceTypeInfo {
+            limits: InstanceTypeLimits {
+                max_enis: 3,
+                ipv4_per_eni: self.ips_per_eni + 1,
+            },
+            hypervisor: Some("nitro".into()),
+            vcpus: Some(2),
         })
     }
 }
@@ -411,6 +484,7 @@ fn settings(targets: Targets) -> Settings {
         reserved_devices: vec![],
         reconcile_interval: Duration::from_secs(60),
         reconcile_grace: Duration::ZERO,
+        prefix_retry: Duration::from_secs(60),
     }
 }
 
@@ -454,6 +528,10 @@ fn boot_with(
                 &e.secondary_ips,
             )
             .unwrap();
+            for prefix in &e.prefixes {
+                pool.add_prefix(&e.id, *prefix, &ipam::prefix_addresses(*prefix))
+                    .unwrap();
+            }
         }
     }
     let path = dir.join("ipam.json");
@@ -466,6 +544,18 @@ fn boot_with(
         node(),
         settings,
     ))
+}
+
+/// Converges again after each decrease interval (prefix_settings' 300 ms) until nothing
+/// changes: releases come one call per interval.
+async fn settle(p: &Provisioner<FakeEc2, FakeNode>) {
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        if converge(p).await.is_empty() {
+            return;
+        }
+    }
+    panic!("the pool does not settle");
 }
 
 async fn converge(p: &Provisioner<FakeEc2, FakeNode>) -> Vec<Action> {
@@ -481,6 +571,8 @@ const WARM_ENI: Targets = Targets {
     warm_eni: 1,
     warm_ip: None,
     min_ip: None,
+    prefixes: false,
+    warm_prefix: 0,
 };
 
 #[tokio::test]
@@ -638,19 +730,25 @@ async fn leaked_enis_of_this_instance_are_deleted_and_others_kept() {
     let dir = tempfile::tempdir().unwrap();
     let ec2 = Arc::new(FakeEc2::new(4));
     let mine = ec2
-        .create_eni(&NewEni {
-            subnet_id: "subnet-a".into(),
-            tags: [(TAG_INSTANCE.to_string(), INSTANCE.to_string())].into(),
-            ..Default::default()
-        })
+        .create_eni(
+            &NewEni {
+                subnet_id: "subnet-a".into(),
+                tags: [(TAG_INSTANCE.to_string(), INSTANCE.to_string())].into(),
+                ..Default::default()
+            },
+            0,
+        )
         .await
         .unwrap();
     let other = ec2
-        .create_eni(&NewEni {
-            subnet_id: "subnet-a".into(),
-            tags: [(TAG_INSTANCE.to_string(), "i-other".to_string())].into(),
-            ..Default::default()
-        })
+        .create_eni(
+            &NewEni {
+                subnet_id: "subnet-a".into(),
+                tags: [(TAG_INSTANCE.to_string(), "i-other".to_string())].into(),
+                ..Default::default()
+            },
+            0,
+        )
         .await
         .unwrap();
     let p = boot(&ec2, dir.path(), WARM_ENI);
@@ -715,9 +813,8 @@ async fn warm_ip_mode_releases_surplus_and_deletes_empty_enis() {
     let dir = tempfile::tempdir().unwrap();
     let ec2 = Arc::new(FakeEc2::new(4));
     let t = Targets {
-        warm_eni: 1,
         warm_ip: Some(2),
-        min_ip: None,
+        ..WARM_ENI
     };
     let p = boot(&ec2, dir.path(), t);
     for i in 0..7 {
@@ -1348,4 +1445,252 @@ async fn a_lost_address_ec2_hands_this_node_again_is_never_another_pods() {
         add_pod(&p, i).await;
         assert_ne!(ip_of(&p, i), ip, "pod {i}");
     }
+}
+
+const PREFIXES: Targets = Targets {
+    warm_eni: 1,
+    warm_ip: None,
+    min_ip: None,
+    prefixes: true,
+    warm_prefix: 1,
+};
+
+/// An m5.large with prefix delegation: 3 ENIs × 9 slots, max pods 110.
+fn prefix_settings() -> Settings {
+    Settings {
+        limits: Limits {
+            max_enis: 3,
+            ips_per_eni: 9,
+            max_pods: 110,
+        },
+        prefix_retry: Duration::from_millis(300),
+        decrease_interval: Duration::from_millis(300),
+        ..settings(PREFIXES)
+    }
+}
+
+fn add(p: &Provisioner<FakeEc2, FakeNode>, i: usize) -> proto::Response {
+    p.state.lock().unwrap().handle(proto::Request::Add {
+        key: key(i),
+        pod: Default::default(),
+        netns: String::new(),
+    })
+}
+
+#[tokio::test]
+async fn prefix_delegation_serves_max_pods_from_few_calls_and_refuses_the_next_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(9));
+    let p = boot_with(&ec2, dir.path(), prefix_settings());
+    assert_eq!(
+        converge(&p).await,
+        [Action::AssignPrefixes {
+            eni_id: "eni-primary".into(),
+            count: 1
+        }]
+    );
+    let before = ec2.calls.load(Ordering::SeqCst);
+    // 110 ADDs at once: they wait, and the provisioner serves them in one call.
+    for i in 0..110 {
+        add(&p, i);
+    }
+    converge(&p).await;
+    for i in 0..110 {
+        assert!(
+            matches!(add(&p, i), proto::Response::Added { .. }),
+            "pod {i}"
+        );
+    }
+    assert_eq!(ec2.calls.load(Ordering::SeqCst) - before, 1);
+    let primary = ec2.enis.lock().unwrap()["eni-primary"].clone();
+    assert_eq!(
+        (primary.prefixes.len(), primary.secondary_ips.len()),
+        (7, 0)
+    );
+    assert!(ec2.non_primary().is_empty());
+    // Pods on a prefix get a /32 of it, no two the same.
+    let ips: BTreeSet<Ipv4Addr> = (0..110)
+        .map(|i| p.state.lock().unwrap().pool().lookup(&key(i)).unwrap().ip)
+        .collect();
+    assert_eq!(ips.len(), 110);
+    assert!(
+        ips.iter()
+            .all(|ip| primary.prefixes.iter().any(|pre| pre.contains(ip)))
+    );
+
+    // The 111th: code 11, and why.
+    converge(&p).await;
+    let r = add(&p, 110);
+    let proto::Response::Error { code, message } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(code, crate::state::code::TRY_AGAIN_LATER);
+    assert!(
+        message.contains("110 pods hold addresses")
+            && message.contains("max pods is 110 (m5.large with prefix delegation)"),
+        "{message}"
+    );
+
+    // All go: the prefixes go back but WARM_PREFIX_TARGET's one (a call per decrease
+    // interval).
+    for i in 0..110 {
+        p.state
+            .lock()
+            .unwrap()
+            .handle(proto::Request::Del { key: key(i) });
+    }
+    settle(&p).await;
+    assert_eq!(ec2.enis.lock().unwrap()["eni-primary"].prefixes.len(), 1);
+}
+
+#[tokio::test]
+async fn without_a_free_prefix_an_eni_falls_back_to_secondary_ips_says_so_once_and_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(9));
+    ec2.fragmented.store(true, Ordering::SeqCst);
+    let p = boot_with(&ec2, dir.path(), prefix_settings());
+    for i in 0..12 {
+        add_pod(&p, i).await;
+    }
+    {
+        let st = p.state.lock().unwrap();
+        assert_eq!(
+            (st.prefix_fallbacks, st.prefix_fallback_active),
+            (2, 2),
+            "the primary ENI, then new ENIs"
+        );
+    }
+    let primary = ec2.enis.lock().unwrap()["eni-primary"].clone();
+    assert_eq!(
+        (primary.prefixes.len(), primary.secondary_ips.len()),
+        (0, 9)
+    );
+    let second = ec2.non_primary();
+    assert_eq!(second.len(), 1);
+    assert!(second[0].prefixes.is_empty() && !second[0].secondary_ips.is_empty());
+
+    // Prefixes can be had again: after the retry time the next addresses come as prefixes,
+    // and the free secondary addresses go back.
+    ec2.fragmented.store(false, Ordering::SeqCst);
+    for i in 0..12 {
+        p.state
+            .lock()
+            .unwrap()
+            .handle(proto::Request::Del { key: key(i) });
+    }
+    settle(&p).await;
+    let st = p.state.lock().unwrap();
+    assert_eq!((st.prefix_fallbacks, st.prefix_fallback_active), (2, 0));
+    let u = st.pool().usage(st.now());
+    assert_eq!(
+        u.iter().map(|u| u.prefixes.len()).sum::<usize>(),
+        1,
+        "{u:?}"
+    );
+    assert_eq!(
+        u.iter().map(|u| u.available_secondary.len()).sum::<usize>(),
+        0,
+        "{u:?}"
+    );
+}
+
+#[tokio::test]
+async fn switching_modes_keeps_every_pods_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(9));
+    let p = boot_with(
+        &ec2,
+        dir.path(),
+        Settings {
+            limits: Limits {
+                max_enis: 3,
+                ips_per_eni: 9,
+                max_pods: 27,
+            },
+            ..settings(WARM_ENI)
+        },
+    );
+    for i in 0..5 {
+        add_pod(&p, i).await;
+    }
+    converge(&p).await;
+    let held: Vec<Ipv4Addr> = (0..5)
+        .map(|i| p.state.lock().unwrap().pool().lookup(&key(i)).unwrap().ip)
+        .collect();
+    drop(p);
+
+    // Restarted with prefix delegation: the pods keep their secondary IPs, new pods get
+    // prefix addresses, the free secondary IPs go back.
+    let p = boot_with(&ec2, dir.path(), prefix_settings());
+    settle(&p).await;
+    for (i, ip) in held.iter().enumerate() {
+        assert_eq!(
+            p.state.lock().unwrap().pool().lookup(&key(i)).unwrap().ip,
+            *ip
+        );
+    }
+    add_pod(&p, 5).await;
+    settle(&p).await;
+    let new = p.state.lock().unwrap().pool().lookup(&key(5)).unwrap().ip;
+    let enis = ec2.enis.lock().unwrap().clone();
+    assert!(
+        enis.values()
+            .any(|e| e.prefixes.iter().any(|pre| pre.contains(&new))),
+        "{new}"
+    );
+    let secondary: usize = enis.values().map(|e| e.secondary_ips.len()).sum();
+    assert_eq!(
+        secondary, 5,
+        "only the pods' secondary IPs are left: {enis:?}"
+    );
+
+    // And back to secondary IPs: the pod on a prefix keeps it.
+    drop(p);
+    let p = boot_with(
+        &ec2,
+        dir.path(),
+        Settings {
+            limits: Limits {
+                max_enis: 3,
+                ips_per_eni: 9,
+                max_pods: 27,
+            },
+            ..settings(WARM_ENI)
+        },
+    );
+    converge(&p).await;
+    for (i, ip) in held.iter().chain([&new]).enumerate() {
+        assert_eq!(
+            p.state.lock().unwrap().pool().lookup(&key(i)).unwrap().ip,
+            *ip
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_prefix_unassigned_or_assigned_behind_the_agents_back_is_reconciled() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(9));
+    let p = boot_with(&ec2, dir.path(), prefix_settings());
+    add_pod(&p, 0).await;
+    let ip = p.state.lock().unwrap().pool().lookup(&key(0)).unwrap().ip;
+    let prefix = ec2.enis.lock().unwrap()["eni-primary"].prefixes[0];
+    let extra: Ipv4Net = "10.0.200.0/28".parse().unwrap();
+    {
+        let mut enis = ec2.enis.lock().unwrap();
+        let e = enis.get_mut("eni-primary").unwrap();
+        e.prefixes = vec![extra];
+    }
+    let r = p.reconcile().await.unwrap();
+    assert_eq!(r.lost, vec![(key(0), ip, LostReason::Unassigned)]);
+    assert_eq!(r.removed.len(), 15);
+    assert_eq!(r.adopted.len(), 16);
+    let st = p.state.lock().unwrap();
+    assert_eq!(st.pool().prefixes_of("eni-primary"), vec![extra]);
+    assert!(
+        !st.pool()
+            .ips_of("eni-primary")
+            .iter()
+            .any(|a| prefix.contains(a))
+    );
 }
