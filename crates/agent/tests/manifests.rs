@@ -25,6 +25,7 @@ use k8s_openapi::Resource;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Container, PodSpec, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
@@ -478,6 +479,9 @@ fn check_document(v: &Value, is_kustomization_file: bool) -> Vec<String> {
         _ if is::<Service>(v) => typed_doc(typed::<Service>, true, &mut out),
         _ if is::<ClusterRole>(v) => typed_doc(typed::<ClusterRole>, false, &mut out),
         _ if is::<ClusterRoleBinding>(v) => typed_doc(typed::<ClusterRoleBinding>, false, &mut out),
+        _ if is::<CustomResourceDefinition>(v) => {
+            typed_doc(typed::<CustomResourceDefinition>, false, &mut out)
+        }
         ("monitoring.coreos.com/v1", "PodMonitor") => {
             check_shape(&POD_MONITOR, v, "$", &mut out);
             namespace_rule(v, true, &mut out);
