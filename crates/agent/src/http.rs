@@ -497,7 +497,10 @@ pub fn introspection(s: &Shared) -> serde_json::Value {
         })
         .collect();
     let limits = s.limits.map(|l| {
-        let max_ips = l.max_enis * l.ips_per_eni;
+        let max_ips = st
+            .capacity
+            .as_ref()
+            .map_or(l.max_enis * l.ips_per_eni, |c| c.0);
         json!({
             "maxENIs": l.max_enis, "ipsPerENI": l.ips_per_eni, "maxPods": l.max_pods,
             "maxIPs": max_ips,
@@ -520,6 +523,8 @@ pub fn introspection(s: &Shared) -> serde_json::Value {
         "drift": st.drift,
         "pending": st.pending,
         "blocker": st.blocker,
+        "prefixFallbacks": st.prefix_fallbacks,
+        "prefixFallbackEnis": st.prefix_fallback_active,
         "intents": st.intents.values().collect::<Vec<_>>(),
         "ec2": s.ec2.as_ref().map(|e| e.api_stats()).unwrap_or_default(),
     })

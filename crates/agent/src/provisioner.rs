@@ -373,7 +373,13 @@ pub struct Provisioner<C: Cloud, N: NodeNet> {
     /// Prefix delegation: where EC2 had no free /28 (an ENI, or `None` for new ENIs), and
     /// until when secondary addresses are used there instead.
     fallback: Mutex<BTreeMap<Option<String>, tokio::time::Instant>>,
+    /// When the pool last grew for waiting ADDs, and by how many addresses
+    /// ([`planner::Demand::burst`]).
+    burst: Mutex<Option<(tokio::time::Instant, u32)>>,
 }
+
+/// How long after growing for waiting ADDs more waiting ADDs count as the same burst.
+const BURST_WINDOW: Duration = Duration::from_secs(2);
 
 /// How long a reconcile keeps looking for an ENI detached behind the agent's back to delete
 /// it (it stays `detaching` for a while; someone may also attach it elsewhere, and then it is
@@ -412,6 +418,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             recent: Mutex::new(Recent::default()),
             foreign_devices: Mutex::new(Vec::new()),
             fallback: Mutex::default(),
+            burst: Mutex::default(),
         };
         {
             let mut st = p.lock();
@@ -955,8 +962,15 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                 age_ms: &age,
                 min_eni_age_ms: self.settings.min_eni_age.as_millis() as u64,
             };
+            let burst = self
+                .burst
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .filter(|(at, _)| at.elapsed() < BURST_WINDOW)
+                .map_or(0, |(_, n)| n);
             let demand = Demand {
                 pending: st.pending,
+                burst,
             };
             let fallback = self.fallback_now(&mut st);
             let action = planner::plan(
@@ -971,9 +985,9 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                 st.blocker = self.blocker(&usage, st.pending);
                 st.pending = 0;
             }
-            action
+            action.map(|a| (a, demand))
         };
-        let Some(action) = action else {
+        let Some((action, demand)) = action else {
             return Ok(None);
         };
         if matches!(
@@ -1055,6 +1069,16 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             // What was just added is not surplus: the ADDs that asked for it come back (the
             // runtime retries them), so nothing is released for a decrease interval.
             *self.last_decrease.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            if demand.pending > 0 {
+                let added = match action {
+                    Action::Assign { count, .. } => count,
+                    Action::AssignPrefixes { count, .. } => count * planner::PREFIX_ADDRS,
+                    Action::CreateEni { ips, prefixes } => ips + prefixes * planner::PREFIX_ADDRS,
+                    _ => 0,
+                };
+                *self.burst.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((tokio::time::Instant::now(), added));
+            }
         }
         result.map(|()| Some(action))
     }

@@ -91,6 +91,11 @@ pub enum Action {
 pub struct Demand {
     /// ADDs waiting for an address right now.
     pub pending: u32,
+    /// Addresses the pool last grew by for waiting ADDs, if that was a moment ago (a burst of
+    /// pods under way): while ADDs still wait, the next request is at least twice that, so a
+    /// burst is served in a few calls however its ADDs trickle in.
+    #[serde(default)]
+    pub burst: u32,
 }
 
 /// How old each ENI is, in milliseconds; ENIs younger than `min_eni_age_ms` are kept.
@@ -165,7 +170,12 @@ pub fn shortfall(t: &Totals, targets: &Targets, limits: &Limits, demand: Demand)
             0
         }
     };
-    want.max(demand.pending.saturating_sub(t.available))
+    let waiting = if demand.pending > t.available {
+        (demand.pending - t.available).max(demand.burst.saturating_mul(2))
+    } else {
+        0
+    };
+    want.max(waiting)
 }
 
 /// The next action that moves the pool towards its targets, or `None` when it is there (or
@@ -502,7 +512,15 @@ mod tests {
     fn pods(p: &mut Pool<String>, n: usize, t: Targets, limits: Limits) {
         for i in 0..n {
             if p.assign(format!("pod{i}"), 0).is_err() {
-                converge(p, t, limits, Demand { pending: 1 });
+                converge(
+                    p,
+                    t,
+                    limits,
+                    Demand {
+                        pending: 1,
+                        burst: 0,
+                    },
+                );
                 p.assign(format!("pod{i}"), 0).unwrap();
             }
         }
@@ -609,7 +627,18 @@ mod tests {
         };
         let mut p = fresh();
         pods(&mut p, 20, t, limits);
-        assert_eq!(converge(&mut p, t, limits, Demand { pending: 5 }), (3, 20));
+        assert_eq!(
+            converge(
+                &mut p,
+                t,
+                limits,
+                Demand {
+                    pending: 5,
+                    burst: 0
+                }
+            ),
+            (3, 20)
+        );
 
         let small = Limits {
             max_enis: 1,
@@ -617,7 +646,18 @@ mod tests {
             max_pods: 110,
         };
         let mut p = fresh();
-        assert_eq!(converge(&mut p, t, small, Demand { pending: 30 }), (1, 9));
+        assert_eq!(
+            converge(
+                &mut p,
+                t,
+                small,
+                Demand {
+                    pending: 30,
+                    burst: 0
+                }
+            ),
+            (1, 9)
+        );
     }
 
     #[test]
@@ -636,7 +676,10 @@ mod tests {
                 &usage,
                 &t,
                 &M5_LARGE,
-                Demand { pending: 6 },
+                Demand {
+                    pending: 6,
+                    burst: 0
+                },
                 &ages(),
                 &Fallback::default()
             ),
@@ -723,7 +766,10 @@ mod tests {
                 &usage,
                 &PD,
                 &M5_LARGE_PD,
-                Demand { pending: 110 },
+                Demand {
+                    pending: 110,
+                    burst: 0
+                },
                 &ages(),
                 &none
             ),
@@ -735,7 +781,15 @@ mod tests {
         pods(&mut p, 110, PD, M5_LARGE_PD);
         // 112 addresses on 7 prefixes: at the ceiling, nothing more however short.
         assert_eq!(
-            converge(&mut p, PD, M5_LARGE_PD, Demand { pending: 5 }),
+            converge(
+                &mut p,
+                PD,
+                M5_LARGE_PD,
+                Demand {
+                    pending: 5,
+                    burst: 0
+                }
+            ),
             (1, 112)
         );
         assert_eq!(p.stats(0).prefixes, 7);
@@ -746,6 +800,49 @@ mod tests {
         assert_eq!(
             converge(&mut p, PD, M5_LARGE_PD, Demand::default()),
             (1, 16)
+        );
+    }
+
+    #[test]
+    fn a_burst_still_under_way_gets_twice_what_it_got_last() {
+        let mut p = fresh();
+        p.set_prefer_prefixes(true);
+        converge(&mut p, PD, M5_LARGE_PD, Demand::default());
+        for i in 0..16 {
+            p.assign(format!("pod{i}"), 0).unwrap();
+        }
+        let usage = p.usage(1_000_000);
+        let ask = |burst| {
+            plan(
+                &usage,
+                &PD,
+                &M5_LARGE_PD,
+                Demand { pending: 3, burst },
+                &ages(),
+                &Fallback::default(),
+            )
+        };
+        assert_eq!(
+            ask(0),
+            Some(Action::AssignPrefixes {
+                eni_id: "eni-0".into(),
+                count: 1
+            })
+        );
+        assert_eq!(
+            ask(32),
+            Some(Action::AssignPrefixes {
+                eni_id: "eni-0".into(),
+                count: 4
+            })
+        );
+        // Never past the node's slots or max pods.
+        assert_eq!(
+            ask(1000),
+            Some(Action::AssignPrefixes {
+                eni_id: "eni-0".into(),
+                count: 6
+            })
         );
     }
 
@@ -776,7 +873,10 @@ mod tests {
                 &usage,
                 &PD,
                 &M5_LARGE_PD,
-                Demand { pending: 3 },
+                Demand {
+                    pending: 3,
+                    burst: 0
+                },
                 &ages(),
                 &fb
             ),
