@@ -11,7 +11,7 @@ use lab::store::{self, LabState};
 use lab::{paths, pods};
 use lab_aws::fidelity::{self, CallCount};
 
-const NODE: &str = "instance1";
+pub(crate) const NODE: &str = "instance1";
 
 /// ADD like a runtime: retried on failure (code 11 while the pool refills, or the agent
 /// restarting) for up to 120 s. Returns the failed attempts.
@@ -31,13 +31,13 @@ fn del(pod: &str) -> Result<()> {
     })
 }
 
-fn node_stats() -> Result<BTreeMap<String, CallCount>> {
+pub(crate) fn node_stats() -> Result<BTreeMap<String, CallCount>> {
     Ok(fidelity::load_stats_from(&paths::ec2_stats_file())?
         .remove(NODE)
         .unwrap_or_default())
 }
 
-fn diff(
+pub(crate) fn diff(
     after: &BTreeMap<String, CallCount>,
     before: &BTreeMap<String, CallCount>,
 ) -> BTreeMap<String, CallCount> {

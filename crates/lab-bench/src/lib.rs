@@ -1,6 +1,6 @@
 //! Benchmarks on the lab, driving it through the `lab` library: `perf` (the performance
 //! baseline, every figure side by side with its peer in one run) and `bench` (EC2 calls by API
-//! for a provisioning node) and `soak` (pod churn with faults, checked for duplicates and leaks).
+//! for a provisioning node), `prefixes` (prefix delegation side by side with secondary IPs) and `soak` (pod churn with faults, checked for duplicates and leaks).
 
 use std::time::{Duration, Instant};
 
@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 
 pub mod bench;
 pub mod perf;
+pub mod prefixes;
 pub mod soak;
 
 /// Calls `f` until it succeeds, every 200 ms for at most `limit` (a runtime retrying ADD while

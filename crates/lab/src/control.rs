@@ -336,20 +336,37 @@ pub fn status() -> Result<()> {
                 println!("    secondary {ip:<15} {who}");
             }
             for p in &e.prefixes {
-                println!("    prefix {p}");
+                let pods: Vec<String> = holders
+                    .iter()
+                    .filter(|((i, ip), _)| *i == inst.name && p.contains(ip))
+                    .map(|((_, ip), pod)| format!("{ip} {pod}"))
+                    .collect();
+                println!(
+                    "    prefix {p:<18} {} pods{}",
+                    pods.len(),
+                    if pods.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", pods.join(", "))
+                    }
+                );
             }
         }
     }
     let orphans: Vec<_> = holders
         .iter()
         .filter(|((inst, ip), _)| {
-            !world
-                .instance(inst)
-                .is_some_and(|i| i.enis.iter().any(|e| e.secondary_ips.contains(ip)))
+            !world.instance(inst).is_some_and(|i| {
+                i.enis.iter().any(|e| {
+                    e.secondary_ips.contains(ip) || e.prefixes.iter().any(|p| p.contains(ip))
+                })
+            })
         })
         .collect();
     for ((inst, ip), pod) in orphans {
-        println!("WARNING: pod {pod} on {inst} holds {ip}, which is not a secondary IP of {inst}");
+        println!(
+            "WARNING: pod {pod} on {inst} holds {ip}, which is neither a secondary IP nor in a prefix of {inst}"
+        );
     }
     Ok(())
 }

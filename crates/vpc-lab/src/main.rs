@@ -10,7 +10,7 @@ use lab::control::{self, Deploy, UpOptions};
 use lab::store::LabState;
 use lab::{aws_node, daemon, kubelet, matrix, paths, pods};
 use lab_aws::{fidelity, seed};
-use lab_bench::{bench, perf, soak};
+use lab_bench::{bench, perf, prefixes, soak};
 use lab_net::ns;
 
 #[derive(Debug, Parser)]
@@ -89,6 +89,14 @@ enum Cmd {
         /// ADD/DEL operations in the churn phase.
         #[arg(long, default_value_t = 300)]
         churn: usize,
+    },
+    /// Benchmark: prefix delegation side by side with secondary IPs on instance1 (an
+    /// m5.large): its max pods in each mode ADDed at once, wall time, ADD latency and EC2 calls
+    /// by API (brings up its own lab per mode, takes it down; prints a Markdown table).
+    BenchPrefixes {
+        /// Threads ADDing pods at once.
+        #[arg(long, default_value_t = 12)]
+        parallel: usize,
     },
     /// Benchmark: the performance baseline of issue 4 (ADD+DEL cycle and concurrent ADDs
     /// against ptp+host-local, forwarding rate, agent memory and start time against the number
@@ -351,6 +359,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&k)?);
         }
         Cmd::Bench { churn } => bench::run(churn)?,
+        Cmd::BenchPrefixes { parallel } => prefixes::run(parallel)?,
         Cmd::Perf(opts) => perf::run(&opts)?,
         Cmd::Soak(opts) => soak::run(&opts)?,
         Cmd::Ec2Stats => {
