@@ -35,6 +35,14 @@ pub struct Config {
     pub additional_eni_tags: std::collections::BTreeMap<String, String>,
     /// vpc-cni extension: ENIs younger than this are not deleted (the reference's fixed 60 s).
     pub min_eni_age_s: u64,
+    /// ANNOTATE_POD_IP: write `vpc.amazonaws.com/pod-ips` on each pod the agent gives an
+    /// address (through the Kubernetes API, outside the plugin's path).
+    pub annotate_pod_ip: bool,
+    /// MY_NODE_NAME: the node's name in the Kubernetes API (the DaemonSet sets it from
+    /// `spec.nodeName`).
+    pub node_name: Option<String>,
+    /// KUBECONFIG: the API server and credentials; unset, the pod's service account.
+    pub kubeconfig: Option<String>,
     /// `VPC_CNI_PREFIX_RETRY`: seconds an ENI EC2 could give no /28 prefix uses secondary IPs
     /// before prefixes are tried again.
     pub prefix_retry_s: u64,
@@ -320,7 +328,7 @@ pub const REFERENCE_README: &[Var] = &[
     no_effect(
         "CLUSTER_ENDPOINT",
         false,
-        "vpc-cni does not talk to the Kubernetes API server",
+        "vpc-cni finds the API server from its service account (or KUBECONFIG)",
     ),
     refused(
         "ENABLE_POD_ENI",
@@ -353,11 +361,7 @@ pub const REFERENCE_README: &[Var] = &[
     implemented("WARM_PREFIX_TARGET"),
     implemented("DISABLE_NETWORK_RESOURCE_PROVISIONING"),
     implemented("ENABLE_BANDWIDTH_PLUGIN"),
-    refused(
-        "ANNOTATE_POD_IP",
-        Keep::Bool(false),
-        "the vpc.amazonaws.com/pod-ips pod annotation",
-    ),
+    implemented("ANNOTATE_POD_IP"),
     refused_hint(
         "ENABLE_IPv4",
         Keep::Bool(true),
@@ -458,6 +462,8 @@ pub const OTHERS: &[Var] = &[
     implemented("VPC_CNI_PREFIX_RETRY"),
     implemented("VPC_CNI_LOG_FORMAT"),
     implemented("VPC_CNI_PROC_SYS"),
+    implemented("MY_NODE_NAME"),
+    implemented("KUBECONFIG"),
 ];
 
 /// The implemented variables the reference's `/v1/networkutils-env-settings` shows (host
@@ -715,6 +721,9 @@ fn parse(env: &Env, notices: Vec<Notice>) -> Result<Config, ConfigError> {
     };
     let min_eni_age_s = env.number::<u64>("VPC_CNI_MIN_ENI_AGE")?.unwrap_or(60);
     let prefix_retry_s = env.number::<u64>("VPC_CNI_PREFIX_RETRY")?.unwrap_or(120);
+    let annotate_pod_ip = env.boolean("ANNOTATE_POD_IP", false)?;
+    let node_name = env.get("MY_NODE_NAME").map(str::to_string);
+    let kubeconfig = env.get("KUBECONFIG").map(str::to_string);
 
     let external_snat = env.boolean("AWS_VPC_K8S_CNI_EXTERNALSNAT", false)?;
     let mut exclude_snat_cidrs = Vec::new();
@@ -851,6 +860,9 @@ fn parse(env: &Env, notices: Vec<Notice>) -> Result<Config, ConfigError> {
         additional_eni_tags,
         min_eni_age_s,
         prefix_retry_s,
+        annotate_pod_ip,
+        node_name,
+        kubeconfig,
         external_snat,
         exclude_snat_cidrs,
         randomize_snat,
@@ -983,6 +995,9 @@ impl Config {
             ),
             ("VPC_CNI_MIN_ENI_AGE", self.min_eni_age_s.to_string()),
             ("VPC_CNI_PREFIX_RETRY", self.prefix_retry_s.to_string()),
+            ("ANNOTATE_POD_IP", self.annotate_pod_ip.to_string()),
+            ("MY_NODE_NAME", self.node_name.clone().unwrap_or_default()),
+            ("KUBECONFIG", self.kubeconfig.clone().unwrap_or_default()),
             ("VPC_CNI_LOG_FORMAT", self.log_format.as_str().to_string()),
             ("VPC_CNI_PROC_SYS", path(&self.proc_sys)),
         ]

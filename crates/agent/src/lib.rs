@@ -38,6 +38,7 @@ pub mod housekeeping;
 pub mod http;
 pub mod init;
 pub mod install;
+pub mod k8s;
 pub mod max_pods;
 pub mod node_net;
 pub mod provisioner;

@@ -376,6 +376,9 @@ pub struct Provisioner<C: Cloud, N: NodeNet> {
     /// When the pool last grew for waiting ADDs, and by how many addresses
     /// ([`planner::Demand::burst`]).
     burst: Mutex<Option<(tokio::time::Instant, u32)>>,
+    /// The node's `status.capacity.pods` from the Kubernetes API (0: not known): caps
+    /// [`Settings::limits`]' max pods.
+    node_max_pods: std::sync::atomic::AtomicU32,
 }
 
 /// How long after growing for waiting ADDs more waiting ADDs count as the same burst.
@@ -419,16 +422,42 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             foreign_devices: Mutex::new(Vec::new()),
             fallback: Mutex::default(),
             burst: Mutex::default(),
+            node_max_pods: Default::default(),
         };
         {
             let mut st = p.lock();
             st.wake = Some(p.wake.clone());
             st.capacity = Some((p.capacity(), p.limit_message()));
-            st.max_pods = Some((p.settings.limits.max_pods, p.max_pods_message()));
+            st.max_pods = Some((p.limits().max_pods, p.max_pods_message()));
             st.pool_mut()
                 .set_prefer_prefixes(p.settings.targets.prefixes);
         }
         p
+    }
+
+    /// The limits in effect: the settings', with max pods capped by the node's capacity.
+    pub fn limits(&self) -> Limits {
+        let mut l = self.settings.limits;
+        match self.node_max_pods.load(Ordering::SeqCst) {
+            0 => {}
+            n => l.max_pods = l.max_pods.min(n),
+        }
+        l
+    }
+
+    /// The node's `status.capacity.pods` (from the Kubernetes API): the pool holds no more
+    /// addresses than that, and ADDs beyond it are refused.
+    pub fn set_node_max_pods(&self, pods: Option<u32>) {
+        let n = pods.unwrap_or(0);
+        if self.node_max_pods.swap(n, Ordering::SeqCst) == n {
+            return;
+        }
+        info!(capacity_pods = ?pods, max_pods = self.limits().max_pods, "the node's capacity in pods changed: the pool's ceiling follows");
+        let mut st = self.lock();
+        st.max_pods = Some((self.limits().max_pods, self.max_pods_message()));
+        if let Some(w) = &st.wake {
+            w.notify_one();
+        }
     }
 
     /// The most addresses the node's ENIs can hold in its mode.
@@ -444,9 +473,19 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
 
     /// "max pods 110 (m5.large with prefix delegation)"
     fn max_pods_message(&self) -> String {
+        let l = self.limits();
+        if l.max_pods < self.settings.limits.max_pods {
+            return format!(
+                "the node's max pods is {} (its capacity.pods in the Kubernetes API; {} {} allows {})",
+                l.max_pods,
+                self.node.instance_type,
+                self.mode(),
+                self.settings.limits.max_pods
+            );
+        }
         format!(
             "the node's max pods is {} ({} {})",
-            self.settings.limits.max_pods,
+            l.max_pods,
             self.node.instance_type,
             self.mode()
         )
@@ -976,13 +1015,14 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             let action = planner::plan(
                 &usage,
                 &self.settings.targets,
-                &self.settings.limits,
+                &self.limits(),
                 demand,
                 &ages,
                 &fallback,
             );
             if action.is_none() {
-                st.blocker = self.blocker(&usage, st.pending);
+                let b = self.blocker(&usage, st.pending);
+                st.set_blocker(b);
                 st.pending = 0;
             }
             action.map(|a| (a, demand))
@@ -1030,6 +1070,19 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             self.request_reconcile();
         }
         if let Err(ProvisionError::Cloud(e)) = &result
+            && matches!(
+                e.code(),
+                Some("UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException")
+            )
+        {
+            self.lock().set_blocker(Some((
+                "EC2Denied",
+                format!(
+                    "EC2 denied the node's request ({e}): its IAM role lacks a permission vpc-cni needs (deploy/iam-policy.json lists them)"
+                ),
+            )));
+        }
+        if let Err(ProvisionError::Cloud(e)) = &result
             && e.is_insufficient_cidr_blocks()
         {
             let at = match &action {
@@ -1054,11 +1107,14 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) =
                 Some(Instant::now() + self.settings.subnet_full_backoff);
-            self.lock().blocker = Some(format!(
-                "subnet {} has no free addresses (EC2: {}); free addresses in the subnet or add a subnet",
-                self.node.subnet_id,
-                e.code().unwrap_or_default()
-            ));
+            self.lock().set_blocker(Some((
+                "SubnetFull",
+                format!(
+                    "subnet {} has no free addresses (EC2: {}); free addresses in the subnet or add a subnet",
+                    self.node.subnet_id,
+                    e.code().unwrap_or_default()
+                ),
+            )));
         }
         if result.is_ok()
             && matches!(
@@ -1120,32 +1176,38 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             warn!(eni = at.as_deref().unwrap_or("(new ENIs)"), subnet = %self.node.subnet_id, retry_s = self.settings.prefix_retry.as_secs(),
                 "EC2 has no free /28 prefix in the subnet ({}): falling back to secondary IPs there, and trying prefixes again later", e.code().unwrap_or_default());
         }
-        st.blocker = Some(format!(
-            "prefix delegation: EC2 has no free /28 prefix in subnet {} ({}), so secondary IPs are tried instead",
-            self.node.subnet_id,
-            e.code().unwrap_or_default()
-        ));
+        st.set_blocker(Some((
+            "PrefixFallback",
+            format!(
+                "prefix delegation: EC2 has no free /28 prefix in subnet {} ({}), so secondary IPs are tried instead",
+                self.node.subnet_id,
+                e.code().unwrap_or_default()
+            ),
+        )));
     }
 
-    /// Why no action helps the pending ADDs (None when nothing is pending).
-    fn blocker(&self, usage: &[ipam::EniUsage], pending: u32) -> Option<String> {
+    /// Why no action helps the pending ADDs (None when nothing is pending): (reason, message).
+    fn blocker(&self, usage: &[ipam::EniUsage], pending: u32) -> Option<(&'static str, String)> {
         if pending == 0 {
             return None;
         }
         let t = planner::totals(usage);
-        let l = &self.settings.limits;
+        let l = &self.limits();
         if t.total >= l.max_pods {
-            return Some(format!(
-                "node at its max-pods ceiling of {} addresses ({}; {} ENIs × {} slots)",
-                l.max_pods,
-                self.max_pods_message(),
-                l.max_enis,
-                l.ips_per_eni
+            return Some((
+                "NodeAtMaxPods",
+                format!(
+                    "node at its max-pods ceiling of {} addresses ({}; {} ENIs × {} slots)",
+                    l.max_pods,
+                    self.max_pods_message(),
+                    l.max_enis,
+                    l.ips_per_eni
+                ),
             ));
         }
         if usage.len() as u32 >= l.max_enis && usage.iter().all(|u| u.slots as u32 >= l.ips_per_eni)
         {
-            return Some(self.limit_message());
+            return Some(("NodeAtENILimit", self.limit_message()));
         }
         None
     }
@@ -1188,7 +1250,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             .map_err(pool(format!("adding addresses to ENI {eni_id}")))?;
         place_held(&mut st, eni_id, &held);
         st.pending = st.pending.saturating_sub(new.len() as u32);
-        st.blocker = None;
+        st.set_blocker(None);
         info!(eni = %eni_id, count = new.len(), "assigned secondary IPs");
         Ok(())
     }
@@ -1212,7 +1274,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             added += taken.free.len() as u32;
         }
         st.pending = st.pending.saturating_sub(added);
-        st.blocker = None;
+        st.set_blocker(None);
         if let Err(e) = self.save(&st) {
             warn!("writing the checkpoint after assigning prefixes: {e}");
         }
@@ -1430,7 +1492,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
         st.eni_created.insert(eni.id.clone(), now);
         st.intents.remove(&intent.id);
         st.pending = st.pending.saturating_sub(added);
-        st.blocker = None;
+        st.set_blocker(None);
         self.save(&st)?;
         info!(eni = %eni.id, %ifname, device = device_index, ips = eni.secondary_ips.len(), prefixes = ?eni.prefixes, "ENI created and attached");
         Ok(())

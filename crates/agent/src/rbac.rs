@@ -2,9 +2,8 @@
 //! `deploy/base/clusterrole.yaml` grants (`tests/manifests.rs` compares the two, so a new API
 //! call without its rule, or a rule without a call, fails there).
 //!
-//! Today the agent makes no Kubernetes API call at all (it has no API client: it learns the node
-//! from IMDS and pods from the plugin), so [`RULES`] is empty, and the DaemonSet does not mount a
-//! service account token either. Whoever gives the agent an API client adds its rules here.
+//! The calls are [`crate::k8s`]'s: a watch on the agent's own node (its capacity), events on it,
+//! and the pod IP annotation.
 
 /// One permission: `verbs` on `resource` of API group `api_group` (`""` is the core group).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,7 +14,23 @@ pub struct Rule {
 }
 
 /// Every permission the agent uses, and no other.
-pub const RULES: &[Rule] = &[];
+pub const RULES: &[Rule] = &[
+    Rule {
+        api_group: "",
+        resource: "nodes",
+        verbs: &["get", "list", "watch"],
+    },
+    Rule {
+        api_group: "",
+        resource: "pods",
+        verbs: &["get", "patch"],
+    },
+    Rule {
+        api_group: "",
+        resource: "events",
+        verbs: &["create"],
+    },
+];
 
 /// Whether the agent talks to the Kubernetes API at all (it needs a service account token then).
 pub fn uses_the_api() -> bool {

@@ -21,8 +21,8 @@ use crate::server::ServerError;
 use crate::startup::StartupError;
 use crate::state::State;
 use crate::{
-    checkpoint, cloud_api, health, housekeeping, http, install, recovery, server, startup, state,
-    swap,
+    checkpoint, cloud_api, health, housekeeping, http, install, k8s, recovery, server, startup,
+    state, swap,
 };
 
 /// Why the agent could not start, or stopped serving.
@@ -166,6 +166,7 @@ pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
     ));
 
     let mut limits = None;
+    let mut provisioner = None;
     if let Some(ec2) = &ec2 {
         let reserved: Vec<u32> = enis
             .iter()
@@ -174,13 +175,15 @@ pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
             .collect();
         health.step("starting the provisioner");
         let cloud = Arc::new(Watched::new(ec2.clone(), health.clone()));
-        let provisioner = provisioner(&cfg, &md, cloud, state.clone(), reserved).await?;
-        limits = Some(provisioner.settings.limits);
-        if let Err(e) = provisioner.recover().await {
+        let p = self::provisioner(&cfg, &md, cloud, state.clone(), reserved).await?;
+        limits = Some(p.settings.limits);
+        if let Err(e) = p.recover().await {
             warn!("recovering unfinished ENI operations: {e}; will retry");
         }
-        tokio::spawn(provisioner.run());
+        tokio::spawn(p.clone().run());
+        provisioner = Some(p);
     }
+    start_k8s(&cfg, state.clone(), provisioner.clone()).await;
     let shared = http::Shared {
         state: state.clone(),
         counters: Arc::new(http::Counters::default()),
@@ -242,6 +245,62 @@ pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
     };
     let _ = std::fs::remove_file(&cfg.socket);
     result
+}
+
+/// The Kubernetes API side, if the agent has a client (`KUBECONFIG`, or the pod's service
+/// account): the node's capacity caps the pool, events on the node, the pod IP annotation.
+/// Starts background tasks only: nothing waits on the API server.
+async fn start_k8s(
+    cfg: &Config,
+    state: Arc<Mutex<State>>,
+    provisioner: Option<Arc<Provisioner<Watched<cloud::Ec2>, KernelNode>>>,
+) {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let client = match k8s::client_from_env(cfg.kubeconfig.as_deref(), in_cluster).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            info!(
+                "no Kubernetes API client (neither KUBECONFIG nor a service account): the node's capacity, node events and the pod IP annotation are off"
+            );
+            if cfg.annotate_pod_ip {
+                warn!(
+                    "ANNOTATE_POD_IP=true, but without a Kubernetes API client no pod is annotated"
+                );
+            }
+            return;
+        }
+        Err(e) => {
+            warn!("{e}: the node's capacity, node events and the pod IP annotation are off");
+            return;
+        }
+    };
+    let (outbox, sender) =
+        k8s::Outbox::new(client.clone(), cfg.node_name.clone().unwrap_or_default());
+    tokio::spawn(sender);
+    if cfg.annotate_pod_ip {
+        state.lock().unwrap_or_else(|p| p.into_inner()).pod_ips = Some(outbox.clone());
+    }
+    let Some(node) = cfg.node_name.clone() else {
+        warn!(
+            "MY_NODE_NAME is not set: the agent does not know its node in the Kubernetes API (no capacity, no node events)"
+        );
+        return;
+    };
+    info!(%node, annotate_pod_ip = cfg.annotate_pod_ip, "Kubernetes API client ready");
+    tokio::spawn(k8s::events_from_blockers(state.clone(), outbox));
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(k8s::watch_node(client, node, tx));
+    tokio::spawn(k8s::follow_capacity(rx, move |pods| match &provisioner {
+        Some(p) => p.set_node_max_pods(pods),
+        None => {
+            state.lock().unwrap_or_else(|p| p.into_inner()).max_pods = pods.map(|n| {
+                (
+                    n,
+                    format!("the node's max pods is {n} (its capacity.pods in the Kubernetes API)"),
+                )
+            });
+        }
+    }));
 }
 
 /// Builds the provisioner: instance limits from DescribeInstanceTypes (or the built-in

@@ -114,6 +114,8 @@ pub struct State {
     /// Why the provisioner cannot add addresses right now (node at its limit, subnet full…),
     /// shown in ADD errors.
     pub blocker: Option<String>,
+    /// The blocker's kind, in CamelCase (the reason of the node event that tells it).
+    pub blocker_reason: Option<&'static str>,
     /// Wakes the provisioner when an ADD finds no address.
     pub wake: Option<std::sync::Arc<tokio::sync::Notify>>,
     /// The most addresses the node can hold, and the message that says so (set when the
@@ -126,6 +128,8 @@ pub struct State {
     /// how many ENIs (or new ENIs) are in one now.
     pub prefix_fallbacks: u64,
     pub prefix_fallback_active: usize,
+    /// Where assigned addresses go for the pod IP annotation (`ANNOTATE_POD_IP`).
+    pub pod_ips: Option<crate::k8s::Outbox>,
     /// Cached instance-type limits (persisted).
     pub instance_limits: Option<crate::checkpoint::InstanceLimitsRecord>,
     /// Changes outside the agent that the provisioner's reconciles found.
@@ -156,6 +160,8 @@ impl State {
             eni_created: BTreeMap::new(),
             pending: 0,
             blocker: None,
+            blocker_reason: None,
+            pod_ips: None,
             wake: None,
             capacity: None,
             max_pods: None,
@@ -164,6 +170,14 @@ impl State {
             instance_limits: None,
             drift: Drift::default(),
         }
+    }
+
+    /// Sets (or clears) why the provisioner cannot add addresses: `(reason, message)`.
+    pub fn set_blocker(&mut self, b: Option<(&'static str, String)>) {
+        (self.blocker_reason, self.blocker) = match b {
+            Some((r, m)) => (Some(r), Some(m)),
+            None => (None, None),
+        };
     }
 
     pub fn now(&self) -> u64 {
@@ -718,6 +732,11 @@ impl State {
             return resp;
         }
         info!(%key, pod = %format!("{}/{}", pod.namespace, pod.name), ip = %a.ip, eni = %a.eni.id, "assigned");
+        if let Some(o) = &self.pod_ips
+            && !pod.name.is_empty()
+        {
+            o.pod_ip(&pod.namespace, &pod.name, a.ip);
+        }
         Response::Added {
             allocation: self.allocation(&a),
             existing: false,

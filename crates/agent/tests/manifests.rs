@@ -754,16 +754,26 @@ fn the_image_overrides_name_the_image_the_daemonset_runs() {
 
 // ---- agreement with the agent ------------------------------------------------------------------
 
+/// The container's literal env values. The one value from the downward API, MY_NODE_NAME
+/// from `spec.nodeName` (the node's name, no default of the agent's), is left out.
 fn env_of(c: &Container) -> HashMap<String, String> {
     c.env
         .iter()
         .flatten()
-        .map(|e| {
+        .filter_map(|e| {
+            let field = e
+                .value_from
+                .as_ref()
+                .and_then(|f| f.field_ref.as_ref())
+                .map(|f| f.field_path.as_str());
+            if e.value.is_none() && e.name == "MY_NODE_NAME" && field == Some("spec.nodeName") {
+                return None;
+            }
             let value = e
                 .value
                 .clone()
                 .unwrap_or_else(|| panic!("{}: env {} has no literal value", c.name, e.name));
-            (e.name.clone(), value)
+            Some((e.name.clone(), value))
         })
         .collect()
 }

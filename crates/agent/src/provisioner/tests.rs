@@ -1694,3 +1694,31 @@ async fn a_prefix_unassigned_or_assigned_behind_the_agents_back_is_reconciled() 
             .any(|a| prefix.contains(a))
     );
 }
+
+#[tokio::test]
+async fn the_nodes_capacity_in_pods_caps_the_pool_and_the_adds() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(9));
+    let p = boot_with(&ec2, dir.path(), prefix_settings());
+    p.set_node_max_pods(Some(20));
+    assert_eq!(p.limits().max_pods, 20);
+    for i in 0..20 {
+        add_pod(&p, i).await;
+    }
+    converge(&p).await;
+    // 20 pods: 2 prefixes (32 addresses) are enough, however short the warm target is.
+    assert_eq!(ec2.enis.lock().unwrap()["eni-primary"].prefixes.len(), 2);
+    let r = add(&p, 20);
+    let proto::Response::Error { code, message } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(code, crate::state::code::TRY_AGAIN_LATER);
+    assert!(
+        message.contains("max pods is 20 (its capacity.pods in the Kubernetes API; m5.large with prefix delegation allows 110)"),
+        "{message}"
+    );
+    // The capacity gone (the node object lost it): back to the type's.
+    p.set_node_max_pods(None);
+    assert_eq!(p.limits().max_pods, 110);
+    add_pod(&p, 20).await;
+}

@@ -24,7 +24,7 @@
 //!   a variable ([`HOST_SIDE_PATH_VARS`]) is set to the host path, and the host directory is
 //!   mounted at that same path in the container too ([`container_env`]).
 //!
-//! Anything the lab does not model (other volume types, `valueFrom`, other probe kinds,
+//! Anything the lab does not model (other volume types, a `valueFrom` other than the node name (`spec.nodeName`), other probe kinds,
 //! lifecycle hooks, limits, …) is refused with its name rather than ignored.
 
 use std::collections::{BTreeMap, HashMap};
@@ -567,14 +567,22 @@ fn container_env(
     init: bool,
     mounts: &[MountPlan],
     lab: &LabEnv,
+    node_name: &str,
 ) -> Result<(EnvList, Vec<MountPlan>)> {
     let mut env: EnvList = Vec::new();
     for e in c.env.iter().flatten() {
-        if e.value_from.is_some() {
-            bail!(
-                "env {:?} uses valueFrom, which the lab's kubelet does not model",
-                e.name
-            );
+        if let Some(from) = &e.value_from {
+            // The downward API's node name is the one `valueFrom` the lab models.
+            match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                Some("spec.nodeName") => {
+                    set(&mut env, &e.name, node_name.to_string());
+                    continue;
+                }
+                _ => bail!(
+                    "env {:?} uses a valueFrom other than fieldRef spec.nodeName, which the lab's kubelet does not model",
+                    e.name
+                ),
+            }
         }
         let v = expand(e.value.as_deref().unwrap_or(""), |n| {
             env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone())
@@ -669,7 +677,8 @@ fn container_plan(
         .with_context(|| format!("{} has no image", ctx()))?;
     let pull_policy = PullPolicy::of(&image, c.image_pull_policy.as_deref()).with_context(ctx)?;
     let mounts = mounts(c, volumes).with_context(ctx)?;
-    let (env, extra_mounts) = container_env(c, init, &mounts, &node.env).with_context(ctx)?;
+    let (env, extra_mounts) =
+        container_env(c, init, &mounts, &node.env, &node.instance).with_context(ctx)?;
     let lookup = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     let command: Vec<String> = c
         .command
@@ -1074,7 +1083,7 @@ mod tests {
             node: vec![("A".into(), "node".into())],
             extra: vec![],
         };
-        let (env, extra_mounts) = container_env(&c, false, &[], &lab).unwrap();
+        let (env, extra_mounts) = container_env(&c, false, &[], &lab, "instance1").unwrap();
         assert_eq!(
             env,
             vec![
@@ -1231,7 +1240,7 @@ mod tests {
             ),
             (
                 "/spec/template/spec/containers/0/env/0",
-                serde_json::json!({"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}),
+                serde_json::json!({"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}}),
                 "valueFrom",
             ),
             (
