@@ -5,7 +5,9 @@
 use std::future::Future;
 use std::net::Ipv4Addr;
 
-use cloud::{CloudError, Ec2, Filter, InstanceTypeInfo, IpRequest, NetworkInterface, NewEni};
+use cloud::{
+    CloudError, Ec2, Filter, InstanceTypeInfo, IpRequest, NetworkInterface, NewEni, Subnet,
+};
 use ipnet::Ipv4Net;
 use tracing::warn;
 
@@ -71,6 +73,11 @@ pub trait Cloud: Send + Sync + 'static {
         &self,
         instance_type: &str,
     ) -> impl Future<Output = Result<InstanceTypeInfo, CloudError>> + Send;
+    /// One subnet by id (custom networking: the ENIConfig's subnet).
+    fn describe_subnet(
+        &self,
+        subnet_id: &str,
+    ) -> impl Future<Output = Result<Subnet, CloudError>> + Send;
 }
 
 impl Cloud for Ec2 {
@@ -133,6 +140,9 @@ impl Cloud for Ec2 {
         instance_type: &str,
     ) -> Result<InstanceTypeInfo, CloudError> {
         self.describe_instance_type_info(instance_type).await
+    }
+    async fn describe_subnet(&self, subnet_id: &str) -> Result<Subnet, CloudError> {
+        Ec2::describe_subnet(self, subnet_id).await
     }
 }
 

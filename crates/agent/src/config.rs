@@ -35,6 +35,13 @@ pub struct Config {
     pub additional_eni_tags: std::collections::BTreeMap<String, String>,
     /// vpc-cni extension: ENIs younger than this are not deleted (the reference's fixed 60 s).
     pub min_eni_age_s: u64,
+    /// AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG: new ENIs in the subnet, with the security groups, of
+    /// the node's ENIConfig; the primary ENI carries no pods.
+    pub custom_networking: bool,
+    /// ENI_CONFIG_LABEL_DEF / ENI_CONFIG_ANNOTATION_DEF: the node label and annotation that
+    /// name its ENIConfig.
+    pub eni_config_label: String,
+    pub eni_config_annotation: String,
     /// ANNOTATE_POD_IP: write `vpc.amazonaws.com/pod-ips` on each pod the agent gives an
     /// address (through the Kubernetes API, outside the plugin's path).
     pub annotate_pod_ip: bool,
@@ -276,9 +283,6 @@ const fn refused_hint(
     }
 }
 
-const CUSTOM_NETWORKING_ONLY: &str = "read only with custom networking \
-    (AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true), which vpc-cni refuses";
-
 /// Every variable of the reference's README (v1.23), in its order.
 pub const REFERENCE_README: &[Var] = &[
     Var {
@@ -291,13 +295,9 @@ pub const REFERENCE_README: &[Var] = &[
         },
     },
     implemented("AWS_VPC_CNI_NODE_PORT_SUPPORT"),
-    refused(
-        "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG",
-        Keep::Bool(false),
-        "custom networking (ENIConfig subnets and security groups)",
-    ),
-    no_effect("ENI_CONFIG_ANNOTATION_DEF", false, CUSTOM_NETWORKING_ONLY),
-    no_effect("ENI_CONFIG_LABEL_DEF", false, CUSTOM_NETWORKING_ONLY),
+    implemented("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG"),
+    implemented("ENI_CONFIG_ANNOTATION_DEF"),
+    implemented("ENI_CONFIG_LABEL_DEF"),
     implemented("HOST_CNI_BIN_PATH"),
     implemented("HOST_CNI_CONFDIR_PATH"),
     implemented("AWS_VPC_ENI_MTU"),
@@ -722,6 +722,9 @@ fn parse(env: &Env, notices: Vec<Notice>) -> Result<Config, ConfigError> {
     let min_eni_age_s = env.number::<u64>("VPC_CNI_MIN_ENI_AGE")?.unwrap_or(60);
     let prefix_retry_s = env.number::<u64>("VPC_CNI_PREFIX_RETRY")?.unwrap_or(120);
     let annotate_pod_ip = env.boolean("ANNOTATE_POD_IP", false)?;
+    let custom_networking = env.boolean("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", false)?;
+    let eni_config_label = env.string("ENI_CONFIG_LABEL_DEF", crate::k8s::ENI_CONFIG_KEY);
+    let eni_config_annotation = env.string("ENI_CONFIG_ANNOTATION_DEF", crate::k8s::ENI_CONFIG_KEY);
     let node_name = env.get("MY_NODE_NAME").map(str::to_string);
     let kubeconfig = env.get("KUBECONFIG").map(str::to_string);
 
@@ -860,6 +863,9 @@ fn parse(env: &Env, notices: Vec<Notice>) -> Result<Config, ConfigError> {
         additional_eni_tags,
         min_eni_age_s,
         prefix_retry_s,
+        custom_networking,
+        eni_config_label,
+        eni_config_annotation,
         annotate_pod_ip,
         node_name,
         kubeconfig,
@@ -996,6 +1002,15 @@ impl Config {
             ("VPC_CNI_MIN_ENI_AGE", self.min_eni_age_s.to_string()),
             ("VPC_CNI_PREFIX_RETRY", self.prefix_retry_s.to_string()),
             ("ANNOTATE_POD_IP", self.annotate_pod_ip.to_string()),
+            (
+                "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG",
+                self.custom_networking.to_string(),
+            ),
+            ("ENI_CONFIG_LABEL_DEF", self.eni_config_label.clone()),
+            (
+                "ENI_CONFIG_ANNOTATION_DEF",
+                self.eni_config_annotation.clone(),
+            ),
             ("MY_NODE_NAME", self.node_name.clone().unwrap_or_default()),
             ("KUBECONFIG", self.kubeconfig.clone().unwrap_or_default()),
             ("VPC_CNI_LOG_FORMAT", self.log_format.as_str().to_string()),
@@ -1280,7 +1295,7 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{}={value:?} refused: {e}", v.name));
             }
         }
-        assert!(refused >= 13, "{refused}");
+        assert!(refused >= 11, "{refused}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cloud::{CloudError, Filter, InstanceTypeInfo, NetworkInterface, NewEni};
+use cloud::{CloudError, Filter, InstanceTypeInfo, NetworkInterface, NewEni, Subnet};
 use ipnet::Ipv4Net;
 
 use crate::cloud_api::Cloud;
@@ -326,6 +326,9 @@ impl<C: Cloud> Cloud for Watched<C> {
     ) -> Result<InstanceTypeInfo, CloudError> {
         self.inner.instance_type_info(instance_type).await
     }
+    async fn describe_subnet(&self, subnet_id: &str) -> Result<Subnet, CloudError> {
+        self.inner.describe_subnet(subnet_id).await
+    }
 }
 
 #[cfg(test)]
@@ -486,6 +489,9 @@ mod tests {
         }
         async fn describe_enis(&self, _: &[Filter]) -> Result<Vec<NetworkInterface>, CloudError> {
             self.answer("DescribeNetworkInterfaces", Vec::new())
+        }
+        async fn describe_subnet(&self, _: &str) -> Result<Subnet, CloudError> {
+            Err(CloudError::NoRegion)
         }
         async fn instance_type_info(&self, _: &str) -> Result<InstanceTypeInfo, CloudError> {
             self.answer(

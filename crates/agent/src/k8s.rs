@@ -1,6 +1,7 @@
-//! The agent's Kubernetes API client (`kube`): the node's `status.capacity.pods` (a watch on
-//! this node only, no polling), events on the node when it cannot get addresses, and the
-//! `vpc.amazonaws.com/pod-ips` pod annotation (`ANNOTATE_POD_IP`).
+//! The agent's Kubernetes API client (`kube`): the node's `status.capacity.pods` and the labels
+//! and annotations that name its ENIConfig (a watch on this node only, no polling), the
+//! ENIConfigs (custom networking: a watch), events on the node when it cannot get addresses,
+//! and the `vpc.amazonaws.com/pod-ips` pod annotation (`ANNOTATE_POD_IP`).
 //!
 //! Nothing here is in the plugin's path: the agent starts and serves pods from its checkpoint
 //! and EC2 while the API server is unreachable, and says so; what it has to tell the API (an
@@ -23,6 +24,150 @@ use tracing::{info, warn};
 
 /// The pod annotation `ANNOTATE_POD_IP` writes (the reference's).
 pub const POD_IPS_ANNOTATION: &str = "vpc.amazonaws.com/pod-ips";
+
+/// The default node label and annotation naming the node's ENIConfig
+/// (`ENI_CONFIG_LABEL_DEF`, `ENI_CONFIG_ANNOTATION_DEF`).
+pub const ENI_CONFIG_KEY: &str = "k8s.amazonaws.com/eniConfig";
+/// The node label that names the ENIConfig before anything else (the reference's).
+pub const EXTERNAL_ENI_CONFIG_LABEL: &str = "vpc.amazonaws.com/externalEniConfig";
+/// The ENIConfig a node uses when nothing names one.
+pub const DEFAULT_ENI_CONFIG: &str = "default";
+
+/// The `ENIConfig` custom resource (`crd.k8s.amazonaws.com/v1alpha1`, cluster-scoped; the
+/// reference's schema): the subnet and security groups of a node's ENIs with custom networking.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct EniConfig {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: EniConfigSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EniConfigSpec {
+    #[serde(default)]
+    pub subnet: String,
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+}
+
+impl k8s_openapi::Resource for EniConfig {
+    const API_VERSION: &'static str = "crd.k8s.amazonaws.com/v1alpha1";
+    const GROUP: &'static str = "crd.k8s.amazonaws.com";
+    const KIND: &'static str = "ENIConfig";
+    const VERSION: &'static str = "v1alpha1";
+    const URL_PATH_SEGMENT: &'static str = "eniconfigs";
+    type Scope = k8s_openapi::ClusterResourceScope;
+}
+
+impl k8s_openapi::ListableResource for EniConfig {
+    const LIST_KIND: &'static str = "ENIConfigList";
+}
+
+impl k8s_openapi::Metadata for EniConfig {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// The name of the node's ENIConfig, as the reference finds it: the label
+/// [`EXTERNAL_ENI_CONFIG_LABEL`], else the annotation `annotation`, else the label `label`,
+/// else [`DEFAULT_ENI_CONFIG`].
+pub fn eni_config_name(node: &NodeView, label: &str, annotation: &str) -> String {
+    node.labels
+        .get(EXTERNAL_ENI_CONFIG_LABEL)
+        .or_else(|| node.annotations.get(annotation))
+        .or_else(|| node.labels.get(label))
+        .cloned()
+        .unwrap_or_else(|| DEFAULT_ENI_CONFIG.to_string())
+}
+
+/// Calls `apply` with the node's ENIConfig (custom networking) each time the node's naming of
+/// it or the ENIConfigs change: unknown until both have been read.
+pub async fn follow_eni_config(
+    mut node: tokio::sync::watch::Receiver<Option<NodeView>>,
+    mut configs: tokio::sync::watch::Receiver<Option<BTreeMap<String, EniConfigSpec>>>,
+    label: String,
+    annotation: String,
+    apply: impl Fn(crate::provisioner::EniConfigState),
+) {
+    use crate::provisioner::EniConfigState;
+    loop {
+        let state = match (&*node.borrow_and_update(), &*configs.borrow_and_update()) {
+            (Some(n), Some(all)) => {
+                let name = eni_config_name(n, &label, &annotation);
+                match all.get(&name) {
+                    Some(spec) => EniConfigState::Found {
+                        name,
+                        subnet: spec.subnet.clone(),
+                        security_groups: spec.security_groups.clone(),
+                    },
+                    None => EniConfigState::Missing { name },
+                }
+            }
+            _ => EniConfigState::Unknown,
+        };
+        apply(state);
+        tokio::select! {
+            r = node.changed() => if r.is_err() { return },
+            r = configs.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Watches the ENIConfigs and publishes them by name; runs until the process ends, through
+/// API server outages (retried with kube's backoff).
+pub async fn watch_eni_configs(
+    client: kube::Client,
+    tx: tokio::sync::watch::Sender<Option<BTreeMap<String, EniConfigSpec>>>,
+) {
+    let api: Api<EniConfig> = Api::all(client);
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    let mut next: BTreeMap<String, EniConfigSpec> = BTreeMap::new();
+    let mut down = false;
+    while let Some(item) = stream.next().await {
+        let event = match item {
+            Ok(e) => e,
+            Err(e) => {
+                if !down {
+                    warn!("watching the ENIConfigs through the Kubernetes API: {e}; retrying");
+                    down = true;
+                }
+                continue;
+            }
+        };
+        down = false;
+        let name = |c: &EniConfig| c.metadata.name.clone().unwrap_or_default();
+        match event {
+            watcher::Event::Init => next.clear(),
+            watcher::Event::InitApply(c) => {
+                next.insert(name(&c), c.spec);
+            }
+            watcher::Event::InitDone => {
+                tx.send_replace(Some(next.clone()));
+            }
+            watcher::Event::Apply(c) => {
+                tx.send_modify(|m| {
+                    m.get_or_insert_default().insert(name(&c), c.spec.clone());
+                });
+                next.insert(name(&c), c.spec);
+            }
+            watcher::Event::Delete(c) => {
+                tx.send_modify(|m| {
+                    if let Some(m) = m {
+                        m.remove(&name(&c));
+                    }
+                });
+                next.remove(&name(&c));
+            }
+        }
+    }
+}
 
 /// How many events or annotations wait for the API server at most; older ones go first.
 const QUEUE: usize = 1024;

@@ -62,6 +62,8 @@ pub struct NodeIdentity {
     pub subnet_id: String,
     pub subnet: Ipv4Net,
     pub security_groups: Vec<String>,
+    /// The instance's zone: an ENIConfig's subnet must be in it.
+    pub availability_zone: String,
     pub eni_mtu: u32,
     pub cluster_name: Option<String>,
     pub additional_tags: BTreeMap<String, String>,
@@ -91,6 +93,28 @@ pub struct Settings {
     /// How long an ENI EC2 could give no prefix (`InsufficientCidrBlocks`) gets secondary
     /// addresses before prefixes are tried again.
     pub prefix_retry: Duration,
+}
+
+/// Custom networking: the node's ENIConfig as the Kubernetes API last gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EniConfigState {
+    /// Not read yet (the API server has not answered).
+    Unknown,
+    /// The node names this ENIConfig, and there is none of that name.
+    Missing { name: String },
+    Found {
+        name: String,
+        subnet: String,
+        security_groups: Vec<String>,
+    },
+}
+
+/// Where a new ENI goes: subnet and security groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct EniTarget {
+    subnet_id: String,
+    subnet: Ipv4Net,
+    security_groups: Vec<String>,
 }
 
 /// How long a failed reconcile waits before the next try (at most the reconcile interval).
@@ -316,6 +340,13 @@ pub enum ProvisionError {
     StillAttached { eni: String },
     #[error("checkpoint: {0}")]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// Custom networking: no ENI can be created where the node's ENIConfig says (`reason` is
+    /// the node event's).
+    #[error("{message}")]
+    CustomNetworking {
+        reason: &'static str,
+        message: String,
+    },
     /// EC2's list of the instance's attached ENIs cannot be right: it lacks the primary ENI
     /// (which cannot be detached). The pool is not changed on such an answer.
     #[error(
@@ -379,6 +410,10 @@ pub struct Provisioner<C: Cloud, N: NodeNet> {
     /// The node's `status.capacity.pods` from the Kubernetes API (0: not known): caps
     /// [`Settings::limits`]' max pods.
     node_max_pods: std::sync::atomic::AtomicU32,
+    /// Custom networking (`None`: off): the node's ENIConfig.
+    eni_config: Option<Mutex<EniConfigState>>,
+    /// Subnets learned from EC2 (custom networking), by id.
+    subnets: Mutex<BTreeMap<String, cloud::Subnet>>,
 }
 
 /// How long after growing for waiting ADDs more waiting ADDs count as the same burst.
@@ -423,6 +458,8 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             fallback: Mutex::default(),
             burst: Mutex::default(),
             node_max_pods: Default::default(),
+            eni_config: None,
+            subnets: Mutex::default(),
         };
         {
             let mut st = p.lock();
@@ -433,6 +470,110 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                 .set_prefer_prefixes(p.settings.targets.prefixes);
         }
         p
+    }
+
+    /// Custom networking: new ENIs go where the node's ENIConfig says (set with
+    /// [`Provisioner::set_eni_config`]); the start-up leaves the primary ENI out of the pool.
+    pub fn with_custom_networking(mut self) -> Self {
+        self.eni_config = Some(Mutex::new(EniConfigState::Unknown));
+        self
+    }
+
+    /// The node's ENIConfig changed (custom networking): new ENIs only follow it, as in the
+    /// reference.
+    pub fn set_eni_config(&self, state: EniConfigState) {
+        let Some(cur) = &self.eni_config else { return };
+        let mut cur = cur.lock().unwrap_or_else(|p| p.into_inner());
+        if *cur != state {
+            info!(
+                ?state,
+                "the node's ENIConfig (custom networking): new ENIs follow it"
+            );
+            *cur = state;
+            if let Some(w) = &self.lock().wake {
+                w.notify_one();
+            }
+        }
+    }
+
+    /// Where a new ENI goes: the node's subnet and groups, or (custom networking) its
+    /// ENIConfig's, refused when the ENIConfig is missing or names a subnet in another zone.
+    async fn eni_target(&self) -> Result<EniTarget, ProvisionError> {
+        let Some(state) = &self.eni_config else {
+            return Ok(EniTarget {
+                subnet_id: self.node.subnet_id.clone(),
+                subnet: self.node.subnet,
+                security_groups: self.node.security_groups.clone(),
+            });
+        };
+        let state = state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (name, subnet_id, groups) = match state {
+            EniConfigState::Unknown => {
+                return Err(ProvisionError::CustomNetworking {
+                    reason: "ENIConfigUnknown",
+                    message: "custom networking: the node's ENIConfig is not known yet (the Kubernetes API has not answered); no ENI is created until it is".into(),
+                });
+            }
+            EniConfigState::Missing { name } => {
+                return Err(ProvisionError::CustomNetworking {
+                    reason: "ENIConfigMissing",
+                    message: format!(
+                        "custom networking: the node names ENIConfig {name:?}, and there is none; create it (spec.subnet, spec.securityGroups) or label the node with an existing one; no ENI is created meanwhile"
+                    ),
+                });
+            }
+            EniConfigState::Found {
+                name,
+                subnet,
+                security_groups,
+            } => (name, subnet, security_groups),
+        };
+        let known = self
+            .subnets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&subnet_id)
+            .cloned();
+        let subnet = match known {
+            Some(s) => s,
+            None => {
+                let s = match self.cloud.describe_subnet(&subnet_id).await {
+                    Ok(s) => s,
+                    Err(e) if e.is_not_found() => {
+                        return Err(ProvisionError::CustomNetworking {
+                            reason: "ENIConfigSubnetMissing",
+                            message: format!(
+                                "custom networking: ENIConfig {name:?} names subnet {subnet_id}, which EC2 does not know ({e}); no ENI is created"
+                            ),
+                        });
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                self.subnets
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(subnet_id.clone(), s.clone());
+                s
+            }
+        };
+        if subnet.availability_zone != self.node.availability_zone {
+            return Err(ProvisionError::CustomNetworking {
+                reason: "ENIConfigWrongZone",
+                message: format!(
+                    "custom networking: ENIConfig {name:?} names subnet {subnet_id} in zone {}, but this node is in {}: an ENI can only attach in its instance's zone; no ENI is created (name an ENIConfig of this zone, e.g. label the node with ENI_CONFIG_LABEL_DEF=topology.kubernetes.io/zone and one ENIConfig per zone)",
+                    subnet.availability_zone, self.node.availability_zone
+                ),
+            });
+        }
+        Ok(EniTarget {
+            subnet_id,
+            subnet: subnet.cidr,
+            security_groups: if groups.is_empty() {
+                self.node.security_groups.clone()
+            } else {
+                groups
+            },
+        })
     }
 
     /// The limits in effect: the settings', with max pods capped by the node's capacity.
@@ -1069,6 +1210,9 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             );
             self.request_reconcile();
         }
+        if let Err(ProvisionError::CustomNetworking { reason, message }) = &result {
+            self.lock().set_blocker(Some((reason, message.clone())));
+        }
         if let Err(ProvisionError::Cloud(e)) = &result
             && matches!(
                 e.code(),
@@ -1363,6 +1507,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
     }
 
     async fn create_eni(&self, ips: u32, prefixes: u32) -> Result<(), ProvisionError> {
+        let target = self.eni_target().await?;
         let intent = {
             let mut st = self.lock();
             let intent = IntentRecord {
@@ -1377,7 +1522,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             self.save(&st)?;
             intent
         };
-        match self.create_eni_steps(&intent, ips, prefixes).await {
+        match self.create_eni_steps(&intent, &target, ips, prefixes).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 warn!(intent = %intent.id, "creating an ENI failed: {e}; undoing");
@@ -1403,6 +1548,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
     async fn create_eni_steps(
         &self,
         intent: &IntentRecord,
+        target: &EniTarget,
         ips: u32,
         prefixes: u32,
     ) -> Result<(), ProvisionError> {
@@ -1424,9 +1570,9 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             .cloud
             .create_eni(
                 &NewEni {
-                    subnet_id: self.node.subnet_id.clone(),
+                    subnet_id: target.subnet_id.clone(),
                     private_ip: None,
-                    security_groups: self.node.security_groups.clone(),
+                    security_groups: target.security_groups.clone(),
                     description: format!("aws-K8S-{}", self.node.instance_id),
                     tags,
                     secondary_ip_count: ips,
@@ -1449,7 +1595,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
             mac: eni.mac.clone(),
             device_number: device_index,
             primary_ip: eni.primary_ip,
-            subnet: self.node.subnet,
+            subnet: target.subnet,
             mtu: self.node.eni_mtu,
         };
         let net = self.net.clone();
@@ -1469,7 +1615,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                 EniInfo {
                     id: eni.id.clone(),
                     device_number: device_index,
-                    subnet: self.node.subnet,
+                    subnet: target.subnet,
                     primary_ip: eni.primary_ip,
                 },
                 &ips,

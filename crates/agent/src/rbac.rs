@@ -2,8 +2,9 @@
 //! `deploy/base/clusterrole.yaml` grants (`tests/manifests.rs` compares the two, so a new API
 //! call without its rule, or a rule without a call, fails there).
 //!
-//! The calls are [`crate::k8s`]'s: a watch on the agent's own node (its capacity), events on it,
-//! and the pod IP annotation.
+//! The calls are [`crate::k8s`]'s: a watch on the agent's own node (its capacity and ENIConfig
+//! label), a watch on the ENIConfigs (custom networking), events on the node, and the pod IP
+//! annotation.
 
 /// One permission: `verbs` on `resource` of API group `api_group` (`""` is the core group).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +30,11 @@ pub const RULES: &[Rule] = &[
         api_group: "",
         resource: "events",
         verbs: &["create"],
+    },
+    Rule {
+        api_group: "crd.k8s.amazonaws.com",
+        resource: "eniconfigs",
+        verbs: &["get", "list", "watch"],
     },
 ];
 

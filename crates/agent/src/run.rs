@@ -47,6 +47,10 @@ pub enum AgentError {
     #[error("IMDS lists no primary ENI (device number 0)")]
     NoPrimaryEni,
     #[error(
+        "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true needs the Kubernetes API (the node's ENIConfig): {0}"
+    )]
+    CustomNetworking(String),
+    #[error(
         "ENABLE_PREFIX_DELEGATION=true, but {instance_type} is not a Nitro instance type (hypervisor {hypervisor}): EC2 assigns /28 prefixes only to Nitro-based instances; set ENABLE_PREFIX_DELEGATION=false on this node, or run it on a Nitro type"
     )]
     PrefixesNeedNitro {
@@ -183,7 +187,7 @@ pub async fn run(cfg: Config, started: Instant) -> Result<(), AgentError> {
         tokio::spawn(p.clone().run());
         provisioner = Some(p);
     }
-    start_k8s(&cfg, state.clone(), provisioner.clone()).await;
+    start_k8s(&cfg, state.clone(), provisioner.clone()).await?;
     let shared = http::Shared {
         state: state.clone(),
         counters: Arc::new(http::Counters::default()),
@@ -254,10 +258,18 @@ async fn start_k8s(
     cfg: &Config,
     state: Arc<Mutex<State>>,
     provisioner: Option<Arc<Provisioner<Watched<cloud::Ec2>, KernelNode>>>,
-) {
+) -> Result<(), AgentError> {
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let custom = cfg.custom_networking && provisioner.is_some();
     let client = match k8s::client_from_env(cfg.kubeconfig.as_deref(), in_cluster).await {
         Ok(Some(c)) => c,
+        Ok(None) if custom => {
+            return Err(AgentError::CustomNetworking(
+                "neither KUBECONFIG nor a service account gives the agent the Kubernetes API"
+                    .into(),
+            ));
+        }
+        Err(e) if custom => return Err(AgentError::CustomNetworking(e.to_string())),
         Ok(None) => {
             info!(
                 "no Kubernetes API client (neither KUBECONFIG nor a service account): the node's capacity, node events and the pod IP annotation are off"
@@ -267,11 +279,11 @@ async fn start_k8s(
                     "ANNOTATE_POD_IP=true, but without a Kubernetes API client no pod is annotated"
                 );
             }
-            return;
+            return Ok(());
         }
         Err(e) => {
             warn!("{e}: the node's capacity, node events and the pod IP annotation are off");
-            return;
+            return Ok(());
         }
     };
     let (outbox, sender) =
@@ -281,15 +293,32 @@ async fn start_k8s(
         state.lock().unwrap_or_else(|p| p.into_inner()).pod_ips = Some(outbox.clone());
     }
     let Some(node) = cfg.node_name.clone() else {
+        if custom {
+            return Err(AgentError::CustomNetworking(
+                "MY_NODE_NAME is not set, so the agent cannot read its node's ENIConfig label"
+                    .into(),
+            ));
+        }
         warn!(
             "MY_NODE_NAME is not set: the agent does not know its node in the Kubernetes API (no capacity, no node events)"
         );
-        return;
+        return Ok(());
     };
-    info!(%node, annotate_pod_ip = cfg.annotate_pod_ip, "Kubernetes API client ready");
+    info!(%node, annotate_pod_ip = cfg.annotate_pod_ip, custom_networking = custom, "Kubernetes API client ready");
     tokio::spawn(k8s::events_from_blockers(state.clone(), outbox));
     let (tx, rx) = tokio::sync::watch::channel(None);
-    tokio::spawn(k8s::watch_node(client, node, tx));
+    tokio::spawn(k8s::watch_node(client.clone(), node, tx));
+    if let Some(p) = provisioner.clone().filter(|_| custom) {
+        let (ctx, crx) = tokio::sync::watch::channel(None);
+        tokio::spawn(k8s::watch_eni_configs(client, ctx));
+        tokio::spawn(k8s::follow_eni_config(
+            rx.clone(),
+            crx,
+            cfg.eni_config_label.clone(),
+            cfg.eni_config_annotation.clone(),
+            move |s| p.set_eni_config(s),
+        ));
+    }
     tokio::spawn(k8s::follow_capacity(rx, move |pods| match &provisioner {
         Some(p) => p.set_node_max_pods(pods),
         None => {
@@ -301,6 +330,7 @@ async fn start_k8s(
             });
         }
     }));
+    Ok(())
 }
 
 /// Builds the provisioner: instance limits from DescribeInstanceTypes (or the built-in
@@ -362,6 +392,10 @@ async fn provisioner(
     }
     // ENIs that are not ours take slots of the instance's limit, as in the reference.
     max_enis = max_enis.saturating_sub(reserved_devices.len() as u32);
+    // Custom networking: the primary ENI carries no pods (it is not in the pool).
+    if cfg.custom_networking {
+        max_enis = max_enis.saturating_sub(1);
+    }
     let ips_per_eni = limits.ipv4_per_eni.saturating_sub(1);
     let primary = md.primary_eni().ok_or(AgentError::NoPrimaryEni)?;
     let per_slot = if cfg.prefix_delegation {
@@ -404,15 +438,21 @@ async fn provisioner(
         subnet_id: primary.subnet_id.clone(),
         subnet: primary.subnet_cidr,
         security_groups: primary.security_groups.clone(),
+        availability_zone: md.availability_zone.clone(),
         eni_mtu: cfg.eni_mtu,
         cluster_name: cfg.cluster_name.clone(),
         additional_tags: cfg.additional_eni_tags.clone(),
     };
-    Ok(Arc::new(Provisioner::new(
+    let p = Provisioner::new(
         ec2,
         Arc::new(KernelNode { wait_s: 30 }),
         state,
         node,
         settings,
-    )))
+    );
+    Ok(Arc::new(if cfg.custom_networking {
+        p.with_custom_networking()
+    } else {
+        p
+    }))
 }

@@ -233,7 +233,11 @@ pub fn setup(
 
     let mut pool = Pool::new(cfg.ip_cooldown_s * 1000);
     pool.set_prefer_prefixes(cfg.prefix_delegation);
-    for eni in enis.iter().filter(|e| e.unmanaged.is_none()) {
+    // Custom networking: the primary ENI carries no pods.
+    for eni in enis
+        .iter()
+        .filter(|e| e.unmanaged.is_none() && !(cfg.custom_networking && e.device_number == 0))
+    {
         pool.add_eni(
             EniInfo {
                 id: eni.id.clone(),

@@ -84,6 +84,36 @@ impl InstanceTypeInfo {
     }
 }
 
+/// A subnet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subnet {
+    pub id: String,
+    pub vpc_id: String,
+    pub cidr: Ipv4Net,
+    pub availability_zone: String,
+    pub available_ip_address_count: u32,
+    pub tags: Tags,
+}
+
+/// A subnet as DescribeSubnets answers it.
+pub(crate) fn subnet_from_sdk(
+    call: &'static str,
+    s: &aws_sdk_ec2::types::Subnet,
+) -> Result<Subnet, CloudError> {
+    Ok(Subnet {
+        id: ec2_str(call, "SubnetId", s.subnet_id())?,
+        vpc_id: ec2_str(call, "VpcId", s.vpc_id())?,
+        cidr: ec2_field(call, "CidrBlock", s.cidr_block(), parse::ipv4_net)?,
+        availability_zone: ec2_str(call, "AvailabilityZone", s.availability_zone())?,
+        available_ip_address_count: ec2_u32(
+            call,
+            "AvailableIpAddressCount",
+            s.available_ip_address_count(),
+        )?,
+        tags: tags_of(s.tags()),
+    })
+}
+
 /// Which secondary addresses to ask for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IpRequest {
@@ -233,6 +263,25 @@ impl Ec2 {
             .describe_instance_type_info(instance_type)
             .await?
             .limits)
+    }
+
+    /// DescribeSubnets of one subnet by id (custom networking: the ENIConfig's subnet, its
+    /// CIDR and zone).
+    pub async fn describe_subnet(&self, subnet_id: &str) -> Result<Subnet, CloudError> {
+        const CALL: &str = "DescribeSubnets";
+        let out = self
+            .client
+            .describe_subnets()
+            .subnet_ids(subnet_id)
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        let s = out.subnets().first().ok_or_else(|| CloudError::Ec2Answer {
+            call: CALL,
+            field: "Subnets".into(),
+            problem: format!("lists no subnet {subnet_id}"),
+        })?;
+        subnet_from_sdk(CALL, s)
     }
 
     /// DescribeInstanceTypes for one type: its limits and its hypervisor (prefixes need Nitro).

@@ -9,7 +9,7 @@ use aws_sdk_ec2::types::{self as sdk, ResourceType, Tag};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::ec2::{ids, sdk_filters, tag_spec, tags_of, timeouts};
+use crate::ec2::{ids, sdk_filters, subnet_from_sdk, tag_spec, tags_of, timeouts};
 use crate::parse::{self, ec2_field, ec2_str, ec2_u32};
 use crate::stats::{self, ApiStats, Counter};
 use crate::{CloudError, Ec2, Filter, NetworkInterface, Tags};
@@ -24,14 +24,14 @@ pub struct Vpc {
     pub tags: Tags,
 }
 
-/// A subnet.
+pub use crate::ec2::Subnet;
+
+/// A security group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Subnet {
+pub struct SecurityGroup {
     pub id: String,
+    pub name: String,
     pub vpc_id: String,
-    pub cidr: Ipv4Net,
-    pub availability_zone: String,
-    pub available_ip_address_count: u32,
     pub tags: Tags,
 }
 
@@ -151,6 +151,32 @@ impl Ec2 {
         vpcs.iter().map(vpc_from_sdk).collect()
     }
 
+    /// AssociateVpcCidrBlock of an IPv4 CIDR (a secondary CIDR such as 100.64.0.0/16);
+    /// returns the association id.
+    pub async fn associate_vpc_cidr_block(
+        &self,
+        vpc_id: &str,
+        cidr: Ipv4Net,
+    ) -> Result<String, CloudError> {
+        const CALL: &str = "AssociateVpcCidrBlock";
+        let out = self
+            .client
+            .associate_vpc_cidr_block()
+            .vpc_id(vpc_id)
+            .cidr_block(cidr.to_string())
+            .send()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        let id = ec2_str(
+            CALL,
+            "CidrBlockAssociation.AssociationId",
+            out.cidr_block_association()
+                .and_then(|a| a.association_id()),
+        )?;
+        tracing::info!(vpc = vpc_id, %cidr, association = %id, "associated VPC CIDR");
+        Ok(id)
+    }
+
     /// CreateSubnet; returns the subnet id.
     pub async fn create_subnet(
         &self,
@@ -192,23 +218,7 @@ impl Ec2 {
             .try_collect()
             .await
             .map_err(|e| CloudError::ec2(CALL, e))?;
-        subnets
-            .iter()
-            .map(|s| {
-                Ok(Subnet {
-                    id: ec2_str(CALL, "SubnetId", s.subnet_id())?,
-                    vpc_id: ec2_str(CALL, "VpcId", s.vpc_id())?,
-                    cidr: ec2_field(CALL, "CidrBlock", s.cidr_block(), parse::ipv4_net)?,
-                    availability_zone: ec2_str(CALL, "AvailabilityZone", s.availability_zone())?,
-                    available_ip_address_count: ec2_u32(
-                        CALL,
-                        "AvailableIpAddressCount",
-                        s.available_ip_address_count(),
-                    )?,
-                    tags: tags_of(s.tags()),
-                })
-            })
-            .collect()
+        subnets.iter().map(|s| subnet_from_sdk(CALL, s)).collect()
     }
 
     /// CreateSecurityGroup in a VPC; returns the group id.
@@ -233,6 +243,37 @@ impl Ec2 {
         let id = ec2_str(CALL, "GroupId", out.group_id())?;
         tracing::info!(group = %id, vpc = vpc_id, name, "created security group");
         Ok(id)
+    }
+
+    /// DescribeSecurityGroups by ids (empty = all) and filters.
+    pub async fn describe_security_groups(
+        &self,
+        group_ids: &[String],
+        filters: &[Filter],
+    ) -> Result<Vec<SecurityGroup>, CloudError> {
+        const CALL: &str = "DescribeSecurityGroups";
+        let groups = self
+            .client
+            .describe_security_groups()
+            .set_group_ids(ids(group_ids))
+            .set_filters(sdk_filters(filters))
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| CloudError::ec2(CALL, e))?;
+        groups
+            .iter()
+            .map(|g| {
+                Ok(SecurityGroup {
+                    id: ec2_str(CALL, "GroupId", g.group_id())?,
+                    name: ec2_str(CALL, "GroupName", g.group_name())?,
+                    vpc_id: g.vpc_id().unwrap_or_default().to_owned(),
+                    tags: tags_of(g.tags()),
+                })
+            })
+            .collect()
     }
 
     /// CreateTags on resources.

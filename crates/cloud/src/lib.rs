@@ -27,7 +27,7 @@ mod stats;
 
 pub use ec2::{
     Ec2, EniAttachment, Filter, InstanceTypeInfo, InstanceTypeLimits, IpRequest, NetworkInterface,
-    NewEni, Tags,
+    NewEni, Subnet, Tags,
 };
 pub use error::CloudError;
 pub use imds::{

@@ -182,3 +182,66 @@ async fn without_kubeconfig_or_service_account_there_is_no_client_and_a_bad_kube
     };
     assert!(e.to_string().contains("/nonexistent/kubeconfig"), "{e}");
 }
+
+#[test]
+fn the_eniconfig_name_comes_from_the_external_label_the_annotation_the_label_or_default() {
+    let mut n = NodeView::default();
+    let name = |n: &NodeView| eni_config_name(n, "topology.kubernetes.io/zone", ENI_CONFIG_KEY);
+    assert_eq!(name(&n), "default");
+    n.labels
+        .insert("topology.kubernetes.io/zone".into(), "us-west-2a".into());
+    assert_eq!(name(&n), "us-west-2a");
+    n.annotations
+        .insert(ENI_CONFIG_KEY.into(), "annotated".into());
+    assert_eq!(name(&n), "annotated");
+    n.labels
+        .insert(EXTERNAL_ENI_CONFIG_LABEL.into(), "external".into());
+    assert_eq!(name(&n), "external");
+}
+
+#[tokio::test]
+async fn the_nodes_eniconfig_is_followed_by_label_and_its_absence_is_told() {
+    use crate::provisioner::EniConfigState;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new();
+    store.put(node("node-1", 110)).unwrap();
+    store
+        .put(lab_kube::EniConfig::new(
+            "us-west-2a",
+            "subnet-pods",
+            &["sg-pods"],
+        ))
+        .unwrap();
+    let (_server, _running, client) = api(&store, &dir).await;
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(watch_node(client.clone(), "node-1".into(), tx));
+    let (ctx, crx) = tokio::sync::watch::channel(None);
+    tokio::spawn(watch_eni_configs(client, ctx));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    tokio::spawn(follow_eni_config(
+        rx,
+        crx,
+        "topology.kubernetes.io/zone".into(),
+        ENI_CONFIG_KEY.into(),
+        move |st| s.lock().unwrap().push(st),
+    ));
+    let found = EniConfigState::Found {
+        name: "us-west-2a".into(),
+        subnet: "subnet-pods".into(),
+        security_groups: vec!["sg-pods".into()],
+    };
+    until("the zone's ENIConfig", || {
+        seen.lock().unwrap().contains(&found).then_some(())
+    })
+    .await;
+    assert_eq!(seen.lock().unwrap()[0], EniConfigState::Unknown);
+    store.delete::<lab_kube::EniConfig>(None, "us-west-2a");
+    let missing = EniConfigState::Missing {
+        name: "us-west-2a".into(),
+    };
+    until("its absence", || {
+        seen.lock().unwrap().contains(&missing).then_some(())
+    })
+    .await;
+}

@@ -44,6 +44,8 @@ struct FakeEc2 {
     /// The subnet has no free /28: prefix requests fail with InsufficientCidrBlocks.
     fragmented: std::sync::atomic::AtomicBool,
     next_prefix: AtomicUsize,
+    /// DescribeSubnets' answers, by id.
+    subnets: Mutex<BTreeMap<String, cloud::Subnet>>,
 }
 
 /// How EC2 fails every call, as the SDK client reports it after its timeouts and retries.
@@ -440,6 +442,15 @@ impl Cloud for FakeEc2 {
         e.prefixes.retain(|p| !prefixes.contains(p));
         Ok(())
     }
+    async fn describe_subnet(&self, subnet_id: &str) -> Result<cloud::Subnet, CloudError> {
+        self.gate().await?;
+        self.subnets
+            .lock()
+            .unwrap()
+            .get(subnet_id)
+            .cloned()
+            .ok_or_else(|| Self::err("DescribeSubnets", "InvalidSubnetID.NotFound"))
+    }
     async fn instance_type_info(&self, _t: &str) -> Result<InstanceTypeInfo, CloudError> {
         Ok(InstanceTypeInfo {
             limits: InstanceTypeLimits {
@@ -495,6 +506,7 @@ fn node() -> NodeIdentity {
         subnet_id: "subnet-a".into(),
         subnet: "10.0.0.0/16".parse().unwrap(),
         security_groups: vec!["sg-1".into()],
+        availability_zone: "us-west-2a".into(),
         eni_mtu: 9001,
         cluster_name: Some("lab".into()),
         additional_tags: BTreeMap::new(),
@@ -1721,4 +1733,113 @@ async fn the_nodes_capacity_in_pods_caps_the_pool_and_the_adds() {
     p.set_node_max_pods(None);
     assert_eq!(p.limits().max_pods, 110);
     add_pod(&p, 20).await;
+}
+
+fn subnet(id: &str, cidr: &str, az: &str) -> cloud::Subnet {
+    cloud::Subnet {
+        id: id.into(),
+        vpc_id: "vpc-1".into(),
+        cidr: cidr.parse().unwrap(),
+        availability_zone: az.into(),
+        available_ip_address_count: 8000,
+        tags: BTreeMap::new(),
+    }
+}
+
+#[tokio::test]
+async fn custom_networking_creates_enis_where_the_eniconfig_says_and_nowhere_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec2 = Arc::new(FakeEc2::new(4));
+    for s in [
+        subnet("subnet-pods", "100.64.0.0/19", "us-west-2a"),
+        subnet("subnet-pods-b", "100.64.32.0/19", "us-west-2b"),
+        subnet("subnet-pods-2", "100.64.64.0/19", "us-west-2a"),
+    ] {
+        ec2.subnets.lock().unwrap().insert(s.id.clone(), s);
+    }
+    let p = boot(&ec2, dir.path(), WARM_ENI);
+    let p = Arc::new(
+        Arc::try_unwrap(p)
+            .expect("one owner")
+            .with_custom_networking(),
+    );
+    // The primary ENI carries no pods (the start-up leaves it out of the pool).
+    p.state
+        .lock()
+        .unwrap()
+        .pool_mut()
+        .remove_eni("eni-primary")
+        .unwrap();
+    let refused = |why: &str| {
+        let st = p.state.lock().unwrap();
+        assert_eq!(st.blocker_reason, Some(why), "{:?}", st.blocker);
+        st.blocker.clone().unwrap()
+    };
+
+    // Not known yet, missing, in another zone: an error and the reason, no ENI.
+    assert!(p.step().await.is_err());
+    refused("ENIConfigUnknown");
+    p.set_eni_config(EniConfigState::Missing {
+        name: "us-west-2a".into(),
+    });
+    assert!(p.step().await.is_err());
+    assert!(refused("ENIConfigMissing").contains("\"us-west-2a\", and there is none"));
+    p.set_eni_config(EniConfigState::Found {
+        name: "other-zone".into(),
+        subnet: "subnet-pods-b".into(),
+        security_groups: vec!["sg-pods".into()],
+    });
+    assert!(p.step().await.is_err());
+    assert!(
+        refused("ENIConfigWrongZone")
+            .contains("subnet-pods-b in zone us-west-2b, but this node is in us-west-2a")
+    );
+    assert!(ec2.non_primary().is_empty(), "no ENI in the wrong place");
+
+    // In the node's zone: the ENI is in the ENIConfig's subnet, with its groups.
+    p.set_eni_config(EniConfigState::Found {
+        name: "us-west-2a".into(),
+        subnet: "subnet-pods".into(),
+        security_groups: vec!["sg-pods".into()],
+    });
+    add_pod(&p, 0).await;
+    let enis = ec2.non_primary();
+    assert_eq!(enis.len(), 1);
+    assert_eq!(
+        (enis[0].subnet_id.as_str(), enis[0].security_groups.clone()),
+        ("subnet-pods", vec!["sg-pods".to_string()])
+    );
+    let a = p.state.lock().unwrap().pool().lookup(&key(0)).unwrap();
+    assert_eq!(
+        (a.eni.id.as_str(), a.eni.subnet.to_string()),
+        (enis[0].id.as_str(), "100.64.0.0/19".to_string())
+    );
+    assert!(
+        ec2.enis.lock().unwrap()["eni-primary"]
+            .secondary_ips
+            .is_empty()
+    );
+
+    // A changed ENIConfig: new ENIs only.
+    p.set_eni_config(EniConfigState::Found {
+        name: "us-west-2a".into(),
+        subnet: "subnet-pods-2".into(),
+        security_groups: vec![],
+    });
+    for i in 1..6 {
+        add_pod(&p, i).await;
+    }
+    let mut subnets: Vec<(String, Vec<String>)> = ec2
+        .non_primary()
+        .into_iter()
+        .map(|e| (e.subnet_id, e.security_groups))
+        .collect();
+    subnets.sort();
+    assert_eq!(
+        subnets,
+        [
+            ("subnet-pods".to_string(), vec!["sg-pods".to_string()]),
+            ("subnet-pods-2".to_string(), vec!["sg-1".to_string()])
+        ]
+    );
 }
