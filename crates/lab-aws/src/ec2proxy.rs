@@ -4,6 +4,10 @@
 //! addresses in the AssignPrivateIpAddresses answer, a subnet address budget, token-bucket
 //! throttling, injected latency and errors, EC2's error document, and call counts by action.
 //!
+//! Custom networking's rules moto skips: a new ENI's security groups must exist and belong to
+//! its subnet's VPC (`InvalidSecurityGroupID.NotFound`, `InvalidParameter`), and an ENI
+//! attaches only to an instance of its subnet's zone (`InvalidParameterCombination`).
+//!
 //! IPv4 prefixes, which moto lacks entirely, the proxy does itself: it chooses aligned free
 //! /28s (or refuses with InsufficientCidrBlocks, also on a subnet the `subnet-fragmented` knob
 //! marks), counts them against the ENI's address slots, checks Nitro, keeps them in moto as a
@@ -395,11 +399,50 @@ impl Proxy {
         fidelity::check_attach(&instance, &ty, info.limits.max_enis, &devices, device)?;
         if let Some(eni) = q.get("NetworkInterfaceId")
             && let Some(e) = self.eni(eni).await?
-            && !e.prefixes.is_empty()
         {
-            fidelity::check_nitro(&instance, &ty, info.is_nitro())?;
+            if !e.prefixes.is_empty() {
+                fidelity::check_nitro(&instance, &ty, info.is_nitro())?;
+            }
+            let zones = {
+                let w = self.world.borrow();
+                let eni_zone = w.subnet(&e.subnet_id).map(|s| s.az.clone());
+                let instance_zone = w.instance_by_id(&instance).map(|i| i.az.clone());
+                eni_zone.zip(instance_zone)
+            };
+            if let Some((eni_zone, instance_zone)) = zones {
+                fidelity::check_same_zone(eni, &eni_zone, &instance, &instance_zone)?;
+            }
         }
         Ok(Pre::default())
+    }
+
+    /// The VPC of each security group a request names (`None`: no such group), from the
+    /// world for the lab VPC's groups, else from moto.
+    async fn group_vpcs(&self, groups: &[&str]) -> Result<Vec<Option<String>>, Ec2Error> {
+        let mut out = Vec::with_capacity(groups.len());
+        for g in groups {
+            let known = {
+                let w = self.world.borrow();
+                w.security_groups
+                    .iter()
+                    .any(|sg| sg.id == *g)
+                    .then(|| w.vpc_id.clone())
+            };
+            if known.is_some() {
+                out.push(known);
+                continue;
+            }
+            match self
+                .ec2
+                .describe_security_groups(&[g.to_string()], &[])
+                .await
+            {
+                Ok(found) => out.push(found.into_iter().next().map(|sg| sg.vpc_id)),
+                Err(e) if e.code().is_some_and(|c| c.starts_with("InvalidGroup")) => out.push(None),
+                Err(e) => return Err(lookup_failed(format!("DescribeSecurityGroups {g}: {e}"))),
+            }
+        }
+        Ok(out)
     }
 
     /// AssignPrivateIpAddresses: addresses go to moto (as exact addresses the proxy chose),
@@ -496,6 +539,34 @@ impl Proxy {
         let prefixes = q.prefix_ask()?;
         let n_prefixes = prefixes.as_ref().map_or(0, PrefixAsk::count);
         let n = q.create_count()?;
+        let groups = q.list("SecurityGroupId");
+        let (subnet_vpc, default_group) = {
+            let w = self.world.borrow();
+            (
+                w.subnet(&subnet).map(|_| w.vpc_id.clone()),
+                w.security_group_named("default").map(|g| g.id.clone()),
+            )
+        };
+        if let Some(vpc) = subnet_vpc
+            && !groups.is_empty()
+        {
+            let vpcs = self.group_vpcs(&groups).await?;
+            let found: Vec<(&str, Option<&str>)> = groups
+                .iter()
+                .zip(&vpcs)
+                .map(|(g, v)| (*g, v.as_deref()))
+                .collect();
+            fidelity::check_groups(&subnet, &vpc, &found)?;
+        }
+        // The ENI's own groups (EC2: the VPC's default group when none is given), kept in a
+        // tag: moto describes an attached ENI with its instance's groups too.
+        let own = if groups.is_empty() {
+            default_group
+        } else {
+            Some(groups.join(","))
+        };
+        let tagged = own.map(|g| fidelity::create_with_tag(q, fidelity::GROUPS_TAG, &g));
+        let q = tagged.as_ref().unwrap_or(q);
         // Not attached yet: the most any instance type of the lab allows.
         let types: Vec<String> = {
             let w = self.world.borrow();
@@ -527,7 +598,10 @@ impl Proxy {
         if !listed.is_empty() {
             // (with prefixes, `prefix_ask` has refused this)
             Self::check_free(&used, &listed)?;
-            return Ok(Pre::default());
+            return Ok(Pre {
+                body: Some(q.encode()),
+                ..Pre::default()
+            });
         }
         let primary = q.get("PrivateIpAddress");
         if let Some(p) = primary {
@@ -740,8 +814,29 @@ async fn handle(
             out = fidelity::rewrite_assign(&String::from_utf8_lossy(&out), before).into_bytes();
         }
         let text = String::from_utf8_lossy(&out);
-        if text.contains(fidelity::PREFIX_TAG) {
-            out = fidelity::rewrite_prefix_tags(&text, action != "DescribeTags").into_bytes();
+        if text.contains(fidelity::PREFIX_TAG) || text.contains(fidelity::GROUPS_TAG) {
+            let w = proxy.world.borrow();
+            let name = |g: &str| {
+                w.security_groups
+                    .iter()
+                    .find(|sg| sg.id == g)
+                    .map(|sg| sg.name.clone())
+            };
+            out = fidelity::rewrite_lab_tags(&text, action != "DescribeTags", &name).into_bytes();
+        }
+        if action == "ModifyNetworkInterfaceAttribute"
+            && let Some(eni) = q.get("NetworkInterfaceId")
+            && !q.list("SecurityGroupId").is_empty()
+        {
+            // The ENI's own groups changed: so does the tag that keeps them.
+            let tags = [(
+                fidelity::GROUPS_TAG.to_owned(),
+                q.list("SecurityGroupId").join(","),
+            )]
+            .into();
+            if let Err(e) = proxy.ec2.create_tags(&[eni.to_owned()], &tags).await {
+                tracing::warn!(%instance, eni, "keeping the groups of {eni} in moto: {e}");
+            }
         }
         if mutating {
             proxy.kick.notify_one();
@@ -849,6 +944,97 @@ mod tests {
         let addr = l.local_addr().unwrap();
         tokio::spawn(proxy.clone().serve(l, "instance1".into()));
         (proxy, addr)
+    }
+
+    /// Custom networking's EC2 side: an ENI in the pod subnet (the VPC's secondary CIDR) with
+    /// the pods' security group is created and attached like any other; EC2's rules moto lacks
+    /// hold: the groups must exist and be the VPC's, and an ENI of another zone's subnet does
+    /// not attach.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pod_subnet_enis_follow_ec2s_zone_and_group_rules() {
+        let r = Rig::new("pods").await;
+        let (direct, world, ec2) = (&r.direct, &r.world, &r.ec2);
+        let pods = crate::seed::pod_network(world).unwrap();
+        let i1 = world.instance("instance1").unwrap();
+        let mk = |subnet: &str, groups: &[&str]| cloud::NewEni {
+            subnet_id: subnet.to_string(),
+            security_groups: groups.iter().map(|g| g.to_string()).collect(),
+            secondary_ip_count: 2,
+            ..Default::default()
+        };
+        let sg = pods.security_group.as_str();
+        let e = ec2
+            .create_network_interface(&mk(&pods.subnet.id, &[sg]))
+            .await
+            .unwrap();
+        assert!(pods.subnet.cidr.contains(&e.primary_ip), "{e:?}");
+        assert!(e.secondary_ips.iter().all(|a| pods.subnet.cidr.contains(a)));
+        assert_eq!(e.security_groups, [sg]);
+        ec2.attach_network_interface(&e.id, &i1.id, 2)
+            .await
+            .unwrap();
+        // Attached, it still has only its own group (moto alone adds the instance's), in the
+        // proxy's answers and in the world.
+        let seen = ec2.describe_network_interface(&e.id).await.unwrap();
+        assert_eq!(seen.security_groups, [sg]);
+        assert!(seen.tags.is_empty(), "{:?}", seen.tags);
+        let raw = direct.describe_network_interface(&e.id).await.unwrap();
+        assert_eq!(
+            raw.security_groups.len(),
+            2,
+            "moto adds the instance's group"
+        );
+        let w = World::load(direct, &r.vpc).await.unwrap();
+        let in_world = w
+            .instance("instance1")
+            .unwrap()
+            .enis
+            .iter()
+            .find(|x| x.id == e.id);
+        assert_eq!(in_world.unwrap().security_groups, [sg]);
+        // An ENI made without groups has the VPC's default group, as on EC2.
+        let plain = ec2
+            .create_network_interface(&mk(&pods.subnet.id, &[]))
+            .await
+            .unwrap();
+        let default = world.security_group_named("default").unwrap().id.clone();
+        assert_eq!(plain.security_groups, [default]);
+        ec2.delete_network_interface(&plain.id).await.unwrap();
+
+        // An unknown group (moto would create it) and another VPC's group are refused.
+        let err = ec2
+            .create_network_interface(&mk(&pods.subnet.id, &[sg, "sg-0123456789abcdef0"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("InvalidSecurityGroupID.NotFound"), "{err}");
+        let default_vpc = direct
+            .describe_vpcs(&[], &[Filter::eq("is-default", "true")])
+            .await
+            .unwrap();
+        if let Some(v) = default_vpc.first() {
+            let other = direct
+                .describe_security_groups(&[], &[Filter::vpc(v.id.clone())])
+                .await
+                .unwrap();
+            let g = &other.first().expect("the default VPC's default group").id;
+            let err = ec2
+                .create_network_interface(&mk(&pods.subnet.id, &[g]))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Some("InvalidParameter"), "{err}");
+        }
+
+        // The other zone's pod subnet: the ENI is made, but not attached to instance1.
+        let far = ec2
+            .create_network_interface(&mk(&pods.other_zone_subnet.id, &[sg]))
+            .await
+            .unwrap();
+        let err = ec2
+            .attach_network_interface(&far.id, &world.instance("instance2").unwrap().id, 1)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("InvalidParameterCombination"), "{err}");
+        assert!(err.to_string().contains("availability zone"), "{err}");
     }
 
     /// The proxy in front of a real moto, driven with the real SDK (no root needed).

@@ -579,6 +579,53 @@ pub fn check_attach(
     Ok(())
 }
 
+/// EC2 attaches an ENI only to an instance in the ENI's availability zone (moto attaches
+/// across zones).
+pub fn check_same_zone(
+    eni: &str,
+    eni_zone: &str,
+    instance: &str,
+    instance_zone: &str,
+) -> Result<(), Ec2Error> {
+    if eni_zone == instance_zone {
+        return Ok(());
+    }
+    Err(Ec2Error::bad_request(
+        "InvalidParameterCombination",
+        format!(
+            "You may not attach a network interface to an instance if they are not in the same availability zone (network interface {eni} is in {eni_zone}, instance {instance} in {instance_zone})."
+        ),
+    ))
+}
+
+/// EC2's checks of the security groups a new ENI names: each exists (`vpc` `None`: it does
+/// not) and lies in the VPC of the ENI's subnet. moto accepts another VPC's group and creates
+/// an unknown one silently.
+pub fn check_groups(
+    subnet: &str,
+    subnet_vpc: &str,
+    groups: &[(&str, Option<&str>)],
+) -> Result<(), Ec2Error> {
+    for (g, vpc) in groups {
+        match vpc {
+            None => {
+                return Err(Ec2Error::bad_request(
+                    "InvalidSecurityGroupID.NotFound",
+                    format!("The securityGroup ID '{g}' does not exist"),
+                ));
+            }
+            Some(v) if *v != subnet_vpc => {
+                return Err(Ec2Error::bad_request(
+                    "InvalidParameter",
+                    format!("Security group {g} and subnet {subnet} belong to different networks."),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
 /// EC2's PrivateIpAddressLimitExceeded: `have` addresses on the ENI (primary included) plus
 /// `more` would exceed `per_eni`.
 pub fn check_ip_limit(
@@ -702,8 +749,24 @@ pub fn prefix_tag_value(prefixes: &[ipnet::Ipv4Net]) -> String {
         .join(",")
 }
 
+/// The tag in which the proxy keeps the security groups an ENI it created was given
+/// (comma-separated ids). moto describes an attached ENI with its own groups and its instance's
+/// (EC2: its own only), so the proxy's answers and the world take the groups from the tag. Like
+/// [`PREFIX_TAG`], never shown.
+pub const GROUPS_TAG: &str = "vpc-lab:security-groups";
+
+/// The group ids in a [`GROUPS_TAG`] value.
+pub fn groups_from_tag(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// An ENI as read from moto, made what EC2 would describe: the prefixes kept in its tag become
-/// its `prefixes`, and the tag goes.
+/// its `prefixes`, the groups kept in its tag its `security_groups`, and the tags go.
 pub fn with_lab_prefixes(mut e: cloud::NetworkInterface) -> cloud::NetworkInterface {
     if let Some(v) = e.tags.remove(PREFIX_TAG) {
         for p in prefixes_from_tag(&v) {
@@ -711,6 +774,9 @@ pub fn with_lab_prefixes(mut e: cloud::NetworkInterface) -> cloud::NetworkInterf
                 e.prefixes.push(p);
             }
         }
+    }
+    if let Some(v) = e.tags.remove(GROUPS_TAG) {
+        e.security_groups = groups_from_tag(&v);
     }
     e
 }
@@ -928,6 +994,51 @@ fn prefix_set(element: &str, prefixes: &[ipnet::Ipv4Net]) -> String {
 /// `add_sets` (answers that describe ENIs), puts the prefixes it held into the ENI's
 /// `ipv4PrefixSet` as EC2 lists them. (DescribeTags lists tags of many resources: strip only.)
 pub fn rewrite_prefix_tags(xml: &str, add_sets: bool) -> String {
+    rewrite_lab_tags(xml, add_sets, &|_| None)
+}
+
+/// The `groupSet` EC2 would list for these groups (`group_name` names them).
+fn group_set(groups: &[String], group_name: &dyn Fn(&str) -> Option<String>) -> String {
+    let items: String = groups
+        .iter()
+        .map(|g| {
+            format!(
+                "<item><groupId>{}</groupId><groupName>{}</groupName></item>",
+                xml_escape(g),
+                xml_escape(&group_name(g).unwrap_or_default())
+            )
+        })
+        .collect();
+    format!("<groupSet>{items}</groupSet>")
+}
+
+/// `text` with its last `groupSet` element replaced by `with`.
+fn replace_last_group_set(text: &str, with: &str) -> String {
+    let Some(a) = text.rfind("<groupSet") else {
+        return text.to_owned();
+    };
+    let tail = &text[a..];
+    let end = if tail.starts_with("<groupSet/>") {
+        Some("<groupSet/>".len())
+    } else {
+        tail.find("</groupSet>").map(|e| e + "</groupSet>".len())
+    };
+    match end {
+        Some(e) => format!("{}{with}{}", &text[..a], &tail[e..]),
+        None => text.to_owned(),
+    }
+}
+
+/// [`rewrite_prefix_tags`] for both of the proxy's tags: with `add_sets`, an ENI whose tags
+/// hold [`GROUPS_TAG`] gets exactly those groups as its `groupSet` (named by `group_name`), in
+/// place of moto's (which, for an attached ENI, adds its instance's groups). moto writes an
+/// ENI's `groupSet` before its `tagSet`, and nothing between one ENI's `tagSet` and the next
+/// ENI's `groupSet` is a `groupSet`.
+pub fn rewrite_lab_tags(
+    xml: &str,
+    add_sets: bool,
+    group_name: &dyn Fn(&str) -> Option<String>,
+) -> String {
     const OPEN: &str = "<tagSet>";
     const CLOSE: &str = "</tagSet>";
     let mut out = String::with_capacity(xml.len());
@@ -939,16 +1050,28 @@ pub fn rewrite_prefix_tags(xml: &str, add_sets: bool) -> String {
         let inner = &rest[a + OPEN.len()..a + len];
         let mut kept = String::new();
         let mut prefixes = Vec::new();
+        let mut groups: Option<Vec<String>> = None;
         for item in items(inner) {
-            if between(item, "<key>", "</key>") == Some(PREFIX_TAG) {
+            let key = between(item, "<key>", "</key>");
+            if key == Some(PREFIX_TAG) {
                 prefixes.extend(prefixes_from_tag(
+                    between(item, "<value>", "</value>").unwrap_or_default(),
+                ));
+            } else if key == Some(GROUPS_TAG) {
+                groups = Some(groups_from_tag(
                     between(item, "<value>", "</value>").unwrap_or_default(),
                 ));
             } else {
                 kept.push_str(item);
             }
         }
-        out.push_str(&rest[..a]);
+        match groups.filter(|_| add_sets) {
+            Some(g) => out.push_str(&replace_last_group_set(
+                &rest[..a],
+                &group_set(&g, group_name),
+            )),
+            None => out.push_str(&rest[..a]),
+        }
         if kept.is_empty() {
             out.push_str("<tagSet/>");
         } else {
@@ -972,6 +1095,13 @@ pub fn create_with_prefix_tag(q: &Query, prefixes: &[ipnet::Ipv4Net]) -> Query {
     let mut q = q.clone();
     q.params
         .retain(|k, _| k != "Ipv4PrefixCount" && !k.starts_with("Ipv4Prefix."));
+    create_with_tag(&q, PREFIX_TAG, &prefix_tag_value(prefixes))
+}
+
+/// A CreateNetworkInterface that also tags the new ENI `key=value` (added to the request's
+/// network-interface tag specification, which moto reads only one of).
+pub fn create_with_tag(q: &Query, key: &str, value: &str) -> Query {
+    let mut q = q.clone();
     let spec = (1..)
         .take_while(|n| {
             q.params
@@ -996,9 +1126,8 @@ pub fn create_with_prefix_tag(q: &Query, prefixes: &[ipnet::Ipv4Net]) -> Query {
         .len()
         + 1;
     let base = format!("TagSpecification.{spec}.Tag.{next}");
-    q.params.insert(format!("{base}.Key"), PREFIX_TAG.into());
-    q.params
-        .insert(format!("{base}.Value"), prefix_tag_value(prefixes));
+    q.params.insert(format!("{base}.Key"), key.into());
+    q.params.insert(format!("{base}.Value"), value.into());
     q
 }
 
@@ -1250,6 +1379,42 @@ mod tests {
         let id = request_id();
         assert_eq!(id.len(), 36);
         assert_ne!(id, request_id());
+    }
+
+    #[test]
+    fn zones_and_security_groups_as_ec2_checks_them() {
+        assert!(check_same_zone("eni-1", "us-west-2a", "i-1", "us-west-2a").is_ok());
+        let e = check_same_zone("eni-1", "us-west-2b", "i-1", "us-west-2a").unwrap_err();
+        assert_eq!(e.code, "InvalidParameterCombination");
+        assert!(
+            e.message.contains("same availability zone")
+                && e.message.contains("eni-1")
+                && e.message.contains("us-west-2b"),
+            "{}",
+            e.message
+        );
+        assert!(check_groups("subnet-1", "vpc-1", &[]).is_ok());
+        assert!(check_groups("subnet-1", "vpc-1", &[("sg-1", Some("vpc-1"))]).is_ok());
+        let e = check_groups(
+            "subnet-1",
+            "vpc-1",
+            &[("sg-1", Some("vpc-1")), ("sg-9", None)],
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "InvalidSecurityGroupID.NotFound");
+        assert!(e.message.contains("'sg-9'"), "{}", e.message);
+        let e = check_groups("subnet-1", "vpc-1", &[("sg-2", Some("vpc-2"))]).unwrap_err();
+        assert_eq!(e.code, "InvalidParameter");
+        assert!(
+            e.message.contains("sg-2") && e.message.contains("subnet-1"),
+            "{}",
+            e.message
+        );
+        let q = Query::parse(
+            b"Action=CreateNetworkInterface&SubnetId=subnet-1&SecurityGroupId.2=sg-b&SecurityGroupId.1=sg-a",
+            None,
+        );
+        assert_eq!(q.list("SecurityGroupId"), ["sg-a", "sg-b"]);
     }
 
     #[test]
@@ -1657,6 +1822,67 @@ mod tests {
         assert!(a.contains("<networkInterfaceId>eni-1</networkInterfaceId>"));
         assert!(a.contains("<assignedIpv4PrefixSet><item><ipv4Prefix>10.0.0.16/28</ipv4Prefix></item><item><ipv4Prefix>10.0.0.48/28</ipv4Prefix></item></assignedIpv4PrefixSet>"), "{a}");
         assert!(unassign_answer("r-2").contains("<return>true</return>"));
+    }
+
+    /// moto describes an attached ENI with its instance's groups added; the proxy's tag keeps
+    /// the ENI's own, and answers and the world show only those.
+    #[test]
+    fn an_enis_own_groups_live_in_a_tag_that_answers_never_show() {
+        assert_eq!(groups_from_tag("sg-a, sg-b,"), ["sg-a", "sg-b"]);
+        let e = cloud::NetworkInterface {
+            id: "eni-1".into(),
+            mac: "02:00:00:00:00:01".into(),
+            subnet_id: "subnet-p".into(),
+            vpc_id: "vpc-1".into(),
+            status: "in-use".into(),
+            description: String::new(),
+            primary_ip: ip("100.64.0.10"),
+            secondary_ips: vec![],
+            prefixes: vec![],
+            security_groups: vec!["sg-inst".into(), "sg-pods".into()],
+            tags: [(GROUPS_TAG.to_string(), "sg-pods".to_string())].into(),
+            attachment: None,
+            interface_type: "interface".into(),
+        };
+        let e = with_lab_prefixes(e);
+        assert_eq!(e.security_groups, ["sg-pods"]);
+        assert!(e.tags.is_empty());
+
+        let moto = format!(
+            "<DescribeNetworkInterfacesResponse><networkInterfaceSet><item><networkInterfaceId>eni-1</networkInterfaceId><groupSet><item><groupId>sg-inst</groupId><groupName>vpc-lab</groupName></item><item><groupId>sg-pods</groupId><groupName>vpc-lab-pods</groupName></item></groupSet><privateIpAddressesSet><item><privateIpAddress>100.64.0.10</privateIpAddress></item></privateIpAddressesSet><tagSet><item><key>{GROUPS_TAG}</key><value>sg-pods</value></item></tagSet><vpcId>vpc-1</vpcId></item><item><networkInterfaceId>eni-2</networkInterfaceId><groupSet><item><groupId>sg-inst</groupId></item></groupSet><tagSet/></item><item><networkInterfaceId>eni-3</networkInterfaceId><groupSet/><tagSet><item><key>{GROUPS_TAG}</key><value>sg-a,sg-b</value></item><item><key>{PREFIX_TAG}</key><value>100.64.1.0/28</value></item></tagSet></item></networkInterfaceSet></DescribeNetworkInterfacesResponse>"
+        );
+        let name = |g: &str| (g == "sg-pods").then(|| "vpc-lab-pods".to_string());
+        let out = rewrite_lab_tags(&moto, true, &name);
+        assert!(
+            !out.contains(GROUPS_TAG) && !out.contains(PREFIX_TAG),
+            "{out}"
+        );
+        assert!(out.contains("<networkInterfaceId>eni-1</networkInterfaceId><groupSet><item><groupId>sg-pods</groupId><groupName>vpc-lab-pods</groupName></item></groupSet><privateIpAddressesSet>"), "{out}");
+        assert!(
+            out.contains("<networkInterfaceId>eni-2</networkInterfaceId><groupSet><item><groupId>sg-inst</groupId></item></groupSet><tagSet/>"),
+            "an ENI without the tag keeps moto's groups: {out}"
+        );
+        assert!(out.contains("<networkInterfaceId>eni-3</networkInterfaceId><groupSet><item><groupId>sg-a</groupId><groupName></groupName></item><item><groupId>sg-b</groupId><groupName></groupName></item></groupSet><tagSet/><ipv4PrefixSet><item><ipv4Prefix>100.64.1.0/28</ipv4Prefix></item></ipv4PrefixSet>"), "{out}");
+        // DescribeTags: only stripped.
+        let tags = format!(
+            "<DescribeTagsResponse><tagSet><item><resourceId>eni-1</resourceId><key>{GROUPS_TAG}</key><value>sg-pods</value></item></tagSet></DescribeTagsResponse>"
+        );
+        assert_eq!(
+            rewrite_lab_tags(&tags, false, &name),
+            "<DescribeTagsResponse><tagSet/></DescribeTagsResponse>"
+        );
+        // A create carries the tag.
+        let q = Query::parse(
+            b"Action=CreateNetworkInterface&SubnetId=s&SecurityGroupId.1=sg-pods",
+            None,
+        );
+        let c = create_with_tag(&q, GROUPS_TAG, "sg-pods");
+        assert_eq!(
+            c.get("TagSpecification.1.ResourceType"),
+            Some("network-interface")
+        );
+        assert_eq!(c.get("TagSpecification.1.Tag.1.Key"), Some(GROUPS_TAG));
+        assert_eq!(c.get("TagSpecification.1.Tag.1.Value"), Some("sg-pods"));
     }
 
     #[test]

@@ -162,6 +162,10 @@ fn leaves(world: &World, instance_id: &str) -> Option<BTreeMap<String, String>> 
                 subnet.cidr.to_string(),
             );
         }
+        // The primary CIDR, and every associated CIDR (custom networking's 100.64.0.0/16).
+        if let Some(primary) = world.vpc_cidrs.first() {
+            put(format!("{base}/vpc-ipv4-cidr-block"), primary.to_string());
+        }
         put(
             format!("{base}/vpc-ipv4-cidr-blocks"),
             join(&mut world.vpc_cidrs.iter().map(|c| c.to_string())),
@@ -433,6 +437,67 @@ mod tests {
         );
     }
 
+    /// An ENI in custom networking's pod subnet (in the VPC's secondary CIDR) is described
+    /// with that subnet's CIDR, and every interface lists both VPC CIDRs, as on EC2.
+    #[tokio::test]
+    async fn an_eni_in_the_secondary_cidr_is_described_with_its_subnet() {
+        let mut w = sample();
+        w.vpc_cidrs.push("100.64.0.0/16".parse().unwrap());
+        w.subnets.push(crate::world::Subnet {
+            id: "subnet-pods".into(),
+            cidr: "100.64.0.0/19".parse().unwrap(),
+            az: "us-west-2a".into(),
+            name: "vpc-lab-pods-a".into(),
+        });
+        let eni = &mut w.instances[0].enis[1];
+        eni.subnet_id = "subnet-pods".into();
+        eni.primary_ip = "100.64.7.9".parse().unwrap();
+        eni.secondary_ips = vec!["100.64.7.10".parse().unwrap()];
+        eni.prefixes.clear();
+        eni.security_groups = vec!["sg-pods".into()];
+        let (_tx, rx) = watch::channel(w);
+        let app = router(rx, "i-1".into());
+        let t = token(&app, "60").await;
+        let mac =
+            |m: &str, leaf: &str| format!("/latest/meta-data/network/interfaces/macs/{m}/{leaf}");
+        for (m, leaf, want) in [
+            ("02:00:00:00:00:02", "subnet-id", "subnet-pods"),
+            (
+                "02:00:00:00:00:02",
+                "subnet-ipv4-cidr-block",
+                "100.64.0.0/19",
+            ),
+            (
+                "02:00:00:00:00:02",
+                "local-ipv4s",
+                "100.64.7.9\n100.64.7.10",
+            ),
+            ("02:00:00:00:00:02", "security-group-ids", "sg-pods"),
+            (
+                "02:00:00:00:00:02",
+                "vpc-ipv4-cidr-blocks",
+                "172.31.0.0/16\n100.64.0.0/16",
+            ),
+            ("02:00:00:00:00:02", "vpc-ipv4-cidr-block", "172.31.0.0/16"),
+            (
+                "02:00:00:00:00:01",
+                "subnet-ipv4-cidr-block",
+                "172.31.0.0/20",
+            ),
+            (
+                "02:00:00:00:00:01",
+                "vpc-ipv4-cidr-blocks",
+                "172.31.0.0/16\n100.64.0.0/16",
+            ),
+        ] {
+            assert_eq!(
+                get(&app, &t, &mac(m, leaf)).await,
+                (StatusCode::OK, want.to_owned()),
+                "{m} {leaf}"
+            );
+        }
+    }
+
     /// The SDK's IMDS client (through `cloud`) reads this server: both sides agree.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cloud_imds_client_reads_this_server() {
@@ -522,6 +587,11 @@ mod tests {
             assert_eq!(m.subnet_id, e.subnet_id);
             assert_eq!(m.vpc_id, vpc);
             assert_eq!(m.subnet_cidr.to_string(), "172.31.0.0/20");
+            assert_eq!(
+                m.vpc_cidrs,
+                [crate::seed::VPC_CIDR, crate::seed::POD_CIDR],
+                "custom networking's secondary CIDR is a VPC CIDR"
+            );
             assert_eq!(m.security_groups, e.security_groups);
         }
         assert_eq!(md.enis[1].primary_ip.to_string(), "172.31.3.173");

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail, ensure};
 use cloud::{Ec2, Filter, IpRequest, NewEni, Tags};
 use ipnet::Ipv4Net;
 
-use crate::world::{ROLE_NODE, TAG_NAME, TAG_ROLE};
+use crate::world::{ROLE_NODE, Subnet, TAG_NAME, TAG_ROLE, World};
 
 /// `Name` tag of the lab's VPC.
 pub const VPC_NAME: &str = "vpc-lab";
@@ -18,6 +18,83 @@ pub const SUBNET_B: Ipv4Net = net(172, 31, 16, 0, 20);
 pub const IMAGE_ID: &str = "ami-12c6146b";
 pub const INSTANCE_TYPE: &str = "m5.large";
 pub const ROLE_HOST: &str = "host";
+
+/// Custom networking's secondary VPC CIDR (EKS's usual choice, RFC 6598 shared space),
+/// associated with the lab's VPC on every `up`.
+pub const POD_CIDR: Ipv4Net = net(100, 64, 0, 0, 16);
+/// The pod subnet in the instances' zone (`<region>a`): the `ENIConfig` named after that zone
+/// names it.
+pub const POD_SUBNET: Ipv4Net = net(100, 64, 0, 0, 19);
+/// A pod subnet in another zone (`<region>b`), for the `ENIConfig` an agent must refuse.
+pub const POD_SUBNET_OTHER_ZONE: Ipv4Net = net(100, 64, 32, 0, 19);
+/// `Name` tags of the two pod subnets.
+pub const POD_SUBNET_NAME: &str = "vpc-lab-pods-a";
+pub const POD_SUBNET_OTHER_ZONE_NAME: &str = "vpc-lab-pods-b";
+/// The pods' own security group (its `GroupName` and `Name` tag).
+pub const POD_SG_NAME: &str = "vpc-lab-pods";
+/// The instances' security group.
+pub const SG_NAME: &str = "vpc-lab";
+/// Name of the `ENIConfig` that names the pod subnet of the other zone.
+pub const OTHER_ZONE_ENICONFIG: &str = "other-zone";
+
+/// The instances' availability zone in `region` (`us-west-2a`).
+pub fn zone(region: &str) -> String {
+    format!("{region}a")
+}
+
+/// The other availability zone of the lab (`us-west-2b`): only a pod subnet lives there.
+pub fn other_zone(region: &str) -> String {
+    format!("{region}b")
+}
+
+/// Custom networking's part of the lab's world: the secondary CIDR, the two pod subnets and
+/// the pods' security group, as found in a [`World`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodNetwork {
+    pub cidr: Ipv4Net,
+    /// In the instances' zone.
+    pub subnet: Subnet,
+    /// In [`other_zone`].
+    pub other_zone_subnet: Subnet,
+    /// The id of the security group [`POD_SG_NAME`].
+    pub security_group: String,
+}
+
+/// Finds the pod network [`provision_seed`] made in `world` (by CIDR and group name); an error
+/// names what is missing.
+pub fn pod_network(world: &World) -> Result<PodNetwork> {
+    if !world.vpc_cidrs.contains(&POD_CIDR) {
+        bail!(
+            "VPC {} has no CIDR {POD_CIDR} (its CIDRs: {:?})",
+            world.vpc_id,
+            world.vpc_cidrs
+        );
+    }
+    let subnet = |cidr: Ipv4Net| {
+        world
+            .subnet_by_cidr(cidr)
+            .cloned()
+            .with_context(|| format!("VPC {} has no subnet {cidr}", world.vpc_id))
+    };
+    let in_zone = subnet(POD_SUBNET)?;
+    let other_zone_subnet = subnet(POD_SUBNET_OTHER_ZONE)?;
+    let sg = world
+        .security_group_named(POD_SG_NAME)
+        .with_context(|| {
+            format!(
+                "VPC {} has no security group named {POD_SG_NAME}",
+                world.vpc_id
+            )
+        })?
+        .id
+        .clone();
+    Ok(PodNetwork {
+        cidr: POD_CIDR,
+        subnet: in_zone,
+        other_zone_subnet,
+        security_group: sg,
+    })
+}
 
 const fn net(a: u8, b: u8, c: u8, d: u8, len: u8) -> Ipv4Net {
     match Ipv4Net::new(Ipv4Addr::new(a, b, c, d), len) {
@@ -136,7 +213,7 @@ pub async fn provision_seed(ec2: &Ec2, node_type: &str, fresh_nodes: bool) -> Re
     if let Some(vpc) = find_lab_vpc(ec2).await? {
         bail!("the lab's VPC already exists in EC2 ({vpc}); start from a fresh EC2 (moto)");
     }
-    let az = format!("{}a", ec2.region());
+    let az = zone(ec2.region());
 
     let vpc = ec2
         .create_vpc(VPC_CIDR, &tags(&[(TAG_NAME, VPC_NAME)]))
@@ -153,9 +230,9 @@ pub async fn provision_seed(ec2: &Ec2, node_type: &str, fresh_nodes: bool) -> Re
     let sg = ec2
         .create_security_group(
             &vpc,
-            "vpc-lab",
+            SG_NAME,
             "vpc-lab instances",
-            &tags(&[(TAG_NAME, "vpc-lab")]),
+            &tags(&[(TAG_NAME, SG_NAME)]),
         )
         .await
         .context("creating the security group")?;
@@ -226,13 +303,94 @@ pub async fn provision_seed(ec2: &Ec2, node_type: &str, fresh_nodes: bool) -> Re
         }
         tracing::info!(instance = s.name, id = %inst.id, ip = %s.primary, "provisioned");
     }
+    provision_pod_network(ec2, &vpc).await?;
     Ok(vpc)
+}
+
+/// Custom networking's side of the VPC: the secondary CIDR [`POD_CIDR`], the pod subnets
+/// [`POD_SUBNET`] (the instances' zone) and [`POD_SUBNET_OTHER_ZONE`], and the security group
+/// [`POD_SG_NAME`]. Nothing uses them until an agent runs with custom networking.
+async fn provision_pod_network(ec2: &Ec2, vpc: &str) -> Result<()> {
+    ec2.associate_vpc_cidr_block(vpc, POD_CIDR)
+        .await
+        .with_context(|| format!("associating {POD_CIDR} with {vpc}"))?;
+    for (cidr, az, name) in [
+        (POD_SUBNET, zone(ec2.region()), POD_SUBNET_NAME),
+        (
+            POD_SUBNET_OTHER_ZONE,
+            other_zone(ec2.region()),
+            POD_SUBNET_OTHER_ZONE_NAME,
+        ),
+    ] {
+        ec2.create_subnet(vpc, cidr, &az, &tags(&[(TAG_NAME, name)]))
+            .await
+            .with_context(|| format!("creating the pod subnet {cidr} in {az}"))?;
+    }
+    ec2.create_security_group(
+        vpc,
+        POD_SG_NAME,
+        "vpc-lab pods (custom networking)",
+        &tags(&[(TAG_NAME, POD_SG_NAME)]),
+    )
+    .await
+    .context("creating the pods' security group")?;
+    tracing::info!(%vpc, cidr = %POD_CIDR, "provisioned the pod network (custom networking)");
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::world::World;
+
+    #[test]
+    fn the_pod_network_is_found_by_cidr_and_name_or_named_missing() {
+        let mut w = crate::world::sample();
+        let err = pod_network(&w).unwrap_err().to_string();
+        assert!(
+            err.contains("100.64.0.0/16") && err.contains("vpc-1"),
+            "{err}"
+        );
+        w.vpc_cidrs.push(POD_CIDR);
+        let err = pod_network(&w).unwrap_err().to_string();
+        assert!(err.contains("no subnet 100.64.0.0/19"), "{err}");
+        for (id, cidr, az) in [
+            ("subnet-p", POD_SUBNET, "us-west-2a"),
+            ("subnet-q", POD_SUBNET_OTHER_ZONE, "us-west-2b"),
+        ] {
+            w.subnets.push(Subnet {
+                id: id.into(),
+                cidr,
+                az: az.into(),
+                name: String::new(),
+            });
+        }
+        let err = pod_network(&w).unwrap_err().to_string();
+        assert!(
+            err.contains("no security group named vpc-lab-pods"),
+            "{err}"
+        );
+        w.security_groups.push(crate::world::SecurityGroup {
+            id: "sg-p".into(),
+            name: POD_SG_NAME.into(),
+        });
+        let p = pod_network(&w).unwrap();
+        assert_eq!(
+            (
+                p.subnet.id.as_str(),
+                p.other_zone_subnet.id.as_str(),
+                p.security_group.as_str()
+            ),
+            ("subnet-p", "subnet-q", "sg-p")
+        );
+        assert_eq!(
+            (zone("us-west-2"), other_zone("us-west-2")),
+            ("us-west-2a".to_string(), "us-west-2b".to_string())
+        );
+        // Both pod subnets lie in the secondary CIDR and not in the primary one.
+        for s in [POD_SUBNET, POD_SUBNET_OTHER_ZONE] {
+            assert!(POD_CIDR.contains(&s) && !VPC_CIDR.contains(&s), "{s}");
+        }
+    }
 
     #[test]
     fn seed_addresses_lie_in_their_subnets_and_are_unique() {
@@ -278,15 +436,45 @@ mod tests {
         let w = World::load(&ec2, &vpc).await.unwrap();
         assert_eq!(w.vpc_id, vpc);
         assert_eq!(w.region, "us-west-2");
-        assert_eq!(w.vpc_cidrs, ["172.31.0.0/16".parse::<Ipv4Net>().unwrap()]);
+        assert_eq!(w.vpc_cidrs, [VPC_CIDR, POD_CIDR]);
         let cidrs: Vec<String> = w.subnets.iter().map(|s| s.cidr.to_string()).collect();
         assert_eq!(
             cidrs,
-            ["172.31.0.0/20", "172.31.16.0/20"],
+            [
+                "100.64.0.0/19",
+                "100.64.32.0/19",
+                "172.31.0.0/20",
+                "172.31.16.0/20"
+            ],
             "moto's default VPC must not leak in"
         );
-        assert_eq!(w.subnets[0].gateway(), Ipv4Addr::new(172, 31, 0, 1));
-        assert!(w.subnets.iter().all(|s| s.az == "us-west-2a"));
+        let sub_a = w.subnet_by_cidr(SUBNET_A).unwrap().clone();
+        let sub_b = w.subnet_by_cidr(SUBNET_B).unwrap().clone();
+        assert_eq!(sub_a.gateway(), Ipv4Addr::new(172, 31, 0, 1));
+        assert_eq!(
+            (sub_a.name.as_str(), sub_b.name.as_str()),
+            ("vpc-lab-a", "vpc-lab-b")
+        );
+        assert!(
+            w.subnets
+                .iter()
+                .all(|s| (s.az == "us-west-2a") != (s.cidr == POD_SUBNET_OTHER_ZONE))
+        );
+        // Custom networking's part: the pod subnets and the pods' own security group.
+        let pods = pod_network(&w).unwrap();
+        assert_eq!(pods.subnet.cidr, POD_SUBNET);
+        assert_eq!(pods.subnet.az, "us-west-2a");
+        assert_eq!(pods.subnet.name, POD_SUBNET_NAME);
+        assert_eq!(pods.subnet.gateway(), Ipv4Addr::new(100, 64, 0, 1));
+        assert_eq!(pods.other_zone_subnet.az, "us-west-2b");
+        let names: Vec<&str> = w.security_groups.iter().map(|g| g.name.as_str()).collect();
+        assert!(
+            names.contains(&SG_NAME) && names.contains(&POD_SG_NAME),
+            "{names:?}"
+        );
+        let instances_sg = w.security_group_named(SG_NAME).unwrap().id.clone();
+        assert_ne!(pods.security_group, instances_sg);
+        assert!(pods.security_group.starts_with("sg-"), "{pods:?}");
         let names: Vec<&str> = w.instances.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["instance1", "instance2", "vpc-host"]);
 
@@ -312,7 +500,7 @@ mod tests {
         assert!(
             i1.enis
                 .iter()
-                .all(|e| e.subnet_id == w.subnets[0].id && e.security_groups.len() == 1)
+                .all(|e| e.subnet_id == sub_a.id && e.security_groups == [instances_sg.clone()])
         );
 
         let i2 = w.instance("instance2").unwrap();
@@ -324,7 +512,7 @@ mod tests {
         let host = w.instance("vpc-host").unwrap();
         assert!(!host.node);
         assert_eq!(host.enis[0].primary_ip, a("172.31.16.10"));
-        assert_eq!(host.enis[0].subnet_id, w.subnets[1].id);
+        assert_eq!(host.enis[0].subnet_id, sub_b.id);
         assert!(host.enis[0].secondary_ips.is_empty());
 
         // EC2 is the source of truth: a change there shows up on the next load.

@@ -1,5 +1,6 @@
 //! The lab's model of EC2 state, rebuilt from EC2 (moto), which is the source of truth (with
-//! the IPv4 prefixes the EC2 proxy keeps in moto as ENI tags). The fabric, IMDS and `status`
+//! the IPv4 prefixes and an ENI's own security groups, which the EC2 proxy keeps in moto as ENI
+//! tags). The fabric, IMDS and `status`
 //! are all derived from a [`World`].
 
 use std::collections::BTreeMap;
@@ -27,6 +28,9 @@ pub struct World {
     pub subnets: Vec<Subnet>,
     /// Live (pending or running) instances, sorted by name.
     pub instances: Vec<Instance>,
+    /// The VPC's security groups, sorted by name then id.
+    #[serde(default)]
+    pub security_groups: Vec<SecurityGroup>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +38,17 @@ pub struct Subnet {
     pub id: String,
     pub cidr: Ipv4Net,
     pub az: String,
+    /// Tag `Name` (empty when untagged).
+    #[serde(default)]
+    pub name: String,
+}
+
+/// A security group of the VPC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityGroup {
+    pub id: String,
+    /// `GroupName`.
+    pub name: String,
 }
 
 impl Subnet {
@@ -94,12 +109,25 @@ impl World {
             .with_context(|| format!("describing subnets of {vpc_id}"))?
             .into_iter()
             .map(|s| Subnet {
+                name: s.tags.get(TAG_NAME).cloned().unwrap_or_default(),
                 id: s.id,
                 cidr: s.cidr,
                 az: s.availability_zone,
             })
             .collect();
         subnets.sort_by(|a, b| a.cidr.cmp(&b.cidr).then_with(|| a.id.cmp(&b.id)));
+        let mut security_groups: Vec<SecurityGroup> = ec2
+            .describe_security_groups(&[], &[cloud::Filter::vpc(vpc_id)])
+            .await
+            .with_context(|| format!("describing security groups of {vpc_id}"))?
+            .into_iter()
+            .filter(|g| g.vpc_id == vpc_id)
+            .map(|g| SecurityGroup {
+                id: g.id,
+                name: g.name,
+            })
+            .collect();
+        security_groups.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
 
         let instances = ec2
             .describe_instances(
@@ -115,7 +143,8 @@ impl World {
             .describe_network_interfaces(&[], &[cloud::Filter::vpc(vpc_id)])
             .await
             .with_context(|| format!("describing ENIs in {vpc_id}"))?;
-        let world = World::assemble(vpc, ec2.region(), subnets, &instances, &enis)?;
+        let mut world = World::assemble(vpc, ec2.region(), subnets, &instances, &enis)?;
+        world.security_groups = security_groups;
         tracing::debug!(
             vpc = vpc_id,
             instances = world.instances.len(),
@@ -135,8 +164,9 @@ impl World {
         let mut by_instance: BTreeMap<&str, Vec<Eni>> = BTreeMap::new();
         for e in enis {
             let Some(att) = &e.attachment else { continue };
-            // moto has no prefixes: the EC2 proxy keeps them in a tag of the ENI.
-            let prefixes = fidelity::with_lab_prefixes(e.clone()).prefixes;
+            // moto has no prefixes, and adds an attached ENI's instance's groups to its own:
+            // the EC2 proxy keeps both in tags of the ENI.
+            let lab = fidelity::with_lab_prefixes(e.clone());
             if att.status != "attached" {
                 continue;
             }
@@ -150,8 +180,8 @@ impl World {
                     subnet_id: e.subnet_id.clone(),
                     primary_ip: e.primary_ip,
                     secondary_ips: e.secondary_ips.clone(),
-                    prefixes,
-                    security_groups: e.security_groups.clone(),
+                    prefixes: lab.prefixes,
+                    security_groups: lab.security_groups,
                 });
         }
 
@@ -206,6 +236,7 @@ impl World {
             region: region.to_owned(),
             subnets,
             instances: out,
+            security_groups: Vec::new(),
         })
     }
 
@@ -219,6 +250,16 @@ impl World {
 
     pub fn subnet(&self, id: &str) -> Option<&Subnet> {
         self.subnets.iter().find(|s| s.id == id)
+    }
+
+    /// The subnet whose CIDR is exactly `cidr`.
+    pub fn subnet_by_cidr(&self, cidr: Ipv4Net) -> Option<&Subnet> {
+        self.subnets.iter().find(|s| s.cidr == cidr)
+    }
+
+    /// The VPC's security group named `name`.
+    pub fn security_group_named(&self, name: &str) -> Option<&SecurityGroup> {
+        self.security_groups.iter().find(|g| g.name == name)
     }
 }
 
@@ -234,6 +275,11 @@ pub fn sample() -> World {
             id: "subnet-a".into(),
             cidr: "172.31.0.0/20".parse().unwrap(),
             az: "us-west-2a".into(),
+            name: "vpc-lab-a".into(),
+        }],
+        security_groups: vec![SecurityGroup {
+            id: "sg-1".into(),
+            name: "vpc-lab".into(),
         }],
         instances: vec![Instance {
             name: "instance1".into(),
@@ -281,6 +327,7 @@ mod tests {
             id: "s".into(),
             cidr: "172.31.16.0/20".parse().unwrap(),
             az: "a".into(),
+            name: String::new(),
         };
         assert_eq!(s.gateway(), ip("172.31.16.1"));
     }

@@ -791,6 +791,56 @@ mod tests {
         assert_ne!(before.nft_sets(), sets);
     }
 
+    /// Custom networking: an ENI in a subnet of the VPC's secondary CIDR (100.64.0.0/19) is a
+    /// port of that subnet's bridge (the router's address 100.64.0.1), its addresses are
+    /// answered and checked like any other, and the internet routes the CIDR back to the VPC.
+    #[test]
+    fn an_eni_in_the_secondary_cidr_is_delivered_like_any_other() {
+        let mut w = sample();
+        w.vpc_cidrs.push("100.64.0.0/16".parse().unwrap());
+        w.subnets.push(Subnet {
+            id: "subnet-pods".into(),
+            cidr: "100.64.0.0/19".parse().unwrap(),
+            az: "us-west-2a".into(),
+            name: "vpc-lab-pods-a".into(),
+        });
+        let eni = &mut w.instances[0].enis[1];
+        eni.subnet_id = "subnet-pods".into();
+        eni.primary_ip = ip("100.64.7.9");
+        eni.secondary_ips = vec![ip("100.64.7.10")];
+        eni.prefixes = vec!["100.64.8.16/28".parse().unwrap()];
+        let plan = Plan::from_world(&w).unwrap();
+        let bridge = plan
+            .bridges
+            .iter()
+            .find(|(b, _, _)| b == "br-pods")
+            .expect("a bridge for the pod subnet");
+        assert_eq!(bridge.1.to_string(), "100.64.0.1/19");
+        let eth1 = plan.ports.iter().find(|p| p.device == 1).unwrap();
+        assert_eq!(
+            (eth1.bridge.as_str(), eth1.gateway),
+            ("br-pods", ip("100.64.0.1"))
+        );
+        for a in ["100.64.7.9", "100.64.7.10", "100.64.8.16", "100.64.8.31"] {
+            assert!(eth1.addrs.contains(&ip(a)), "{a}");
+            assert!(
+                plan.ebtables().contains(&format!(
+                    "--arp-ip-dst {a} -j arpreply --arpreply-mac 02:00:00:00:00:02"
+                )),
+                "{a}"
+            );
+            assert_eq!(
+                plan.neighbours()["br-pods"].get(&ip(a)).map(String::as_str),
+                Some("02:00:00:00:00:02")
+            );
+        }
+        assert!(plan.nft_sets().contains("100.64.7.10"));
+        assert!(
+            plan.vpc_cidrs
+                .contains(&"100.64.0.0/16".parse::<Ipv4Net>().unwrap())
+        );
+    }
+
     #[test]
     fn an_eni_in_an_unknown_subnet_is_an_error_naming_it() {
         let mut w = sample();
