@@ -40,6 +40,18 @@ pub use resource::{
 pub use server::{Running, Server, write_kubeconfig};
 pub use store::{DEFAULT_HISTORY, Store};
 
+/// Whether `key` is a valid label (or annotation) key, as the API validates it: an optional
+/// DNS-subdomain prefix and `/`, then at most 63 alphanumerics, `-`, `_` or `.`.
+pub fn valid_label_key(key: &str) -> bool {
+    select::valid_key(key)
+}
+
+/// Whether `value` is a valid label value (empty, or at most 63 alphanumerics, `-`, `_` or
+/// `.`, beginning and ending with an alphanumeric).
+pub fn valid_label_value(value: &str) -> bool {
+    select::valid_value(value)
+}
+
 /// What can go wrong running the server or using its store directly.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -50,9 +50,16 @@ impl Server {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| Error::Bind { addr, source })?;
-        let local = listener
-            .local_addr()
-            .map_err(|source| Error::Bind { addr, source })?;
+        self.serve(listener)
+    }
+
+    /// Serves on a listener bound by the caller (for instance inside another network
+    /// namespace) until [`Running::stop`] or drop. Needs a Tokio runtime.
+    pub fn serve(&self, listener: TcpListener) -> Result<Running, Error> {
+        let local = listener.local_addr().map_err(|source| Error::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
         let (stop, stopped) = watch::channel(false);
         let app = router(App {
             store: self.store.clone(),

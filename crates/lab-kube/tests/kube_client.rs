@@ -641,3 +641,31 @@ async fn discovery_and_version_have_the_real_shapes() {
     assert!(paged.metadata.continue_.is_none());
     assert_eq!(paged.items.len(), 0);
 }
+
+/// A server on a listener the caller bound (as the lab binds one inside each instance's
+/// network namespace): served, stopped (connections refused), and served again on a new
+/// listener at the same address with the same objects.
+#[tokio::test]
+async fn a_server_serves_a_listener_bound_elsewhere() {
+    let store = Store::new();
+    store.put(node("n1", &[("a", "b")])).expect("seeded");
+    let server = Server::new(store.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a listener");
+    let addr = l.local_addr().expect("its address");
+    let running = server.serve(l).expect("serving the listener");
+    assert_eq!(running.addr(), addr);
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let client = client_from_kubeconfig(&running.url(), dir.path()).await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let n = nodes.get("n1").await.expect("served");
+    running.stop().await.expect("stopped");
+    assert!(nodes.get("n1").await.is_err(), "refused while stopped");
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("the same address again");
+    let _running = server.serve(l).expect("serving again");
+    let back = nodes.get("n1").await.expect("served again");
+    assert_eq!(back.metadata.uid, n.metadata.uid);
+}

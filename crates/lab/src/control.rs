@@ -15,7 +15,7 @@ use lab_net::{fabric, ns};
 use testkit::procs;
 
 use crate::store::{self, LabState};
-use crate::{daemon, kubelet, paths, pods};
+use crate::{daemon, kube, kubelet, paths, pods};
 
 fn make_node_dirs(instance: &str) -> Result<()> {
     for d in [
@@ -175,10 +175,15 @@ async fn up_in_runtime(mut state: LabState, opts: &UpOptions, t0: Instant) -> Re
                         .iter()
                         .map(|(k, v)| (k.to_string(), v.to_string()))
                         .collect();
+                    // The lab's API through its kubeconfig (mounted read-only at the same
+                    // path), where a real pod would use its service account; MY_NODE_NAME
+                    // comes from the manifest (spec.nodeName).
+                    extra.push(kube::kubeconfig_env());
                     extra.extend(env_of(n));
                     let env = kubelet::spec::LabEnv {
                         node: daemon::node_env(&world.region),
                         extra,
+                        mounts: vec![paths::kube_dir()],
                     };
                     kubelet::start(n, env)?;
                 }
@@ -291,6 +296,22 @@ pub fn status() -> Result<()> {
         proc_state(paths::daemon_pid(), daemon::MARKER)
     );
     println!(
+        "Kubernetes API: {}",
+        match kube::status() {
+            Ok(k) => format!(
+                "{} at {} in the instances, {} here ({} nodes, {} pods, {} ENIConfigs; KUBECONFIG={})",
+                if k.serving { "serving" } else { "STOPPED" },
+                k.instance_url,
+                k.host_url,
+                k.nodes,
+                k.pods,
+                k.eniconfigs,
+                k.kubeconfig.display()
+            ),
+            Err(e) => format!("NOT AVAILABLE ({e:#})"),
+        }
+    );
+    println!(
         "VPC {} ({}) region {}",
         world.vpc_id,
         fmt_list(&world.vpc_cidrs),
@@ -303,6 +324,17 @@ pub fn status() -> Result<()> {
             s.cidr,
             s.az,
             s.gateway()
+        );
+    }
+    if !world.security_groups.is_empty() {
+        println!(
+            "  security groups: {}",
+            world
+                .security_groups
+                .iter()
+                .map(|g| format!("{} {}", g.id, g.name))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     for inst in &world.instances {
@@ -431,7 +463,8 @@ pub fn agent_start(instance: &str, extra: &[(String, String)], region: &str) -> 
 }
 
 /// The agent binary of the lab, to run inside `instance` with the lab's node environment (IMDS
-/// and EC2 endpoints, the node's paths) and `extra` on top.
+/// and EC2 endpoints, the lab's Kubernetes API and the node's name, the node's paths) and
+/// `extra` on top.
 fn agent_command(
     instance: &str,
     extra: &[(String, String)],
@@ -450,6 +483,7 @@ fn agent_command(
         agent.to_str().context("agent path is not UTF-8")?,
     )?;
     let mut env: BTreeMap<String, String> = daemon::node_env(region).into_iter().collect();
+    env.extend(kube::agent_env(instance));
     for (k, v) in [
         (
             "HOST_CNI_BIN_PATH",

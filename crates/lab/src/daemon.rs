@@ -1,5 +1,7 @@
 //! The lab daemon: keeps the fabric and the instances' interfaces in line with EC2, and serves
-//! IMDS and the EC2 fidelity proxy inside every instance namespace and the whoami service on the internet.
+//! IMDS and the EC2 fidelity proxy inside every instance namespace, the lab's Kubernetes API
+//! (`crate::kube`) there and on a root-namespace loopback port, and the whoami service on the
+//! internet.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::process::Command;
@@ -16,8 +18,8 @@ use lab_aws::world::World;
 use lab_net::{fabric, ns};
 use testkit::procs;
 
-use crate::paths;
 use crate::store::{self, LabState};
+use crate::{kube, paths};
 
 pub const IMDS_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 1338);
 pub const EC2_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 1339);
@@ -248,6 +250,9 @@ async fn run() -> Result<()> {
         served.insert(i.name.clone());
     }
     serve_whoami()?;
+    let kube = kube::serve::Service::start(&world)
+        .await
+        .context("starting the lab's Kubernetes API")?;
     std::fs::write(paths::daemon_ready(), format!("{}\n", std::process::id()))?;
     tracing::info!(vpc = %state.vpc_id, knobs = ?proxy.knobs().0, "lab daemon ready");
 
@@ -337,6 +342,9 @@ async fn run() -> Result<()> {
                         served.insert(i.name.clone());
                     }
                     Err(e) => tracing::error!(instance = %i.name, "serving IMDS: {e:#}"),
+                }
+                if let Err(e) = kube.add_instance(&visible, &i.name).await {
+                    tracing::error!(instance = %i.name, "serving the Kubernetes API: {e:#}");
                 }
             }
         }

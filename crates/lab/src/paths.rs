@@ -48,6 +48,28 @@ pub fn daemon_ready() -> PathBuf {
     run_dir().join("daemon.ready")
 }
 
+/// The lab's Kubernetes API (`crate::kube`): its kubeconfigs and control socket.
+pub fn kube_dir() -> PathBuf {
+    run_dir().join("kube")
+}
+
+/// The kubeconfig every agent the lab starts gets as `KUBECONFIG`: the API at
+/// `http://127.0.0.1:6443`, valid inside any instance's namespace (where the daemon serves it).
+pub fn kubeconfig() -> PathBuf {
+    kube_dir().join("kubeconfig")
+}
+
+/// The kubeconfig for the root namespace (`vpc-lab`, tests): the same API on a loopback port
+/// of the root namespace.
+pub fn kubeconfig_host() -> PathBuf {
+    kube_dir().join("kubeconfig-host")
+}
+
+/// The daemon's control socket for the Kubernetes API (`vpc-lab kube …`, `pod add|del`).
+pub fn kube_control_socket() -> PathBuf {
+    kube_dir().join("control.sock")
+}
+
 /// An instance's node layout root (its `/`, as far as the agent and the runtime see it).
 pub fn inst_dir(instance: &str) -> PathBuf {
     run_dir().join(instance)

@@ -7,6 +7,11 @@
 //! on DEL/CHECK) on stdin; the plugin runs inside the instance's network namespace, so its
 //! host side lands there. Capability arguments (`--port-mapping`) go into `runtimeConfig` of the
 //! plugins that declare the capability, on ADD and again on DEL and CHECK, as libcni does.
+//!
+//! The lab's Kubernetes API holds each pod's `Pod`, as with a kubelet: written (scheduled on the
+//! instance) before the ADD unless it exists, `Running` with the pod's addresses after it,
+//! deleted after a successful DEL or when the failed ADD's pod is forgotten (`crate::kube`; one
+//! small request to the daemon each).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -19,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use testkit::cni::{CapabilityArgs, ConfList, Outcome, PodRef, Runtime};
 
-use crate::paths;
+use crate::{kube, paths};
 
 /// A pod as the runtime remembers it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -380,6 +385,21 @@ pub fn add_until(
         );
     }
     let rt = runtime(instance)?;
+    // As the API server would hold it before a kubelet creates the sandbox; forgotten again
+    // unless the ADD succeeds.
+    let wrote_pod = if kube::available() {
+        kube::pod_scheduled(&pns, &pname, instance)
+            .with_context(|| format!("writing the Pod {pod} to the lab's Kubernetes API"))?
+    } else {
+        tracing::warn!("the lab runs no Kubernetes API (no control socket): no Pod for {pod}");
+        false
+    };
+    let mut pod_guard = PodGuard {
+        armed: wrote_pod,
+        instance,
+        namespace: &pns,
+        name: &pname,
+    };
     let netns_name = ns::pod_ns(instance, &pns, &pname);
     ns::add(&netns_name)?;
     let netns = ns::path(&netns_name).display().to_string();
@@ -428,6 +448,8 @@ pub fn add_until(
             .into());
         }
     };
+    pod_guard.armed = false;
+    drop(pod_guard);
     let total = total.as_secs_f64() * 1000.0;
     let r = PodRecord {
         instance: instance.to_string(),
@@ -443,6 +465,11 @@ pub fn add_until(
         capability_args: caps,
     };
     write_record(&r)?;
+    if kube::available()
+        && let Err(e) = kube::pod_running(&r.namespace, &r.name, instance, &r.ips())
+    {
+        tracing::warn!("marking the Pod {pod} running in the lab's Kubernetes API: {e:#}");
+    }
     match print {
         Print::Pretty => println!("{}", serde_json::to_string_pretty(&r.result)?),
         Print::Compact => println!("{}", serde_json::to_string(&r.result)?),
@@ -450,6 +477,34 @@ pub fn add_until(
     }
     eprintln!("ADD {pod} on {instance}: {total:.1} ms, {:?}", r.ips());
     Ok(r)
+}
+
+/// While armed, deletes the `Pod` an ADD wrote when it is dropped (the ADD failed or returned
+/// early: the runtime forgets the pod).
+struct PodGuard<'a> {
+    armed: bool,
+    instance: &'a str,
+    namespace: &'a str,
+    name: &'a str,
+}
+
+impl Drop for PodGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            forget_pod(self.instance, self.namespace, self.name);
+        }
+    }
+}
+
+/// Deletes the pod's `Pod` from the lab's Kubernetes API (if it is on `instance`); a failure is
+/// logged, not returned (the runtime's side is done).
+fn forget_pod(instance: &str, namespace: &str, name: &str) {
+    if !kube::available() {
+        return;
+    }
+    if let Err(e) = kube::pod_deleted(namespace, name, instance) {
+        tracing::warn!("deleting the Pod {namespace}/{name} from the lab's Kubernetes API: {e:#}");
+    }
 }
 
 fn load_record(instance: &str, pod: &str) -> Result<PodRecord> {
@@ -487,6 +542,7 @@ pub fn del(instance: &str, pod: &str, print: Print) -> Result<()> {
     }
     ns::del(&r.ns_name())?;
     std::fs::remove_file(record_path(instance, &r.namespace, &r.name))?;
+    forget_pod(instance, &r.namespace, &r.name);
     if print != Print::Quiet {
         eprintln!("DEL {pod} on {instance}: {total:.1} ms");
     }

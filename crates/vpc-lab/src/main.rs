@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use lab::control::{self, Deploy, UpOptions};
 use lab::store::LabState;
-use lab::{aws_node, daemon, kubelet, matrix, paths, pods};
+use lab::{aws_node, daemon, kube, kubelet, matrix, paths, pods};
 use lab_aws::{fidelity, seed};
 use lab_bench::{bench, perf, prefixes, soak};
 use lab_net::ns;
@@ -129,6 +129,12 @@ enum Cmd {
         #[arg(long = "agent-env", value_name = "K=V", value_parser = parse_kv)]
         agent_env: Vec<(String, String)>,
     },
+    /// The lab's Kubernetes API (Node, Pod, Event, ENIConfig) that the agents use through
+    /// $KUBECONFIG: where it is, stop and start it, read and change its objects.
+    Kube {
+        #[command(subcommand)]
+        cmd: KubeCmd,
+    },
     /// The lab's kubelet (with `up --deploy daemonset`): the DaemonSet's pod on each node.
     Kubelet {
         #[command(subcommand)]
@@ -204,6 +210,64 @@ enum KubeletCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum KubeCmd {
+    /// Where the API is (in the instances and here), whether it answers, what it holds.
+    Status {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the API server unreachable (open watches end, connections refused); its objects
+    /// stay.
+    Stop,
+    /// Serve again after `stop`, on the same addresses with the same objects.
+    Start,
+    /// Every Node (JSON).
+    Nodes,
+    /// Every Event, or those of one node: about the Node, from its host, or about a pod on it
+    /// (JSON).
+    Events {
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// One Pod (JSON); exits 1 when the API has none of that name.
+    Pod {
+        #[arg(value_name = "NS/NAME")]
+        pod: String,
+    },
+    /// Every ENIConfig (JSON).
+    Eniconfigs,
+    /// Set a node's label.
+    Label {
+        node: String,
+        #[arg(value_name = "K=V")]
+        label: String,
+    },
+    /// Remove a node's label.
+    Unlabel { node: String, key: String },
+    /// Set a node's annotation.
+    Annotate {
+        node: String,
+        #[arg(value_name = "K=V")]
+        annotation: String,
+    },
+    /// Remove a node's annotation.
+    Unannotate { node: String, key: String },
+    /// Set a node's status.capacity.pods and status.allocatable.pods.
+    Capacity { node: String, pods: u32 },
+    /// Create or replace an ENIConfig.
+    Eniconfig {
+        name: String,
+        subnet: String,
+        /// Security group ids, comma-separated (may be empty: "").
+        #[arg(value_name = "SG[,SG]")]
+        security_groups: String,
+    },
+    /// Delete an ENIConfig.
+    EniconfigDelete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
 enum FidelityCmd {
     /// Print the knobs in effect (JSON).
     Show,
@@ -245,6 +309,85 @@ enum AgentAction {
     Uninstall,
 }
 
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// `vpc-lab kube …`.
+fn kube_cmd(cmd: KubeCmd) -> Result<ExitCode> {
+    match cmd {
+        KubeCmd::Status { json } => {
+            let s = kube::status()?;
+            if json {
+                print_json(&s)?;
+            } else {
+                println!(
+                    "{}: {} in the instances' namespaces, {} in the root namespace",
+                    if s.serving { "serving" } else { "STOPPED" },
+                    s.instance_url,
+                    s.host_url
+                );
+                println!(
+                    "kubeconfig {} (agents), {} (root namespace)",
+                    s.kubeconfig.display(),
+                    s.host_kubeconfig.display()
+                );
+                println!(
+                    "{} nodes, {} pods, {} events, {} ENIConfigs; resourceVersion {}",
+                    s.nodes, s.pods, s.events, s.eniconfigs, s.resource_version
+                );
+            }
+        }
+        KubeCmd::Stop => kube::stop()?,
+        KubeCmd::Start => kube::start()?,
+        KubeCmd::Nodes => print_json(&kube::nodes()?)?,
+        KubeCmd::Events { node } => print_json(&kube::events(node.as_deref())?)?,
+        KubeCmd::Pod { pod } => {
+            let (ns, name) = pods::parse_pod(&pod)?;
+            match kube::pod(&ns, &name)? {
+                Some(p) => print_json(&p)?,
+                None => {
+                    eprintln!("vpc-lab: no Pod {pod} in the lab's Kubernetes API");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+        KubeCmd::Eniconfigs => print_json(&kube::eniconfigs()?)?,
+        KubeCmd::Label { node, label } => {
+            let (k, v) = kube::objects::parse_key_value(&label, false)?;
+            kube::label(&node, &k, &v)?;
+        }
+        KubeCmd::Unlabel { node, key } => kube::unlabel(&node, &key)?,
+        KubeCmd::Annotate { node, annotation } => {
+            let (k, v) = kube::objects::parse_key_value(&annotation, true)?;
+            kube::annotate(&node, &k, &v)?;
+        }
+        KubeCmd::Unannotate { node, key } => kube::unannotate(&node, &key)?,
+        KubeCmd::Capacity { node, pods } => kube::capacity(&node, pods)?,
+        KubeCmd::Eniconfig {
+            name,
+            subnet,
+            security_groups,
+        } => {
+            let sgs: Vec<String> = security_groups
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+            kube::eniconfig(&name, &subnet, &sgs)?;
+        }
+        KubeCmd::EniconfigDelete { name } => {
+            if !kube::eniconfig_delete(&name)? {
+                eprintln!("vpc-lab: no ENIConfig {name:?} in the lab's Kubernetes API");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn require_root() -> Result<()> {
     if !testkit::is_root() {
         bail!("vpc-lab needs root (it creates network namespaces); run it with sudo");
@@ -259,6 +402,7 @@ fn main() -> ExitCode {
         Cmd::Status
             | Cmd::Ec2Stats
             | Cmd::Fidelity { .. }
+            | Cmd::Kube { .. }
             | Cmd::Kubelet {
                 cmd: KubeletCmd::Status { .. }
             }
@@ -402,6 +546,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", control::agent_uninstall_to_aws_node(&instance)?);
             }
         },
+        Cmd::Kube { cmd } => return kube_cmd(cmd),
         Cmd::Kubelet { cmd } => match cmd {
             KubeletCmd::Status { json } => {
                 let all = kubelet::status_all()?;

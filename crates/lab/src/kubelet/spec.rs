@@ -148,6 +148,11 @@ pub struct LabEnv {
     /// for the agent (`vpc-lab up --agent-env`, `--provisioning`, the lab's defaults) — what an
     /// operator's kustomize patch of the DaemonSet's env would be.
     pub extra: EnvList,
+    /// Host directories mounted read-only at the same path into the pod's containers (not
+    /// the init containers): the lab's kubeconfig directory, for the `KUBECONFIG` in
+    /// [`LabEnv::extra`] (a real pod reaches the API with its service account instead).
+    #[serde(default)]
+    pub mounts: Vec<PathBuf>,
 }
 
 /// The node as the lab's kubelet knows it.
@@ -561,7 +566,8 @@ fn through_mount<'a>(path: &str, mounts: &'a [MountPlan]) -> Option<(PathBuf, &'
 ///    that file's path on the node, and the host directory is mounted at that same path (the
 ///    extra mounts are returned);
 /// 3. the lab's node environment ([`LabEnv::node`]);
-/// 4. for the pod's containers (not init containers), the lab's settings ([`LabEnv::extra`]).
+/// 4. for the pod's containers (not init containers), the lab's settings ([`LabEnv::extra`]),
+///    and its read-only mounts ([`LabEnv::mounts`]).
 fn container_env(
     c: &Container,
     init: bool,
@@ -617,6 +623,17 @@ fn container_env(
     if !init {
         for (k, v) in &lab.extra {
             set(&mut env, k, v.clone());
+        }
+        for dir in &lab.mounts {
+            let m = MountPlan {
+                container_path: dir.display().to_string(),
+                host: dir.clone(),
+                readonly: true,
+                propagation: api::MountPropagation::PropagationPrivate,
+            };
+            if !extra_mounts.contains(&m) {
+                extra_mounts.push(m);
+            }
         }
     }
     Ok((env, extra_mounts))
@@ -897,6 +914,7 @@ mod tests {
                     ),
                     ("WARM_IP_TARGET".into(), "5".into()),
                 ],
+                mounts: vec![],
             },
         }
     }
@@ -1079,9 +1097,10 @@ mod tests {
             "args": ["--x=$(B)"],
         }))
         .unwrap();
-        let lab = LabEnv {
+        let mut lab = LabEnv {
             node: vec![("A".into(), "node".into())],
             extra: vec![],
+            mounts: vec![],
         };
         let (env, extra_mounts) = container_env(&c, false, &[], &lab, "instance1").unwrap();
         assert_eq!(
@@ -1097,6 +1116,21 @@ mod tests {
             "a path outside every mount is left alone"
         );
         assert!(extra_mounts.is_empty());
+        // The lab's mounts (its kubeconfig's directory): read-only at the same path, into the
+        // pod's containers only.
+        lab.mounts = vec![PathBuf::from("/run/vpc-lab/kube")];
+        let (_, extra_mounts) = container_env(&c, false, &[], &lab, "instance1").unwrap();
+        assert_eq!(
+            extra_mounts,
+            [MountPlan {
+                container_path: "/run/vpc-lab/kube".into(),
+                host: PathBuf::from("/run/vpc-lab/kube"),
+                readonly: true,
+                propagation: api::MountPropagation::PropagationPrivate,
+            }]
+        );
+        let (_, init_mounts) = container_env(&c, true, &[], &lab, "instance1").unwrap();
+        assert!(init_mounts.is_empty());
         assert_eq!(expand("a$b$", |_| None), "a$b$");
         assert_eq!(expand("$(X", |_| Some("v".into())), "$(X");
     }
