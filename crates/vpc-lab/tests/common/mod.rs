@@ -153,8 +153,9 @@ pub fn serial() -> Serial {
         .unwrap_or_else(|(_, e)| panic!("locking {}: {e}", path.display()))
 }
 
-/// The root network namespace carries nothing of the lab: no lab interface, no VPC or
-/// TEST-NET address, route or rule (the only root-namespace listener is moto on loopback).
+/// The root network namespace carries nothing of the lab: no lab interface, no VPC (custom
+/// networking's 100.64.0.0/16 included) or TEST-NET address, route or rule (the only
+/// root-namespace listeners are moto and the lab's Kubernetes API, on loopback).
 pub fn assert_root_untouched() {
     let run = |args: &[&str]| {
         let o = Command::new("ip").args(args).output().expect("ip");
@@ -181,7 +182,17 @@ pub fn assert_root_untouched() {
         &["rule", "show"][..],
     ] {
         let out = run(args);
-        for bad in ["172.31.", "203.0.113."] {
+        // The VPC, the internet, and custom networking's CIDR and pod subnets (exact prefixes:
+        // 100.64.0.0/10 is shared address space a host may use for its own ends).
+        for bad in [
+            "172.31.",
+            "203.0.113.",
+            "100.64.0.0/16",
+            "100.64.0.0/19",
+            "100.64.32.0/19",
+            "100.64.0.1/19",
+            "100.64.32.1/19",
+        ] {
             assert!(
                 !out.contains(bad),
                 "`ip {}` in the root namespace mentions {bad}:\n{out}",
