@@ -299,17 +299,17 @@ pub async fn follow_capacity(
 }
 
 /// Sends an event on the node each time the provisioner's blocker (why it cannot add
-/// addresses: [`crate::state::State::set_blocker`]) becomes a new one. Reads the agent's own
-/// state every 2 s; nothing here waits on the API server.
-pub async fn events_from_blockers(state: Arc<Mutex<crate::state::State>>, outbox: Outbox) {
+/// addresses, `(reason, message)`, read with `blocker` every 2 s from the agent's own state)
+/// becomes a new one. Nothing here waits on the API server.
+pub async fn events_from_blockers(
+    blocker: impl Fn() -> Option<(&'static str, String)>,
+    outbox: Outbox,
+) {
     let mut last: Option<String> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;
-        let now = {
-            let st = state.lock().unwrap_or_else(|p| p.into_inner());
-            st.blocker_reason.zip(st.blocker.clone())
-        };
+        let now = blocker();
         if let Some((reason, message)) = &now
             && last.as_ref() != Some(message)
         {

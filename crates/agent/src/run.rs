@@ -290,7 +290,11 @@ async fn start_k8s(
         k8s::Outbox::new(client.clone(), cfg.node_name.clone().unwrap_or_default());
     tokio::spawn(sender);
     if cfg.annotate_pod_ip {
-        state.lock().unwrap_or_else(|p| p.into_inner()).pod_ips = Some(outbox.clone());
+        let o = outbox.clone();
+        state.lock().unwrap_or_else(|p| p.into_inner()).on_assigned =
+            Some(state::OnAssigned(Box::new(move |pod, ip| {
+                o.pod_ip(&pod.namespace, &pod.name, ip)
+            })));
     }
     let Some(node) = cfg.node_name.clone() else {
         if custom {
@@ -305,7 +309,14 @@ async fn start_k8s(
         return Ok(());
     };
     info!(%node, annotate_pod_ip = cfg.annotate_pod_ip, custom_networking = custom, "Kubernetes API client ready");
-    tokio::spawn(k8s::events_from_blockers(state.clone(), outbox));
+    let st = state.clone();
+    tokio::spawn(k8s::events_from_blockers(
+        move || {
+            let st = st.lock().unwrap_or_else(|p| p.into_inner());
+            st.blocker_reason.zip(st.blocker.clone())
+        },
+        outbox,
+    ));
     let (tx, rx) = tokio::sync::watch::channel(None);
     tokio::spawn(k8s::watch_node(client.clone(), node, tx));
     if let Some(p) = provisioner.clone().filter(|_| custom) {

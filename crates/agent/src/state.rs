@@ -68,6 +68,18 @@ pub struct Drift {
     pub last_reconcile_error: Option<String>,
 }
 
+/// What [`OnAssigned`] calls: the pod and its new address.
+pub type AssignedFn = dyn Fn(&PodRef, Ipv4Addr) + Send;
+
+/// A callback told of each pod given an address (it must not block: the ADD waits).
+pub struct OnAssigned(pub Box<AssignedFn>);
+
+impl std::fmt::Debug for OnAssigned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnAssigned")
+    }
+}
+
 /// The wall clock in Unix milliseconds (for display; the pool's times come from [`Clock`]).
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -128,8 +140,8 @@ pub struct State {
     /// how many ENIs (or new ENIs) are in one now.
     pub prefix_fallbacks: u64,
     pub prefix_fallback_active: usize,
-    /// Where assigned addresses go for the pod IP annotation (`ANNOTATE_POD_IP`).
-    pub pod_ips: Option<crate::k8s::Outbox>,
+    /// Told of each pod given an address (`ANNOTATE_POD_IP`: the pod IP annotation).
+    pub on_assigned: Option<OnAssigned>,
     /// Cached instance-type limits (persisted).
     pub instance_limits: Option<crate::checkpoint::InstanceLimitsRecord>,
     /// Changes outside the agent that the provisioner's reconciles found.
@@ -161,7 +173,7 @@ impl State {
             pending: 0,
             blocker: None,
             blocker_reason: None,
-            pod_ips: None,
+            on_assigned: None,
             wake: None,
             capacity: None,
             max_pods: None,
@@ -732,10 +744,10 @@ impl State {
             return resp;
         }
         info!(%key, pod = %format!("{}/{}", pod.namespace, pod.name), ip = %a.ip, eni = %a.eni.id, "assigned");
-        if let Some(o) = &self.pod_ips
+        if let Some(f) = &self.on_assigned
             && !pod.name.is_empty()
         {
-            o.pod_ip(&pod.namespace, &pod.name, a.ip);
+            (f.0)(&pod, a.ip);
         }
         Response::Added {
             allocation: self.allocation(&a),

@@ -287,7 +287,7 @@ fn custom_networking_and_the_kubernetes_api() {
                 .and_then(|a| a.get("vpc.amazonaws.com/pod-ips").cloned())
                 .filter(|v| *v == ip.to_string())
         },
-        || String::new(),
+        String::new,
     );
     eprintln!(
         "custom networking and the Kubernetes API on the lab: {:?}",
