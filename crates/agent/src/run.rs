@@ -344,6 +344,22 @@ async fn start_k8s(
     Ok(())
 }
 
+/// Prefix delegation on an instance type that is not Nitro-based: refused (EC2 assigns prefixes
+/// only to Nitro instances).
+fn refuse_prefixes_off_nitro(
+    cfg: &Config,
+    instance_type: &str,
+    info: &cloud::InstanceTypeInfo,
+) -> Result<(), AgentError> {
+    if cfg.prefix_delegation && !info.is_nitro() {
+        return Err(AgentError::PrefixesNeedNitro {
+            instance_type: instance_type.to_string(),
+            hypervisor: info.hypervisor.clone().unwrap_or_default(),
+        });
+    }
+    Ok(())
+}
+
 /// Builds the provisioner: instance limits from DescribeInstanceTypes (or the built-in
 /// table), the node's subnet and security groups from its primary ENI.
 async fn provisioner(
@@ -383,12 +399,7 @@ async fn provisioner(
         });
         st.save()?;
     }
-    if cfg.prefix_delegation && !info.is_nitro() {
-        return Err(AgentError::PrefixesNeedNitro {
-            instance_type: md.instance_type.clone(),
-            hypervisor: info.hypervisor.clone().unwrap_or_default(),
-        });
-    }
+    refuse_prefixes_off_nitro(cfg, &md.instance_type, &info)?;
     let mut max_enis = cfg
         .max_eni
         .map_or(limits.max_enis, |m| m.min(limits.max_enis));
@@ -466,4 +477,30 @@ async fn provisioner(
     } else {
         p
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_delegation_is_refused_off_nitro_with_what_to_do() {
+        let cfg = |pd: &str| {
+            crate::config::from_env(
+                &[("ENABLE_PREFIX_DELEGATION".to_string(), pd.to_string())].into(),
+            )
+            .unwrap()
+        };
+        let t2 = crate::cloud_api::builtin_limits("t2.medium").unwrap();
+        let m5 = crate::cloud_api::builtin_limits("m5.large").unwrap();
+        let e = refuse_prefixes_off_nitro(&cfg("true"), "t2.medium", &t2).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("t2.medium is not a Nitro instance type (hypervisor xen)")
+                && text.contains("set ENABLE_PREFIX_DELEGATION=false"),
+            "{text}"
+        );
+        refuse_prefixes_off_nitro(&cfg("true"), "m5.large", &m5).unwrap();
+        refuse_prefixes_off_nitro(&cfg("false"), "t2.medium", &t2).unwrap();
+    }
 }

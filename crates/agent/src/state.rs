@@ -700,10 +700,16 @@ impl State {
         if let Some((max, why)) = &self.max_pods
             && self.pool.holders() >= *max as usize
         {
+            // At the ENIs' capacity too (secondary IPs: the same number), that says it best.
+            let total = self.pool.stats(self.clock.now()).total as u32;
+            let at_capacity = match &self.capacity {
+                Some((cap, msg)) if total >= *cap => format!("; {msg}"),
+                _ => String::new(),
+            };
             return Response::Error {
                 code: code::TRY_AGAIN_LATER,
                 message: format!(
-                    "no address for {key}: {} pods hold addresses on this node, and {why}; the kubelet should not run more pods here (is its --max-pods above {max}?)",
+                    "no address for {key}: {} pods hold addresses on this node, and {why}{at_capacity}; the kubelet should not run more pods here (is its --max-pods above {max}?)",
                     self.pool.holders()
                 ),
             };

@@ -341,21 +341,22 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
             return Err(PoolError::UnknownEni(eni_id.to_string()));
         }
         for eni in self.enis.values() {
-            if let Some(p) = eni
+            // Another prefix, or an address the pool has (a secondary one, or a prefix's).
+            let clash = eni
                 .prefixes
                 .iter()
                 .find(|p| p.contains(&prefix) || prefix.contains(*p))
-            {
-                return Err(PoolError::OverlappingPrefix {
-                    prefix,
-                    existing: p.to_string(),
-                    eni: eni.info.id.clone(),
+                .map(ToString::to_string)
+                .or_else(|| {
+                    eni.ips
+                        .keys()
+                        .find(|ip| prefix.contains(*ip))
+                        .map(ToString::to_string)
                 });
-            }
-            if let Some(ip) = eni.ips.keys().find(|ip| prefix.contains(*ip)) {
+            if let Some(existing) = clash {
                 return Err(PoolError::OverlappingPrefix {
                     prefix,
-                    existing: ip.to_string(),
+                    existing,
                     eni: eni.info.id.clone(),
                 });
             }

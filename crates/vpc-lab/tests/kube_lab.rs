@@ -20,7 +20,6 @@ use common::*;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use lab_aws::ec2proxy::Proxy;
 use lab_aws::seed;
 use lab_aws::world::World;
 use lab_kube::EniConfig;
@@ -268,20 +267,7 @@ fn the_labs_kubernetes_api_and_pod_network() {
     // ---- the fabric delivers the pod subnet's addresses ------------------------------------
     // instance1's agent would take the new ENI: stop it, and wire the ENI by hand.
     lab_ok(&["agent", "stop", "instance1"]);
-    let (_tx, rx) = tokio::sync::watch::channel(world.clone());
-    let proxy = Proxy::new(
-        state.moto,
-        &state.region,
-        rx,
-        lab::paths::knobs_file(),
-        None,
-    );
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(proxy.serve(listener, "test".into()));
-    let ec2 = cloud::Ec2::for_endpoint(&format!("http://{addr}"), &state.region);
+    let ec2 = proxy_ec2(&rt, &state, &world);
     let eni = rt
         .block_on(ec2.create_network_interface(&cloud::NewEni {
             subnet_id: pod_subnet.id.clone(),

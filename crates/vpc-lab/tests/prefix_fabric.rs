@@ -11,7 +11,6 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use common::*;
-use lab_aws::ec2proxy::Proxy;
 use lab_aws::world::World;
 
 /// The prefixes world.json lists for `instance`'s ENI at device index 0.
@@ -40,21 +39,7 @@ fn a_prefix_is_delivered_to_its_eni_until_released() {
     let world = rt
         .block_on(World::load(&state.ec2(), &state.vpc_id))
         .expect("the lab's world");
-    let (_tx, rx) = tokio::sync::watch::channel(world.clone());
-    // The proxy reads the lab's knobs file, as the daemon's does.
-    let proxy = Proxy::new(
-        state.moto,
-        &state.region,
-        rx,
-        lab::paths::knobs_file(),
-        None,
-    );
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(proxy.serve(listener, "test".into()));
-    let ec2 = cloud::Ec2::for_endpoint(&format!("http://{addr}"), &state.region);
+    let ec2 = proxy_ec2(&rt, &state, &world);
     let eth0 = world
         .instance("instance1")
         .and_then(|i| i.primary_eni())

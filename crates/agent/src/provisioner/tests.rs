@@ -178,6 +178,45 @@ impl FakeEc2 {
         Ipv4Addr::from(0x0a00_1000 + n)
     }
 
+    /// AssignPrivateIpAddresses of `count` more slots on `eni_id`, as EC2 refuses it (unknown
+    /// ENI, no room); `f` adds them.
+    fn with_room<T>(
+        &self,
+        eni_id: &str,
+        count: u32,
+        f: impl FnOnce(&mut NetworkInterface) -> Vec<T>,
+    ) -> Result<Vec<T>, CloudError> {
+        const CALL: &str = "AssignPrivateIpAddresses";
+        let mut enis = self.enis.lock().unwrap();
+        let e = enis
+            .get_mut(eni_id)
+            .ok_or_else(|| Self::err(CALL, "InvalidNetworkInterfaceID.NotFound"))?;
+        if (e.secondary_ips.len() + e.prefixes.len()) as u32 + count > self.ips_per_eni {
+            return Err(Self::err(CALL, "PrivateIpAddressLimitExceeded"));
+        }
+        Ok(f(e))
+    }
+
+    /// UnassignPrivateIpAddresses of `these` from the list `list` picks of `eni_id`, as EC2
+    /// refuses it (unknown ENI, an item it does not hold).
+    fn unassign_from<T: PartialEq>(
+        enis: &mut BTreeMap<String, NetworkInterface>,
+        eni_id: &str,
+        list: impl FnOnce(&mut NetworkInterface) -> &mut Vec<T>,
+        these: &[T],
+    ) -> Result<(), CloudError> {
+        const CALL: &str = "UnassignPrivateIpAddresses";
+        let e = enis
+            .get_mut(eni_id)
+            .ok_or_else(|| Self::err(CALL, "InvalidNetworkInterfaceID.NotFound"))?;
+        let held = list(e);
+        if these.iter().any(|x| !held.contains(x)) {
+            return Err(Self::err(CALL, "InvalidParameterValue"));
+        }
+        held.retain(|x| !these.contains(x));
+        Ok(())
+    }
+
     fn new_prefix(&self) -> Ipv4Net {
         let n = self.next_prefix.fetch_add(1, Ordering::SeqCst) as u32;
         Ipv4Net::new(Ipv4Addr::from(0x0a00_8000 + 16 * n), 28).expect("a /28")
@@ -344,40 +383,20 @@ impl Cloud for FakeEc2 {
                 "InsufficientFreeAddressesInSubnet",
             ));
         }
-        let mut enis = self.enis.lock().unwrap();
-        let e = enis.get_mut(eni_id).ok_or_else(|| {
-            Self::err(
-                "AssignPrivateIpAddresses",
-                "InvalidNetworkInterfaceID.NotFound",
-            )
-        })?;
-        if (e.secondary_ips.len() + e.prefixes.len()) as u32 + count > self.ips_per_eni {
-            return Err(Self::err(
-                "AssignPrivateIpAddresses",
-                "PrivateIpAddressLimitExceeded",
-            ));
-        }
-        let new: Vec<_> = (0..count).map(|_| self.new_ip()).collect();
-        e.secondary_ips.extend(&new);
-        Ok(new)
+        self.with_room(eni_id, count, |e| {
+            let new: Vec<_> = (0..count).map(|_| self.new_ip()).collect();
+            e.secondary_ips.extend(&new);
+            new
+        })
     }
     async fn unassign_ips(&self, eni_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
         self.gate().await?;
-        let mut enis = self.enis.lock().unwrap();
-        let e = enis.get_mut(eni_id).ok_or_else(|| {
-            Self::err(
-                "UnassignPrivateIpAddresses",
-                "InvalidNetworkInterfaceID.NotFound",
-            )
-        })?;
-        if ips.iter().any(|ip| !e.secondary_ips.contains(ip)) {
-            return Err(Self::err(
-                "UnassignPrivateIpAddresses",
-                "InvalidParameterValue",
-            ));
-        }
-        e.secondary_ips.retain(|ip| !ips.contains(ip));
-        Ok(())
+        Self::unassign_from(
+            &mut self.enis.lock().unwrap(),
+            eni_id,
+            |e| &mut e.secondary_ips,
+            ips,
+        )
     }
     async fn describe_enis(&self, filters: &[Filter]) -> Result<Vec<NetworkInterface>, CloudError> {
         self.gate().await?;
@@ -403,22 +422,11 @@ impl Cloud for FakeEc2 {
                 "InsufficientCidrBlocks",
             ));
         }
-        let mut enis = self.enis.lock().unwrap();
-        let e = enis.get_mut(eni_id).ok_or_else(|| {
-            Self::err(
-                "AssignPrivateIpAddresses",
-                "InvalidNetworkInterfaceID.NotFound",
-            )
-        })?;
-        if (e.secondary_ips.len() + e.prefixes.len()) as u32 + count > self.ips_per_eni {
-            return Err(Self::err(
-                "AssignPrivateIpAddresses",
-                "PrivateIpAddressLimitExceeded",
-            ));
-        }
-        let new: Vec<_> = (0..count).map(|_| self.new_prefix()).collect();
-        e.prefixes.extend(&new);
-        Ok(new)
+        self.with_room(eni_id, count, |e| {
+            let new: Vec<_> = (0..count).map(|_| self.new_prefix()).collect();
+            e.prefixes.extend(&new);
+            new
+        })
     }
     async fn unassign_prefixes(
         &self,
@@ -426,21 +434,12 @@ impl Cloud for FakeEc2 {
         prefixes: &[Ipv4Net],
     ) -> Result<(), CloudError> {
         self.gate().await?;
-        let mut enis = self.enis.lock().unwrap();
-        let e = enis.get_mut(eni_id).ok_or_else(|| {
-            Self::err(
-                "UnassignPrivateIpAddresses",
-                "InvalidNetworkInterfaceID.NotFound",
-            )
-        })?;
-        if prefixes.iter().any(|p| !e.prefixes.contains(p)) {
-            return Err(Self::err(
-                "UnassignPrivateIpAddresses",
-                "InvalidParameterValue",
-            ));
-        }
-        e.prefixes.retain(|p| !prefixes.contains(p));
-        Ok(())
+        Self::unassign_from(
+            &mut self.enis.lock().unwrap(),
+            eni_id,
+            |e| &mut e.prefixes,
+            prefixes,
+        )
     }
     async fn describe_subnet(&self, subnet_id: &str) -> Result<cloud::Subnet, CloudError> {
         self.gate().await?;

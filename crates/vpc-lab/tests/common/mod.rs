@@ -493,3 +493,28 @@ pub fn agent_available(instance: &str) -> Option<usize> {
         .as_u64()
         .map(|n| n as usize)
 }
+
+/// An EC2 client through a lab EC2 proxy of the test's own (on `rt`, a loopback port), for the
+/// lab's `state` and `world`: what the proxy adds to moto (prefixes, ENIs' own security groups,
+/// EC2's rules), as the agents see it. The proxy reads the lab's knobs file, as the daemon's does.
+pub fn proxy_ec2(
+    rt: &tokio::runtime::Runtime,
+    state: &lab::store::LabState,
+    world: &lab_aws::world::World,
+) -> cloud::Ec2 {
+    // The proxy only reads the world (it does not change here).
+    let (_, rx) = tokio::sync::watch::channel(world.clone());
+    let proxy = lab_aws::ec2proxy::Proxy::new(
+        state.moto,
+        &state.region,
+        rx,
+        lab::paths::knobs_file(),
+        None,
+    );
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("a loopback port for the proxy");
+    let addr = listener.local_addr().expect("its address");
+    rt.spawn(proxy.serve(listener, "test".into()));
+    cloud::Ec2::for_endpoint(&format!("http://{addr}"), &state.region)
+}
