@@ -108,6 +108,17 @@ struct Ledger {
     problems: Vec<String>,
 }
 
+/// Whether `node`'s agent reports `ip` as a pod's lost address (`/v1/state`'s `lost`).
+fn reported_lost(node: &str, ip: Ipv4Addr) -> bool {
+    control::agent_state(node).is_some_and(|st| {
+        st["lost"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|l| l["ip"].as_str() == Some(ip.to_string().as_str()))
+    })
+}
+
 /// How long the agent may hold an address for a container the runtime does not run: the
 /// minute an allocation restored unwired at start is kept, the minute until the agent looks
 /// again, and slack.
@@ -121,13 +132,30 @@ impl Ledger {
 
     /// A successful ADD: the address must not be held by another live pod (a casualty's
     /// address may legitimately come back from EC2).
+    ///
+    /// An address the other pod lost without a fault of the soak's knowing (its ENI was
+    /// detached while the agent was giving out addresses on it, so the soak's list of the ENI's
+    /// addresses at the fault missed it) is no duplicate when the other pod's agent reports it
+    /// lost: that pod is a casualty, reported.
     fn added(&mut self, pod: Pod) {
-        if let Some(other) = self.live.get(&pod.ip) {
-            let p = format!(
-                "duplicate address {}: {} on {} got it while {} on {} holds it",
-                pod.ip, pod.name, pod.node, other.name, other.node
-            );
-            self.problem(p);
+        if let Some(other) = self.live.get(&pod.ip).cloned() {
+            if reported_lost(other.node, pod.ip) {
+                self.live.remove(&pod.ip);
+                self.casualties.insert(
+                    pod.ip,
+                    Casualty {
+                        pod: other,
+                        since: Instant::now(),
+                        reported: true,
+                    },
+                );
+            } else {
+                let p = format!(
+                    "duplicate address {}: {} on {} got it while {} on {} holds it",
+                    pod.ip, pod.name, pod.node, other.name, other.node
+                );
+                self.problem(p);
+            }
         }
         // EC2 may hand a taken address back to the same node; its agent must not give it to
         // a new pod while the pod that lost it still runs there.
