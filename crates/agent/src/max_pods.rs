@@ -14,8 +14,6 @@
 
 use cloud::InstanceTypeLimits;
 
-/// Addresses in a delegated prefix (/28).
-pub const IPS_PER_PREFIX: u32 = 16;
 /// kubelet's recommended `--max-pods` ceiling at or below [`CPU_THRESHOLD`] vCPUs, and above.
 pub const CEILING_LOW_CPU: u32 = 110;
 pub const CEILING_HIGH_CPU: u32 = 250;
@@ -136,7 +134,11 @@ pub fn compute(info: &TypeInfo, mode: Mode) -> MaxPods {
     }
     let slots = info.limits.ipv4_per_eni.saturating_sub(1);
     let prefixes = mode.prefix_delegation && info.prefix_capable;
-    let per_slot = if prefixes { IPS_PER_PREFIX } else { 1 };
+    let per_slot = if prefixes {
+        ipam::planner::PREFIX_ADDRS
+    } else {
+        1
+    };
     let by_addresses = enis * slots * per_slot + 2;
     let ceiling = if info.vcpus > CPU_THRESHOLD {
         CEILING_HIGH_CPU

@@ -604,12 +604,7 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
     /// The most addresses the node's ENIs can hold in its mode.
     fn capacity(&self) -> u32 {
         let l = &self.settings.limits;
-        let per_slot = if self.settings.targets.prefixes {
-            planner::PREFIX_ADDRS
-        } else {
-            1
-        };
-        l.max_enis * l.ips_per_eni * per_slot
+        l.max_enis * l.ips_per_eni * self.settings.targets.addresses_per_slot()
     }
 
     /// "max pods 110 (m5.large with prefix delegation)"
@@ -1260,25 +1255,30 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                 ),
             )));
         }
-        if result.is_ok()
+        let grew = result.is_ok()
             && matches!(
                 action,
                 Action::Assign { .. } | Action::AssignPrefixes { .. } | Action::CreateEni { .. }
-            )
-        {
-            // What was just added is not surplus: the ADDs that asked for it come back (the
-            // runtime retries them), so nothing is released for a decrease interval.
+            );
+        // A release the pool made (EC2 may have refused it) or a growth: nothing more is
+        // released for a decrease interval (what was just added is not surplus: the ADDs that
+        // asked for it come back, the runtime retries them).
+        let released = matches!(
+            action,
+            Action::Unassign { .. } | Action::UnassignPrefixes { .. }
+        ) && !matches!(result, Err(ProvisionError::Pool { .. }));
+        if grew || released {
             *self.last_decrease.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-            if demand.pending > 0 {
-                let added = match action {
-                    Action::Assign { count, .. } => count,
-                    Action::AssignPrefixes { count, .. } => count * planner::PREFIX_ADDRS,
-                    Action::CreateEni { ips, prefixes } => ips + prefixes * planner::PREFIX_ADDRS,
-                    _ => 0,
-                };
-                *self.burst.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((tokio::time::Instant::now(), added));
-            }
+        }
+        if grew && demand.pending > 0 {
+            let added = match action {
+                Action::Assign { count, .. } => count,
+                Action::AssignPrefixes { count, .. } => count * planner::PREFIX_ADDRS,
+                Action::CreateEni { ips, prefixes } => ips + prefixes * planner::PREFIX_ADDRS,
+                _ => 0,
+            };
+            *self.burst.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((tokio::time::Instant::now(), added));
         }
         result.map(|()| Some(action))
     }
@@ -1439,7 +1439,6 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                 .remove_prefixes(eni_id, prefixes, now)
                 .map_err(pool(format!("releasing prefixes of ENI {eni_id}")))?;
         }
-        *self.last_decrease.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         self.touch_prefixes(None, &[], prefixes);
         if let Err(e) = self.cloud.unassign_prefixes(eni_id, prefixes).await {
             // As for addresses: refused, they are still assigned; no answer, the reconcile
@@ -1665,7 +1664,6 @@ impl<C: Cloud, N: NodeNet> Provisioner<C, N> {
                 .remove_ips(eni_id, ips, now)
                 .map_err(pool(format!("releasing addresses of ENI {eni_id}")))?;
         }
-        *self.last_decrease.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         self.touch(None, ips);
         if let Err(e) = self.cloud.unassign_ips(eni_id, ips).await {
             // EC2 refused (an error code): they are still assigned, back to the pool. No

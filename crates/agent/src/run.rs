@@ -420,15 +420,10 @@ async fn provisioner(
     }
     let ips_per_eni = limits.ipv4_per_eni.saturating_sub(1);
     let primary = md.primary_eni().ok_or(AgentError::NoPrimaryEni)?;
-    let per_slot = if cfg.prefix_delegation {
-        ipam::planner::PREFIX_ADDRS
-    } else {
-        1
-    };
     // The reference's max pods (ENIs × slots × addresses per slot + 2, capped at 110 below 30
     // vCPUs and 250 above): the two host-network pods need no address, so the ceiling is the
     // ENIs' capacity, capped by the kubelet's.
-    let mut max_pods = max_enis * ips_per_eni * per_slot;
+    let mut max_pods = max_enis * ips_per_eni * cfg.targets().addresses_per_slot();
     if let Some(t) = crate::max_pods::from_ec2(&info) {
         let mode = crate::max_pods::Mode {
             prefix_delegation: cfg.prefix_delegation,

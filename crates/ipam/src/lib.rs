@@ -555,21 +555,19 @@ impl<K: Ord + Clone + fmt::Display> Pool<K> {
     /// The address of `eni` a new pod gets, and whether it is of the preferred kind: the
     /// preferred kind first; among addresses of prefixes, one of the prefix with the fewest
     /// available addresses (pods concentrate, so whole prefixes come free); then the lowest.
+    /// Runs in every ADD: one pass over the ENI's addresses.
     fn pick(&self, eni: &Eni<K>, now_ms: u64) -> Option<(bool, Ipv4Addr)> {
-        let available: Vec<Ipv4Addr> = eni
-            .ips
-            .iter()
-            .filter(|(_, s)| self.is_available(s, now_ms))
-            .map(|(ip, _)| *ip)
-            .collect();
-        let free_in = |p: Ipv4Net| available.iter().filter(|ip| p.contains(*ip)).count();
-        available
-            .iter()
-            .map(|ip| {
-                let prefix = eni.prefix_of(*ip);
+        let mut free: BTreeMap<Option<Ipv4Net>, (usize, Ipv4Addr)> = BTreeMap::new();
+        for (ip, _) in eni.ips.iter().filter(|(_, s)| self.is_available(s, now_ms)) {
+            // Addresses come in order: the first of a group is its lowest.
+            free.entry(eni.prefix_of(*ip)).or_insert((0, *ip)).0 += 1;
+        }
+        free.into_iter()
+            .map(|(prefix, (n, lowest))| {
                 let preferred = prefix.is_some() == self.prefer_prefixes;
-                let crowd = prefix.map(|p| std::cmp::Reverse(free_in(p)));
-                ((preferred, crowd, std::cmp::Reverse(*ip)), *ip)
+                // Secondary addresses (no prefix) as one group, picked by address alone.
+                let crowd = prefix.map(|_| std::cmp::Reverse(n));
+                ((preferred, crowd, std::cmp::Reverse(lowest)), lowest)
             })
             .max_by(|a, b| a.0.cmp(&b.0))
             .map(|((preferred, _, _), ip)| (preferred, ip))

@@ -54,6 +54,11 @@ impl Targets {
     pub fn ip_mode(&self) -> bool {
         self.warm_ip.is_some() || self.min_ip.is_some()
     }
+
+    /// Addresses an ENI slot holds in this mode: a prefix's 16, or one secondary IP.
+    pub fn addresses_per_slot(&self) -> u32 {
+        if self.prefixes { PREFIX_ADDRS } else { 1 }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -144,20 +144,37 @@ pub fn run(churn_ops: usize) -> Result<()> {
     Ok(())
 }
 
+/// The lab's EC2 (moto) and instance1 in it: what a benchmark measures against.
+pub(crate) struct LabNode {
+    pub rt: tokio::runtime::Runtime,
+    pub ec2: cloud::Ec2,
+    /// instance1's instance id and type.
+    pub id: String,
+    pub info: cloud::InstanceTypeInfo,
+}
+
+impl LabNode {
+    pub fn load() -> Result<LabNode> {
+        let state = LabState::load()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let ec2 = state.ec2();
+        let world = store::load_world()?;
+        let node = world.instance(NODE).context("no instance1 in the lab")?;
+        let info = rt.block_on(ec2.describe_instance_type_info(&node.instance_type))?;
+        Ok(LabNode {
+            id: node.id.clone(),
+            rt,
+            ec2,
+            info,
+        })
+    }
+}
+
 fn measure(churn_ops: usize) -> Result<Vec<Phase>> {
-    let state = LabState::load()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let ec2 = state.ec2();
-    let world = store::load_world()?;
-    let id = world
-        .instance(NODE)
-        .context("no instance1 in the lab")?
-        .id
-        .clone();
-    let limits =
-        rt.block_on(ec2.describe_instance_types(&world.instance(NODE).unwrap().instance_type))?;
+    let LabNode { rt, ec2, id, info } = LabNode::load()?;
+    let limits = info.limits;
     let max_pods = (limits.max_enis * (limits.ipv4_per_eni - 1)) as usize;
     let mut phases = Vec::new();
 

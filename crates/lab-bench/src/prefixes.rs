@@ -10,14 +10,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use lab::control::{self, UpOptions};
 use lab::pods;
-use lab::store::{self, LabState};
 use lab_aws::fidelity::CallCount;
 use testkit::stats::{Summary, ms};
 
-use crate::bench::{NODE, diff, node_stats};
+use crate::bench::{LabNode, NODE, diff, node_stats};
 
 /// One mode's figures.
 #[derive(Debug)]
@@ -70,14 +69,7 @@ fn max_pods(info: &cloud::InstanceTypeInfo, prefixes: bool) -> usize {
 }
 
 fn measure(prefixes: bool, parallel: usize) -> Result<Run> {
-    let state = LabState::load()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let ec2 = state.ec2();
-    let world = store::load_world()?;
-    let node = world.instance(NODE).context("no instance1 in the lab")?;
-    let info = rt.block_on(ec2.describe_instance_type_info(&node.instance_type))?;
+    let LabNode { rt, ec2, id, info } = LabNode::load()?;
     let n = max_pods(&info, prefixes);
     // The warm pool of the start is not the burst's.
     std::thread::sleep(Duration::from_secs(3));
@@ -104,7 +96,7 @@ fn measure(prefixes: bool, parallel: usize) -> Result<Run> {
     std::thread::sleep(Duration::from_secs(8));
     let calls = diff(&node_stats()?, &before);
     let enis = rt
-        .block_on(ec2.describe_network_interfaces(&[], &[cloud::Filter::attached_to(&node.id)]))?
+        .block_on(ec2.describe_network_interfaces(&[], &[cloud::Filter::attached_to(&id)]))?
         .len();
     Ok(Run {
         mode: if prefixes {
